@@ -1,0 +1,1 @@
+"""Schedules and writers that run beside training."""

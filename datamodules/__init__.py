@@ -1,0 +1,1 @@
+"""Data that flows into the models: text -> tokens -> activations."""

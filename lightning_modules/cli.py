@@ -1,0 +1,33 @@
+"""The `neurolight` command: LightningCLI over every LightningModule and LightningDataModule of the suite.
+
+neurolight fit --config configs/sae/demo.yaml
+neurolight fit --config configs/sae/demo.yaml --config configs/trainer/ddp.yaml
+"""
+
+from __future__ import annotations
+
+import os
+
+from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.cli import LightningCLI
+
+
+def main(args: list[str] | None = None) -> LightningCLI:
+    # Quiet the tokenizers fork warning: the datamodule forks worker processes after tokenizing.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import callbacks  # noqa: F401  registers callbacks for `--trainer.callbacks+=Name`
+    import datamodules  # noqa: F401  registers the datamodules as subclasses
+    import lightning_modules  # noqa: F401
+
+    return LightningCLI(
+        LightningModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+    )
+
+
+if __name__ == "__main__":
+    main()
