@@ -1,0 +1,115 @@
+"""SaeCheckpoint: a resumable checkpoint every N steps and at the end, each with a feature-density histogram.
+
+The checkpoint is a full Lightning checkpoint (weights, Adam state, normalisation scalar, callback and buffer
+state), so ``neurolight fit ... --ckpt_path <file>`` continues the run. Next to it a PNG shows log10 of each
+latent's firing frequency over the steps since the previous checkpoint, with the dead count in the title.
+Needs a ``training_step`` that returns ``fired`` (per-latent counts) and ``num_tokens``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+
+# Firing frequencies of dead latents are drawn at this log10 value, left of every live one.
+_DEAD_LOG_FREQ = -10.0
+
+
+class SaeCheckpoint(pl.Callback):
+    def __init__(self, batches_between_ckpt: int = 5000, dirpath: str | None = None, save_final: bool = True) -> None:
+        """
+        Args:
+            batches_between_ckpt: Steps between checkpoints (and histograms).
+            dirpath: Where to write; default ``<trainer log dir>/checkpoints``.
+            save_final: Also write ``last.ckpt`` and its histogram when training ends.
+        """
+        if batches_between_ckpt < 1:
+            raise ValueError(f"batches_between_ckpt must be >= 1, got {batches_between_ckpt}")
+        self.every = batches_between_ckpt
+        self.dirpath = dirpath
+        self.save_final = save_final
+        self.fired: Tensor | None = None
+        self.tokens = 0
+        self.written: list[str] = []
+
+    @property
+    def state_key(self) -> str:
+        return f"SaeCheckpoint[{self.every}]"
+
+    def directory(self, trainer) -> Path:
+        if self.dirpath:
+            return Path(self.dirpath)
+        return Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints"
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        fired = outputs["fired"].detach()
+        self.fired = fired.clone() if self.fired is None else self.fired.to(fired.device) + fired
+        self.tokens += int(outputs["num_tokens"])
+        if trainer.global_step % self.every == 0:
+            self._save(trainer, f"step_{trainer.global_step:07d}")
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.save_final and self.fired is not None:
+            self._save(trainer, "last")
+        if trainer.is_global_zero:
+            print(self.summary(trainer))
+
+    def _save(self, trainer, name: str) -> None:
+        fired = trainer.strategy.reduce(self.fired.float(), reduce_op="sum").cpu()
+        tokens = trainer.strategy.reduce(torch.tensor(float(self.tokens)), reduce_op="sum").item()
+        directory = self.directory(trainer)
+        path = directory / f"{name}.ckpt"
+        # Reset the window before saving so that the checkpoint holds the state the next step expects.
+        self.fired.zero_()
+        self.tokens = 0
+        trainer.save_checkpoint(path)
+        if trainer.is_global_zero:
+            plot_feature_density(fired, tokens, directory / f"{name}_feature_density.png", trainer.global_step)
+            self.written.append(str(path))
+
+    def summary(self, trainer) -> str:
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if isinstance(v, Tensor) and v.numel() == 1}
+        lines = ["", "SAE training finished"]
+        if self.written:
+            last = Path(self.written[-1])
+            lines += [f"  checkpoint: {last}", f"  histogram:  {last.with_name(last.stem + '_feature_density.png')}"]
+        if trainer.logger is not None and trainer.logger.log_dir:
+            lines.append(f"  metrics:    {trainer.logger.log_dir}")
+        for key in ("train/l0", "train/explained_variance", "val/explained_variance", "val/ce_loss_recovered"):
+            if key in metrics:
+                lines.append(f"  {key}: {metrics[key]:.4g}")
+        return "\n".join(lines)
+
+    def state_dict(self) -> dict:
+        return {"fired": None if self.fired is None else self.fired.cpu(), "tokens": self.tokens}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.fired, self.tokens = state["fired"], state["tokens"]
+
+
+def plot_feature_density(fired: Tensor, tokens: float, path: Path, step: int) -> Path:
+    """Histogram of log10 firing frequency; dead latents (never fired in the window) are counted in the title."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    frequency = fired.double() / max(tokens, 1.0)
+    dead = int((fired == 0).sum())
+    log_freq = torch.where(fired > 0, frequency.clamp_min(1e-300).log10(), torch.tensor(_DEAD_LOG_FREQ))
+    figure, axis = plt.subplots(figsize=(7, 4))
+    axis.hist(log_freq.numpy(), bins=60, range=(_DEAD_LOG_FREQ - 0.5, 0.0))
+    axis.set_xlabel("log10 firing frequency (dead latents at -10)")
+    axis.set_ylabel("latents")
+    axis.set_title(
+        f"step {step}: {dead} dead of {len(fired)} latents ({100 * dead / len(fired):.1f}%), "
+        f"window of {int(tokens):,} tokens"
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path

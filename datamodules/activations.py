@@ -1,0 +1,223 @@
+"""ActivationDataModule: tokenized corpus -> frozen LLM -> mixing buffer -> SAE batches.
+
+Training batches are (batch_size_autoencoder, d_in) raw activations (the SAE module applies its normalisation
+scalar); validation batches are (batch, num_tokens) token ids, so the module can splice its reconstruction back
+into the LLM (``hooked_llm``) and measure the downstream loss.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset
+
+from datamodules.activation_buffer import ActivationBuffer
+from datamodules.hooked_llm import HOOK_POINTS, HookedLLM
+from datamodules.tokenized_corpus import TokenizedCorpus
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class _Stream(IterableDataset):
+    def __init__(self, next_batch) -> None:
+        self.next_batch = next_batch
+
+    def __iter__(self):
+        while True:
+            yield self.next_batch()
+
+
+class ActivationDataModule(pl.LightningDataModule):
+    def __init__(
+        self,
+        dataset_path: str,
+        model_name: str = "smollm2-135m",
+        layer_id: int = 15,
+        layer_type: str = "mlp_activations",
+        num_tokens: int = 64,
+        batch_size_llm: int = 16,
+        batch_size_autoencoder: int = 1024,
+        num_batches_preload: int = 64,
+        device_llm: str | None = None,
+        llm_dtype: str = "float32",
+        buffer_device: str | None = None,
+        buffer_dtype: str = "float32",
+        exclude_first_position: bool = True,
+        mlp_activations_hookpoint: str = HOOK_POINTS["mlp_activations"],
+        mlp_sublayer_hookpoint: str = HOOK_POINTS["mlp_sublayer"],
+        attn_sublayer_hookpoint: str = HOOK_POINTS["attn_sublayer"],
+        val_contexts: int = 64,
+        val_batch_size: int = 8,
+        checkpoint_buffer: bool = True,
+        seed: int = 0,
+    ) -> None:
+        """
+        Args:
+            dataset_path: Directory written by ``neurolight-tokenize`` (the tokenized corpus).
+            model_name: LLM whose activations are harvested: a short name (see ``lightning_modules.MODELS``),
+                a Hugging Face id, or a local directory.
+            layer_id: Decoder layer to hook.
+            layer_type: ``attn_sublayer`` (attention output), ``mlp_sublayer`` (MLP output) or ``mlp_activations``
+                (input of the MLP down projection).
+            num_tokens: Tokens per context fed to the LLM (the first ``num_tokens`` of each stored context).
+            batch_size_llm: Contexts per LLM forward pass.
+            batch_size_autoencoder: Activation vectors per SAE training batch.
+            num_batches_preload: Buffer size in SAE batches; half of it is served between refills. Larger mixes
+                better and costs ``num_batches_preload * batch_size_autoencoder * d_in`` values of memory.
+            device_llm: Device of the LLM, e.g. ``cuda:1``; default: the trainer's device for this rank.
+            llm_dtype: ``float32``, ``bfloat16`` or ``float16`` weights for the LLM.
+            buffer_device: Device of the buffer; default: the LLM's device.
+            buffer_dtype: Storage dtype of the buffer (``bfloat16`` halves its memory).
+            exclude_first_position: Skip position 0 (BOS / attention sink), whose activations are huge outliers.
+            mlp_activations_hookpoint: Module whose INPUT is the MLP activation (``{}`` = layer index).
+            mlp_sublayer_hookpoint: Module whose output is the MLP sublayer output.
+            attn_sublayer_hookpoint: Module whose output (element 0) is the attention sublayer output.
+            val_contexts: Contexts held out at the end of the corpus for validation (never trained on).
+            val_batch_size: Contexts per validation batch.
+            checkpoint_buffer: Save the buffer contents in checkpoints so a resumed run continues exactly;
+                off saves memory and disk, and a resume then refills the buffer from the corpus position.
+            seed: Seed of corpus order and buffer mixing.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.hook_points = {
+            "mlp_activations": mlp_activations_hookpoint,
+            "mlp_sublayer": mlp_sublayer_hookpoint,
+            "attn_sublayer": attn_sublayer_hookpoint,
+        }
+        self.hooked_llm: HookedLLM | None = None
+        self.buffer: ActivationBuffer | None = None
+        self.corpus: TokenizedCorpus | None = None
+        self._pass, self._position = 0, 0  # corpus pass and position within this rank's order
+        self._order: Tensor | None = None
+        self._served, self._consumed = 0, 0
+        self._recent: deque[Tensor] = deque(maxlen=16)
+        self._replay: deque[Tensor] = deque()
+
+    # ----------------------------------------------------------------------------------------------- setup
+    def setup(self, stage: str) -> None:
+        if self.hooked_llm is not None:
+            return
+        from lightning_modules.llm import load_causal_lm
+
+        hp = self.hparams
+        self.corpus = TokenizedCorpus(hp.dataset_path)
+        if hp.num_tokens > self.corpus.context_length:
+            raise ValueError(
+                f"num_tokens={hp.num_tokens} exceeds the corpus context length {self.corpus.context_length} "
+                f"({hp.dataset_path}); rebuild the corpus with a longer context_length or lower num_tokens"
+            )
+        min_train = hp.batch_size_llm
+        if len(self.corpus) < hp.val_contexts + min_train:
+            raise ValueError(
+                f"corpus {hp.dataset_path} has {len(self.corpus)} contexts: too few for {hp.val_contexts} "
+                f"validation contexts plus one LLM batch of {hp.batch_size_llm}"
+            )
+        device = torch.device(hp.device_llm) if hp.device_llm else self._trainer_device()
+        if hp.llm_dtype not in _DTYPES:
+            raise ValueError(f"unknown llm_dtype '{hp.llm_dtype}'; choose one of {', '.join(_DTYPES)}")
+        model = load_causal_lm(hp.model_name, dtype=_DTYPES[hp.llm_dtype], device=device)
+        self.hooked_llm = HookedLLM(model, hp.layer_type, hp.layer_id, self.hook_points)
+        self.buffer = ActivationBuffer(
+            capacity=hp.num_batches_preload * hp.batch_size_autoencoder,
+            batch_size=hp.batch_size_autoencoder,
+            produce=self._produce,
+            seed=hp.seed + 7919 * self._rank()[0],
+            device=hp.buffer_device or device,
+            dtype=_DTYPES[hp.buffer_dtype],
+        )
+
+    def _trainer_device(self) -> torch.device:
+        return self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+
+    def _rank(self) -> tuple[int, int]:
+        if self.trainer is None:
+            return 0, 1
+        return self.trainer.global_rank, self.trainer.world_size
+
+    @property
+    def d_in(self) -> int:
+        return self.hooked_llm.d_in
+
+    @property
+    def num_train_contexts(self) -> int:
+        return len(self.corpus) - self.hparams.val_contexts
+
+    # ------------------------------------------------------------------------------------------ producing
+    def _next_contexts(self) -> Tensor:
+        """The next batch_size_llm training contexts of this rank; each pass over the corpus reshuffles."""
+        rank, world = self._rank()
+        picked: list[Tensor] = []
+        need = self.hparams.batch_size_llm
+        while need:
+            if self._order is None:
+                g = torch.Generator().manual_seed(self.hparams.seed * 1_000_003 + self._pass)
+                # DDP ranks read disjoint contexts of the same permutation.
+                self._order = torch.randperm(self.num_train_contexts, generator=g)[rank::world]
+            take = self._order[self._position : self._position + need]
+            picked.append(take)
+            self._position += len(take)
+            need -= len(take)
+            if self._position >= len(self._order):
+                self._pass, self._position, self._order = self._pass + 1, 0, None
+        ids = self.corpus.batch(torch.cat(picked).numpy())
+        return ids[:, : self.hparams.num_tokens]
+
+    def _produce(self) -> Tensor:
+        acts = self.hooked_llm.harvest(self._next_contexts())
+        if self.hparams.exclude_first_position:
+            acts = acts[:, 1:]
+        return acts.reshape(-1, acts.shape[-1])
+
+    def _next_train_batch(self) -> Tensor:
+        batch = self._replay.popleft() if self._replay else self.buffer.next_batch()
+        self._served += 1
+        self._recent.append(batch)
+        return batch
+
+    def mean_activation_norm(self) -> float:
+        """Mean L2 norm of the activations in the (filled) buffer; these rows are still served afterwards."""
+        return self.buffer.peek().float().norm(dim=1).mean().item()
+
+    # -------------------------------------------------------------------------------------------- loaders
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(_Stream(self._next_train_batch), batch_size=None, num_workers=0)
+
+    def val_dataloader(self) -> DataLoader:
+        start = self.num_train_contexts
+        rank, world = self._rank()
+        indices = list(range(start + rank, len(self.corpus), world))
+        contexts = self.corpus.batch(indices)[:, : self.hparams.num_tokens]
+        return DataLoader(contexts, batch_size=self.hparams.val_batch_size, shuffle=False)
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        # Lightning fetches one batch ahead; counting the consumed ones tells state_dict which are in flight.
+        if self.trainer is not None and self.trainer.training:
+            self._consumed += 1
+        return batch
+
+    # ------------------------------------------------------------------------------------------ resuming
+    def state_dict(self) -> dict:
+        in_flight = self._served - self._consumed
+        recent = list(self._recent)
+        return {
+            "pass": self._pass,
+            "position": self._position,
+            "in_flight": [b.cpu() for b in recent[len(recent) - in_flight :]] if in_flight > 0 else [],
+            "buffer": None
+            if self.buffer is None
+            else self.buffer.state_dict(include_storage=self.hparams.checkpoint_buffer),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self._pass, self._position, self._order = state["pass"], state["position"], None
+        self._replay = deque(state["in_flight"])
+        self._served = self._consumed = 0
+        self._recent.clear()
+        if state["buffer"] is not None:
+            if self.buffer is None:
+                raise RuntimeError("load_state_dict before setup: the buffer does not exist yet")
+            self.buffer.load_state_dict(state["buffer"])

@@ -1,0 +1,103 @@
+import math
+
+import pytest
+import torch
+
+from callbacks import DeadLatentResampler
+from lightning_modules import SparseAutoencoderModule
+from lightning_modules.sae_module import explained_variance
+from tests.sae_helpers import build_tiny_corpus, make_datamodule, make_module, make_trainer
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, tiny_model_dir):
+    return build_tiny_corpus(tmp_path_factory.mktemp("sae-corpus"), tiny_model_dir)
+
+
+def held_out_activations(datamodule, module):
+    ids = datamodule.corpus.batch(range(datamodule.num_train_contexts, len(datamodule.corpus)))[:, :16]
+    acts = datamodule.hooked_llm.harvest(ids)[:, 1:]
+    return module.normalize(acts.reshape(-1, acts.shape[-1]))
+
+
+def test_fit__learns_and_writes_checkpoints_with_histograms(tmp_path, corpus, tiny_model_dir):
+    datamodule, module = make_datamodule(corpus, tiny_model_dir), make_module()
+    trainer = make_trainer(tmp_path, max_steps=60, ckpt_every=30, limit_val_batches=1, val_check_interval=30)
+    trainer.fit(module, datamodule)
+    x = held_out_activations(datamodule, module)
+    with torch.no_grad():
+        assert explained_variance(x, module.sae(x).x_hat) > 0.5
+    for name in ("step_0000030", "step_0000060", "last"):
+        assert (tmp_path / "checkpoints" / f"{name}.ckpt").is_file()
+        assert (tmp_path / "checkpoints" / f"{name}_feature_density.png").stat().st_size > 1000
+    assert {"val/ce_loss_recovered", "val/kl", "train/l0", "train/explained_variance"} <= set(trainer.callback_metrics)
+    # Unit-norm decoder through training (gradient projection + renormalisation).
+    torch.testing.assert_close(module.sae.W_dec.norm(dim=1), torch.ones(256))
+
+
+def test_normalization__estimated_once_so_mean_norm_is_sqrt_d_and_round_trips(tmp_path, corpus, tiny_model_dir):
+    datamodule, module = make_datamodule(corpus, tiny_model_dir), make_module()
+    make_trainer(tmp_path, max_steps=3, ckpt_every=3).fit(module, datamodule)
+    # Independent estimate: the first buffer of a fresh datamodule with the same seed holds the same rows.
+    fresh = make_datamodule(corpus, tiny_model_dir)
+    fresh.setup("fit")
+    expected = math.sqrt(128) / fresh.buffer.peek().norm(dim=1).mean().item()
+    assert module.activation_scale.item() == pytest.approx(expected, rel=1e-5)
+    assert module.normalize(fresh.buffer.peek()).norm(dim=1).mean().item() == pytest.approx(math.sqrt(128), rel=1e-4)
+    restored = SparseAutoencoderModule.load_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    assert restored.activation_scale.item() == module.activation_scale.item()
+    x = torch.randn(4, 128)
+    torch.testing.assert_close(restored.reconstruct(x), module.reconstruct(x))
+
+
+def test_resume__continues_exactly_like_an_uninterrupted_run(tmp_path, corpus, tiny_model_dir):
+    torch.manual_seed(0)
+    straight = make_module()
+    torch.manual_seed(0)
+    interrupted = make_module()
+    make_trainer(tmp_path / "a", max_steps=24, ckpt_every=12, resample_every=8).fit(
+        straight, make_datamodule(corpus, tiny_model_dir)
+    )
+    make_trainer(tmp_path / "b", max_steps=12, ckpt_every=12, resample_every=8).fit(
+        interrupted, make_datamodule(corpus, tiny_model_dir)
+    )
+    resumed_module = make_module()
+    trainer = make_trainer(tmp_path / "b", max_steps=24, ckpt_every=12, resample_every=8)
+    trainer.fit(resumed_module, make_datamodule(corpus, tiny_model_dir), ckpt_path=tmp_path / "b/checkpoints/last.ckpt")
+    for name, value in straight.state_dict().items():
+        torch.testing.assert_close(resumed_module.state_dict()[name], value, msg=name)
+    a = torch.load(tmp_path / "a/checkpoints/last.ckpt", weights_only=False)
+    b = torch.load(tmp_path / "b/checkpoints/last.ckpt", weights_only=False)
+    for key in a["callbacks"]:
+        for field, value in a["callbacks"][key].items():
+            if isinstance(value, torch.Tensor):
+                torch.testing.assert_close(b["callbacks"][key][field], value, msg=f"{key}.{field}")
+    assert a["ActivationDataModule"]["position"] == b["ActivationDataModule"]["position"]
+
+
+def test_resampler__revives_dead_latents_and_resets_adam(tmp_path, corpus, tiny_model_dir):
+    module = make_module()
+    killed = torch.arange(0, 256, 4)
+    with torch.no_grad():
+        module.sae.b_enc[killed] = -1e4  # can never fire
+    resampler = DeadLatentResampler(method="anthropic", neuron_resampling_interval=10)
+    trainer = make_trainer(tmp_path, max_steps=10)
+    trainer.callbacks.append(resampler)
+    datamodule = make_datamodule(corpus, tiny_model_dir)
+    trainer.fit(module, datamodule)
+    assert resampler.history[-1]["step"] == 10 and resampler.history[-1]["dead"] >= len(killed)
+    assert torch.all(module.sae.b_enc[killed] == 0)
+    torch.testing.assert_close(module.sae.W_dec[killed].norm(dim=1), torch.ones(len(killed)))
+    state = trainer.optimizers[0].state
+    for param in (module.sae.W_enc, module.sae.W_dec, module.sae.b_enc):
+        assert torch.all(state[param]["exp_avg"][killed] == 0) and torch.all(state[param]["exp_avg_sq"][killed] == 0)
+    assert state[module.sae.W_enc]["exp_avg"].abs().sum() > 0  # the live rows keep their moments
+    x = held_out_activations(datamodule, module)
+    with torch.no_grad():
+        revived = (module.sae(x).latents[:, killed] > 0).any(0)
+    assert revived.float().mean() > 0.9
+
+
+def test_d_in_mismatch__names_both_sizes(tmp_path, corpus, tiny_model_dir):
+    with pytest.raises(ValueError, match=r"d_in=128.*act_vec_size=64"):
+        make_trainer(tmp_path, max_steps=1).fit(make_module(act_vec_size=64), make_datamodule(corpus, tiny_model_dir))
