@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/neurolight-tokenize --output_dir $(DEMO_DIR)/corpus --tokenizer smollm2-135m \
-		--dataset pydoc --min_tokens 64 --context_length 64 --num_files 2 --num_samples_per_file 768 \
+		--dataset pydoc --min_tokens 64 --context_length 64 --num_files 2 --num_samples_per_file 640 \
 		--num_processes 2 --overwrite
 	$(BIN)/neurolight fit --config configs/sae/demo.yaml \
 		--data.dataset_path $(DEMO_DIR)/corpus --trainer.default_root_dir $(DEMO_DIR)/sae

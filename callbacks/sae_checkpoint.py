@@ -34,6 +34,7 @@ class SaeCheckpoint(pl.Callback):
         self.fired: Tensor | None = None
         self.tokens = 0
         self.written: list[str] = []
+        self._previous_window: tuple[Tensor, float] | None = None
 
     @property
     def state_key(self) -> str:
@@ -53,13 +54,18 @@ class SaeCheckpoint(pl.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         if self.save_final and self.fired is not None:
-            self._save(trainer, "last")
+            # Training often ends right on a periodic checkpoint: then "last" shows that same window again.
+            window = self._previous_window if self.tokens == 0 else None
+            self._save(trainer, "last", window)
         if trainer.is_global_zero:
             print(self.summary(trainer))
 
-    def _save(self, trainer, name: str) -> None:
-        fired = trainer.strategy.reduce(self.fired.float(), reduce_op="sum").cpu()
-        tokens = trainer.strategy.reduce(torch.tensor(float(self.tokens)), reduce_op="sum").item()
+    def _save(self, trainer, name: str, window: tuple[Tensor, float] | None = None) -> None:
+        if window is None:
+            fired = trainer.strategy.reduce(self.fired.float(), reduce_op="sum").cpu()
+            tokens = trainer.strategy.reduce(torch.tensor(float(self.tokens)), reduce_op="sum").item()
+            window = self._previous_window = (fired, tokens)
+        fired, tokens = window
         directory = self.directory(trainer)
         path = directory / f"{name}.ckpt"
         # Reset the window before saving so that the checkpoint holds the state the next step expects.

@@ -1,5 +1,15 @@
 """Data that flows into the models: text -> tokens -> activations."""
 
-from datamodules.activations import ActivationDataModule
+# Lazy, so that the tokenizer's worker processes (which import datamodules.tokenized_corpus) do not pay for
+# importing Lightning.
+_EXPORTS = {"ActivationDataModule": "datamodules.activations"}
 
-__all__ = ["ActivationDataModule"]
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'datamodules' has no attribute '{name}'")

@@ -18,7 +18,8 @@ import multiprocessing
 import operator
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -59,33 +60,32 @@ def iter_documents(
     split: str = "train",
     text_field: str = "text",
 ) -> Iterator[str]:
-    """Yield the corpus's non-empty documents, always in the same order (the workers split it by index)."""
+    """Yield the corpus's non-empty documents, always in the same order (the workers split it by index).
+
+    The arguments mean what they mean for ``build_tokenized_corpus``.
+    """
+    if dataset == PYDOC and not data_files:
+        from pydoc_data.topics import topics  # the standard library's help texts: offline and always present
+
+        yield from (text for text in topics.values() if text.strip())
+        return
+    from datasets import load_dataset  # imported late: slow, and the pydoc source does not need it
+
     if data_files:
         files, builder = _expand_data_files(data_files)
         # A .txt file is split into documents at blank lines; line by line would make every document too short.
         extra = {"sample_by": "paragraph"} if builder == "text" else {}
         field = "text" if builder == "text" else text_field
-        records = _load_dataset(builder, data_files=files, split="train", streaming=True, **extra)
-    elif dataset == PYDOC:
-        from pydoc_data.topics import topics  # the standard library's help texts: offline and always present
-
-        yield from (text for text in topics.values() if text.strip())
-        return
+        records = load_dataset(builder, data_files=files, split="train", streaming=True, **extra)
     else:
         field = text_field
-        records = _load_dataset(dataset, name=dataset_config, split=split, streaming=True)
+        records = load_dataset(dataset, name=dataset_config, split=split, streaming=True)
     for record in records:
         if field not in record:
-            raise KeyError(f"text_field '{field}' is not a field of the records; fields are: {', '.join(record)}")
+            raise ValueError(f"text_field '{field}' is not a field of the records; fields are: {', '.join(record)}")
         text = record[field]
         if isinstance(text, str) and text.strip():
             yield text
-
-
-def _load_dataset(*args, **kwargs):
-    from datasets import load_dataset  # imported late: it is slow, and the pydoc source does not need it
-
-    return load_dataset(*args, **kwargs)
 
 
 def _batched(items: Iterable[str], size: int) -> Iterator[list[str]]:
@@ -112,60 +112,61 @@ class _Job:
     source: dict
     output_dir: str
     num_shards: int  # this worker writes shards worker * num_shards ... (worker + 1) * num_shards - 1
-    num_samples_per_file: int = 1
-    context_length: int = 1
-    min_tokens: int = 1
-    bos_token_id: int | None = None
-    dtype: str = "int32"
-    seed: int | None = None
+    num_samples_per_file: int
+    context_length: int
+    min_tokens: int
+    bos_token_id: int | None
+    dtype: str
+    seed: int | None
+
+
+def _contexts(job: _Job, tokenizer, counts: dict[str, int]) -> Iterator[np.ndarray]:
+    """Yield this worker's contexts, one ``(n, context_length)`` array per usable document; update ``counts``."""
+    body = job.context_length - (job.bos_token_id is not None)  # document tokens per context
+    threshold = max(job.min_tokens, body)  # a document too short for one window would be "used" for nothing
+    mine = (doc for i, doc in enumerate(iter_documents(**job.source)) if i % job.num_workers == job.worker)
+    for batch in _batched(mine, _TOKENIZE_BATCH):
+        for ids in tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]:
+            counts["documents_read"] += 1
+            if len(ids) < threshold:
+                counts["documents_too_short"] += 1
+                continue
+            counts["documents_used"] += 1
+            n = len(ids) // body  # the last partial window is dropped
+            windows = np.asarray(ids[: n * body], dtype=job.dtype).reshape(n, body)
+            if job.bos_token_id is not None:
+                windows = np.concatenate([np.full((n, 1), job.bos_token_id, dtype=job.dtype), windows], axis=1)
+            yield windows
 
 
 def _fill_shards(job: _Job) -> dict[str, int]:
-    """Tokenize this worker's documents into its shards; return counts (``contexts`` < needed: ran out)."""
+    """Write this worker's shards; return its counts (``contexts`` below what it needed: the corpus ran out)."""
     if job.num_workers > 1:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism; avoid oversubscription
     from lightning_modules.llm import load_tokenizer
 
     tokenizer = load_tokenizer(job.tokenizer_path)
-    body = job.context_length - (job.bos_token_id is not None)  # document tokens per context
-    # A document too short for one window would count as used while adding nothing.
-    threshold = max(job.min_tokens, body)
     rows = job.num_samples_per_file
     buffer = np.empty((rows, job.context_length), dtype=job.dtype)
     counts = {"documents_read": 0, "documents_too_short": 0, "documents_used": 0, "contexts": 0}
     shard, filled = 0, 0
-    mine = (doc for i, doc in enumerate(iter_documents(**job.source)) if i % job.num_workers == job.worker)
     with tqdm(total=rows * job.num_shards, desc=f"worker {job.worker}", unit="ctx", position=job.worker) as bar:
-        for batch in _batched(mine, _TOKENIZE_BATCH):
-            for ids in tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]:
-                counts["documents_read"] += 1
-                if len(ids) < threshold:
-                    counts["documents_too_short"] += 1
+        for windows in _contexts(job, tokenizer, counts):
+            while len(windows):  # one document may straddle two shards
+                take = min(rows - filled, len(windows))
+                buffer[filled : filled + take], windows = windows[:take], windows[take:]
+                filled += take
+                counts["contexts"] += take
+                bar.update(take)
+                if filled < rows:
                     continue
-                counts["documents_used"] += 1
-                n = len(ids) // body  # the last partial window is dropped
-                windows = np.asarray(ids[: n * body], dtype=job.dtype).reshape(n, body)
-                if job.bos_token_id is not None:
-                    windows = np.concatenate([np.full((n, 1), job.bos_token_id, dtype=job.dtype), windows], axis=1)
-                while len(windows):  # one document may straddle two shards
-                    take = min(rows - filled, len(windows))
-                    buffer[filled : filled + take], windows = windows[:take], windows[take:]
-                    filled += take
-                    counts["contexts"] += take
-                    bar.update(take)
-                    if filled < rows:
-                        continue
-                    index = job.worker * job.num_shards + shard
-                    # Rows of one document are adjacent otherwise; the seed mixes them within the shard.
-                    order = (
-                        np.arange(rows)
-                        if job.seed is None
-                        else np.random.default_rng([job.seed, index]).permutation(rows)
-                    )
-                    _save_atomic(Path(job.output_dir) / SHARD_NAME.format(index), buffer[order])
-                    shard, filled = shard + 1, 0
-                    if shard == job.num_shards:
-                        return counts
+                index = job.worker * job.num_shards + shard
+                # Otherwise the rows of one document sit together; the seed mixes them within the shard.
+                out = buffer if job.seed is None else np.random.default_rng([job.seed, index]).permutation(buffer)
+                _save_atomic(Path(job.output_dir) / SHARD_NAME.format(index), out)
+                shard, filled = shard + 1, 0
+                if shard == job.num_shards:
+                    return counts
     return counts
 
 
@@ -226,16 +227,17 @@ def build_tokenized_corpus(
         The output directory.
     """
     context_length = min_tokens if context_length is None else context_length
-    for name, value in [("min_tokens", min_tokens), ("context_length", context_length), ("num_files", num_files)]:
-        if value < 1:
-            raise ValueError(f"{name}={value} must be at least 1")
-    if num_samples_per_file < 1 or num_processes < 1:
-        raise ValueError(f"num_samples_per_file={num_samples_per_file} and num_processes={num_processes} must be >= 1")
+    sizes = dict(min_tokens=min_tokens, context_length=context_length, num_files=num_files)
+    sizes.update(num_samples_per_file=num_samples_per_file, num_processes=num_processes)
+    if bad := [f"{name}={value}" for name, value in sizes.items() if value < 1]:
+        raise ValueError(f"{', '.join(bad)}: must be at least 1")
     if num_files % num_processes:
         raise ValueError(
             f"num_files={num_files} is not a multiple of num_processes={num_processes} (each process writes "
             f"num_files / num_processes shards); use e.g. num_files={num_files + (-num_files) % num_processes}"
         )
+    if data_files and dataset != PYDOC:
+        raise ValueError(f"give dataset ('{dataset}') or data_files, not both")
     output = Path(output_dir).expanduser()
     _prepare_output_dir(output, overwrite)
 
@@ -256,42 +258,33 @@ def build_tokenized_corpus(
     source = dict(
         dataset=dataset, data_files=data_files, dataset_config=dataset_config, split=split, text_field=text_field
     )
-    base = _Job(0, num_processes, tokenizer_path, source, str(output), num_files // num_processes)
-    base = replace(base, num_samples_per_file=num_samples_per_file, context_length=context_length)
-    base = replace(base, min_tokens=min_tokens, bos_token_id=bos, dtype=dtype, seed=seed)
-    jobs = [replace(base, worker=w) for w in range(num_processes)]
+    shared = dict(num_workers=num_processes, tokenizer_path=tokenizer_path, source=source, output_dir=str(output),
+                  num_shards=num_files // num_processes, num_samples_per_file=num_samples_per_file,
+                  context_length=context_length, min_tokens=min_tokens, bos_token_id=bos, dtype=dtype,
+                  seed=seed)  # fmt: skip
+    jobs = [_Job(worker=w, **shared) for w in range(num_processes)]
     shards = [output / SHARD_NAME.format(i) for i in range(num_files)]
     try:
         if num_processes == 1:
             results = [_fill_shards(jobs[0])]
         else:
             # 'spawn' rather than 'fork': the parent already holds tokenizer and torch threads, which fork can hang.
-            with multiprocessing.get_context("spawn").Pool(num_processes) as pool:
-                results = pool.map(_fill_shards, jobs)
-        _check_filled(results, jobs, source)
+            # An executor, unlike Pool, raises BrokenProcessPool when a worker dies instead of waiting forever.
+            context = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(num_processes, mp_context=context) as pool:
+                results = list(pool.map(_fill_shards, jobs))
+        _check_filled(results, jobs)
     except BaseException:
         for shard in shards:  # never leave a partial set of shards that looks usable
             shard.unlink(missing_ok=True)
         raise
 
-    counts = {key: sum(r[key] for r in results) for key in results[0]}
-    metadata = {
-        "tokenizer": tokenizer,
-        "tokenizer_path": tokenizer_path,
-        "vocab_size": len(tok),
-        "bos_token_id": bos,
-        "context_length": context_length,
-        "min_tokens": min_tokens,
-        "num_files": num_files,
-        "num_samples_per_file": num_samples_per_file,
-        "num_contexts": num_files * num_samples_per_file,
-        "num_processes": num_processes,
-        "dtype": dtype,
-        "seed": seed,
-        "dataset": _describe(source),
-        "counts": counts,
-        "shards": [shard.name for shard in shards],
-    }
+    metadata = dict(tokenizer=tokenizer, tokenizer_path=tokenizer_path, vocab_size=len(tok), bos_token_id=bos,
+                    context_length=context_length, min_tokens=min_tokens, num_files=num_files,
+                    num_samples_per_file=num_samples_per_file, num_contexts=num_files * num_samples_per_file,
+                    num_processes=num_processes, dtype=dtype, seed=seed, dataset=_describe(source),
+                    counts={key: sum(r[key] for r in results) for key in results[0]},
+                    shards=[shard.name for shard in shards])  # fmt: skip
     tmp = output / f".{METADATA_FILE}.tmp"
     tmp.write_text(json.dumps(metadata, indent=2))
     os.replace(tmp, output / METADATA_FILE)
@@ -302,24 +295,21 @@ def _describe(source: dict) -> dict:
     """The corpus as metadata.json records it."""
     if source["data_files"]:
         files, builder = _expand_data_files(source["data_files"])
-        return {
-            "data_files": files,
-            "format": builder,
-            "text_field": "text" if builder == "text" else source["text_field"],
-        }
+        field = "text" if builder == "text" else source["text_field"]
+        return {"data_files": files, "format": builder, "text_field": field}
     if source["dataset"] == PYDOC:
         return {"dataset": PYDOC, "description": "pydoc_data.topics: the Python standard library's help topics"}
     return {k: v for k, v in source.items() if k != "data_files" and v is not None}
 
 
-def _check_filled(results: list[dict[str, int]], jobs: list[_Job], source: dict) -> None:
+def _check_filled(results: list[dict[str, int]], jobs: list[_Job]) -> None:
     needed_each = jobs[0].num_shards * jobs[0].num_samples_per_file
     if all(r["contexts"] >= needed_each for r in results):
         return
     produced, needed = sum(r["contexts"] for r in results), needed_each * len(jobs)
     read = sum(r["documents_read"] for r in results)
     if read == 0:
-        raise ValueError(f"the corpus has no documents: {_describe(source)}")
+        raise ValueError(f"the corpus has no documents: {_describe(jobs[0].source)}")
     short = [f"worker {j.worker}: {r['contexts']}" for j, r in zip(jobs, results) if r["contexts"] < needed_each]
     split_note = f" Each of the {len(jobs)} processes needs {needed_each}; short: {', '.join(short)}." * (len(jobs) > 1)
     raise ValueError(
@@ -395,7 +385,7 @@ def main(argv: list[str] | None = None) -> None:
     import docstring_parser
     from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
 
-    parser = ArgumentParser(prog="neurolight-tokenize", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="neurolight-tokenize", description=build_tokenized_corpus.__doc__.split("\n")[0])
     parser.add_argument("--config", action=ActionConfigFile)
     parser.add_function_arguments(build_tokenized_corpus, skip={"overwrite"})
     # A bool parameter would need `--overwrite true`; ActionYesNo also takes the bare flag the Makefile uses.
@@ -403,7 +393,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--overwrite", action=ActionYesNo, default=False, help=docs["overwrite"])
     config = parser.parse_args(argv).as_dict()
     config.pop("config", None)
-    corpus = TokenizedCorpus(build_tokenized_corpus(**config))
+    try:
+        corpus = TokenizedCorpus(build_tokenized_corpus(**config))
+    except (ValueError, OSError) as error:  # a bad setting or path: its message, without a traceback
+        raise SystemExit(f"neurolight-tokenize: error: {error}") from error
     print(f"wrote {len(corpus)} contexts of {corpus.context_length} tokens to {corpus.path}")
 
 

@@ -1,14 +1,21 @@
 """Models that learn from the tensors the datamodules produce."""
 
-from lightning_modules.llm import MODELS, load_causal_lm, load_tokenizer, resolve_model
-from lightning_modules.sae_module import SparseAutoencoderModule
-from lightning_modules.sparse_autoencoder import SparseAutoencoder
+# Lazy, so that light users (the tokenizer's worker processes need only llm.py) do not import Lightning.
+_EXPORTS = {
+    "MODELS": "lightning_modules.llm",
+    "load_causal_lm": "lightning_modules.llm",
+    "load_tokenizer": "lightning_modules.llm",
+    "resolve_model": "lightning_modules.llm",
+    "SparseAutoencoder": "lightning_modules.sparse_autoencoder",
+    "SparseAutoencoderModule": "lightning_modules.sae_module",
+}
 
-__all__ = [
-    "MODELS",
-    "SparseAutoencoder",
-    "SparseAutoencoderModule",
-    "load_causal_lm",
-    "load_tokenizer",
-    "resolve_model",
-]
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'lightning_modules' has no attribute '{name}'")

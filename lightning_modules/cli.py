@@ -12,12 +12,12 @@ from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
 
-def main(args: list[str] | None = None) -> LightningCLI:
+def run(args: list[str] | None = None) -> LightningCLI:
     # Quiet the tokenizers fork warning: the datamodule forks worker processes after tokenizing.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import callbacks  # noqa: F401  registers callbacks for `--trainer.callbacks+=Name`
-    import datamodules  # noqa: F401  registers the datamodules as subclasses
-    import lightning_modules  # noqa: F401
+    import datamodules.activations  # noqa: F401  registers the datamodules as subclasses
+    import lightning_modules.sae_module  # noqa: F401
 
     return LightningCLI(
         LightningModule,
@@ -27,6 +27,11 @@ def main(args: list[str] | None = None) -> LightningCLI:
         save_config_kwargs={"overwrite": True},
         args=args,
     )
+
+
+def main(args: list[str] | None = None) -> None:
+    """Console entry point (returns nothing, so the script prints nothing extra at exit)."""
+    run(args)
 
 
 if __name__ == "__main__":

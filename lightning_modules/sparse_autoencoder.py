@@ -201,6 +201,10 @@ class SparseAutoencoder(nn.Module):
         """Reconstruction (..., d_in) of latents (..., d_sae)."""
         return latents @ self.W_dec + self.b_dec
 
+    def _decode_sparse(self, indices: Tensor, values: Tensor) -> Tensor:
+        """sum_j values[:, j] * W_dec[indices[:, j]], (batch, d_in), without b_dec; indices/values (batch, n)."""
+        return F.embedding_bag(indices, self.W_dec, per_sample_weights=values.to(self.W_dec.dtype), mode="sum")
+
     def forward(self, x: Tensor, dead_mask: Tensor | None = None) -> SaeOutput:
         """Encode, decode and score x (batch, d_in). ``dead_mask`` (d_sae,) bool marks the latents the AuxK loss
         may use (topk and batchtopk); in training mode batchtopk also updates its threshold."""
@@ -208,8 +212,16 @@ class SparseAutoencoder(nn.Module):
         if x.ndim != 2:
             raise ValueError(f"forward takes x of shape (batch, d_in), got {tuple(x.shape)}; flatten tokens first")
         pre_acts = self._pre_acts(x)
-        latents = self._activate(pre_acts, update_threshold=self.training)
-        x_hat = self.decode(latents)
+        if self.architecture == "topk":
+            # Only k of d_sae latents are nonzero: decoding by gathering their rows costs k/d_sae of the dense
+            # product, forward and backward (Gao et al. 2024 use a sparse kernel for the same reason).
+            values, indices = pre_acts.topk(self.k, dim=-1, sorted=False)
+            values = F.relu(values)
+            latents = torch.zeros_like(pre_acts).scatter(-1, indices, values)
+            x_hat = self._decode_sparse(indices, values) + self.b_dec
+        else:
+            latents = self._activate(pre_acts, update_threshold=self.training)
+            x_hat = self.decode(latents)
         mse = (x - x_hat).pow(2).sum(-1).mean()
         sparsity = self._sparsity(pre_acts, latents)
         auxk = self._auxk(x, x_hat, pre_acts, dead_mask)
@@ -241,9 +253,8 @@ class SparseAutoencoder(nn.Module):
         # Gao et al. 2024, section A.2: the top k_aux dead latents model the main reconstruction's residual,
         # giving dead latents a gradient that points where live ones fall short.
         values, indices = pre_acts.masked_fill(~dead_mask, float("-inf")).topk(min(self.k_aux, n_dead), dim=-1)
-        aux_latents = torch.zeros_like(pre_acts).scatter(-1, indices, F.relu(values))
         residual = x - x_hat.detach()
-        error = (residual - aux_latents @ self.W_dec).pow(2).sum(-1).mean()
+        error = (residual - self._decode_sparse(indices, F.relu(values))).pow(2).sum(-1).mean()
         # Normalised like OpenAI's normalized MSE, so auxk_coefficient does not depend on the residual's scale.
         # A residual with no variance (e.g. a batch of one) gives nothing to normalise by: the loss is 0 there,
         # with a safe denominator so that the unused branch's gradient is not NaN.
