@@ -1,7 +1,7 @@
 """DeadLatentResampler: give latents that stopped firing a new direction, on a fixed step schedule.
 
 Needs a LightningModule with ``sae`` (a SparseAutoencoder), ``normalize(batch)``, and a ``training_step`` that
-returns ``fired`` (per-latent firing counts of the batch), as SparseAutoencoderModule does.
+returns ``fired`` (per-latent firing counts of the step, summed over ranks), as SparseAutoencoderModule does.
 """
 
 from __future__ import annotations
@@ -80,8 +80,7 @@ class DeadLatentResampler(pl.Callback):
     @torch.no_grad()
     def resample(self, trainer, pl_module) -> int:
         """Resample the latents that did not fire since the last resampling; returns how many."""
-        fired = trainer.strategy.reduce(self.fired.float(), reduce_op="sum")
-        dead = fired == 0
+        dead = self.fired == 0  # counts over all ranks (the module reduces them), so ranks agree
         self.fired.zero_()
         num_dead = int(dead.sum())
         self.history.append({"step": trainer.global_step, "dead": num_dead})

@@ -3,7 +3,7 @@
 The checkpoint is a full Lightning checkpoint (weights, Adam state, normalisation scalar, callback and buffer
 state), so ``neurolight fit ... --ckpt_path <file>`` continues the run. Next to it a PNG shows log10 of each
 latent's firing frequency over the steps since the previous checkpoint, with the dead count in the title.
-Needs a ``training_step`` that returns ``fired`` (per-latent counts) and ``num_tokens``.
+Needs a ``training_step`` that returns ``fired`` (per-latent counts) and ``num_tokens``, both over all ranks.
 """
 
 from __future__ import annotations
@@ -62,9 +62,8 @@ class SaeCheckpoint(pl.Callback):
 
     def _save(self, trainer, name: str, window: tuple[Tensor, float] | None = None) -> None:
         if window is None:
-            fired = trainer.strategy.reduce(self.fired.float(), reduce_op="sum").cpu()
-            tokens = trainer.strategy.reduce(torch.tensor(float(self.tokens)), reduce_op="sum").item()
-            window = self._previous_window = (fired, tokens)
+            # Counts are already summed over ranks by the module.
+            window = self._previous_window = (self.fired.cpu().clone(), float(self.tokens))
         fired, tokens = window
         directory = self.directory(trainer)
         path = directory / f"{name}.ckpt"

@@ -11,6 +11,7 @@ from collections import deque
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
@@ -187,10 +188,8 @@ class ActivationDataModule(pl.LightningDataModule):
         return DataLoader(_Stream(self._next_train_batch), batch_size=None, num_workers=0)
 
     def val_dataloader(self) -> DataLoader:
-        start = self.num_train_contexts
-        rank, world = self._rank()
-        indices = list(range(start + rank, len(self.corpus), world))
-        contexts = self.corpus.batch(indices)[:, : self.hparams.num_tokens]
+        # Map-style: under DDP Lightning's DistributedSampler splits these contexts across ranks.
+        contexts = self.corpus.batch(range(self.num_train_contexts, len(self.corpus)))[:, : self.hparams.num_tokens]
         return DataLoader(contexts, batch_size=self.hparams.val_batch_size, shuffle=False)
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
@@ -201,9 +200,11 @@ class ActivationDataModule(pl.LightningDataModule):
 
     # ------------------------------------------------------------------------------------------ resuming
     def state_dict(self) -> dict:
+        """Corpus position, buffer and in-flight batches of EVERY rank (collective under DDP: each rank mixes
+        its own activations, and only rank 0 writes the checkpoint)."""
         in_flight = self._served - self._consumed
         recent = list(self._recent)
-        return {
+        local = {
             "pass": self._pass,
             "position": self._position,
             "in_flight": [b.cpu() for b in recent[len(recent) - in_flight :]] if in_flight > 0 else [],
@@ -211,13 +212,30 @@ class ActivationDataModule(pl.LightningDataModule):
             if self.buffer is None
             else self.buffer.state_dict(include_storage=self.hparams.checkpoint_buffer),
         }
+        _, world = self._rank()
+        ranks = [local]
+        if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            ranks = [None] * world
+            torch.distributed.all_gather_object(ranks, local)
+        return {"world_size": len(ranks), "ranks": ranks}
 
     def load_state_dict(self, state: dict) -> None:
-        self._pass, self._position, self._order = state["pass"], state["position"], None
-        self._replay = deque(state["in_flight"])
+        rank, world = self._rank()
+        if state["world_size"] != world:
+            # Each rank's order is a slice of the pass permutation, so positions do not carry over to another
+            # world size: start the next pass with empty buffers rather than repeat or skip data silently.
+            rank_zero_warn(
+                f"checkpoint was written by {state['world_size']} ranks, this run has {world}: the activation "
+                "buffers start empty at the next pass over the corpus"
+            )
+            self._pass, self._position, self._order = max(r["pass"] for r in state["ranks"]) + 1, 0, None
+            return
+        local = state["ranks"][rank]
+        self._pass, self._position, self._order = local["pass"], local["position"], None
+        self._replay = deque(local["in_flight"])
         self._served = self._consumed = 0
         self._recent.clear()
-        if state["buffer"] is not None:
+        if local["buffer"] is not None:
             if self.buffer is None:
                 raise RuntimeError("load_state_dict before setup: the buffer does not exist yet")
-            self.buffer.load_state_dict(state["buffer"])
+            self.buffer.load_state_dict(local["buffer"])

@@ -98,25 +98,27 @@ class SparseAutoencoderModule(pl.LightningModule):
         x = self.normalize(batch)
         dead = self.tokens_since_fired >= self.hparams.dead_tokens_threshold
         out = self.sae(x, dead_mask=dead)
-        fired = (out.latents > 0).sum(0)
+        fired, num_tokens = (out.latents > 0).sum(0), len(x)
+        if self.trainer.world_size > 1:
+            # Firing counts over all ranks, so every rank (and every callback) agrees on which latents are dead.
+            fired = self.trainer.strategy.reduce(fired.float(), reduce_op="sum").long()
+            num_tokens *= self.trainer.world_size
         with torch.no_grad():
-            self.tokens_since_fired += len(x)
+            self.tokens_since_fired += num_tokens
             self.tokens_since_fired[fired > 0] = 0
             self.window_fired += fired
-            self.window_tokens += len(x)
+            self.window_tokens += num_tokens
         self.log_dict(
             {"train/loss": out.loss, "train/mse": out.mse, "train/sparsity": out.sparsity, "train/auxk": out.auxk},
             prog_bar=False,
         )
         if (self.global_step + 1) % self.hparams.metrics_every_n_steps == 0:
             self._log_sparsity_metrics(x, out)
-        return {"loss": out.loss, "fired": fired.detach(), "num_tokens": len(x)}
+        return {"loss": out.loss, "fired": fired.detach(), "num_tokens": num_tokens}
 
     @torch.no_grad()
     def _log_sparsity_metrics(self, x: Tensor, out) -> None:
-        fired = self.trainer.strategy.reduce(self.window_fired.float(), reduce_op="sum")
-        tokens = self.trainer.strategy.reduce(self.window_tokens.float(), reduce_op="sum")
-        frequency = fired / tokens.clamp_min(1)
+        frequency = self.window_fired.float() / self.window_tokens.clamp_min(1)
         self.log_dict(
             {
                 "train/l0": (out.latents > 0).sum(-1).float().mean(),

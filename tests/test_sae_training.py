@@ -72,7 +72,7 @@ def test_resume__continues_exactly_like_an_uninterrupted_run(tmp_path, corpus, t
         for field, value in a["callbacks"][key].items():
             if isinstance(value, torch.Tensor):
                 torch.testing.assert_close(b["callbacks"][key][field], value, msg=f"{key}.{field}")
-    assert a["ActivationDataModule"]["position"] == b["ActivationDataModule"]["position"]
+    assert a["ActivationDataModule"]["ranks"][0]["position"] == b["ActivationDataModule"]["ranks"][0]["position"]
 
 
 def test_resampler__revives_dead_latents_and_resets_adam(tmp_path, corpus, tiny_model_dir):
@@ -101,3 +101,43 @@ def test_resampler__revives_dead_latents_and_resets_adam(tmp_path, corpus, tiny_
 def test_d_in_mismatch__names_both_sizes(tmp_path, corpus, tiny_model_dir):
     with pytest.raises(ValueError, match=r"d_in=128.*act_vec_size=64"):
         make_trainer(tmp_path, max_steps=1).fit(make_module(act_vec_size=64), make_datamodule(corpus, tiny_model_dir))
+
+
+def test_resampler__unknown_method_lists_choices():
+    with pytest.raises(ValueError, match="replacement, anthropic"):
+        DeadLatentResampler(method="ghost")
+
+
+def test_replacement_resampling__revives_dead_latents(tmp_path, corpus, tiny_model_dir):
+    module = make_module()
+    killed = torch.arange(1, 256, 8)
+    with torch.no_grad():
+        module.sae.b_enc[killed] = -1e4
+    resampler = DeadLatentResampler(method="replacement", neuron_resampling_interval=6)
+    trainer = make_trainer(tmp_path, max_steps=6)
+    trainer.callbacks.append(resampler)
+    datamodule = make_datamodule(corpus, tiny_model_dir)
+    trainer.fit(module, datamodule)
+    assert resampler.history == [{"step": 6, "dead": resampler.history[0]["dead"]}]
+    assert resampler.history[0]["dead"] >= len(killed)
+    live = torch.ones(256, dtype=torch.bool)
+    live[killed] = False
+    # New encoder rows at the mean norm of the live ones (replacement recipe), unit decoder rows.
+    enc_norms = module.sae.W_enc.detach().norm(dim=1)
+    assert enc_norms[killed].std() < 1e-4
+    torch.testing.assert_close(module.sae.W_dec[killed].norm(dim=1), torch.ones(len(killed)))
+    assert torch.all(module.sae.b_enc[killed] == 0)
+
+
+def test_wandb_logger__offline_run_records_metrics(tmp_path, corpus, tiny_model_dir, monkeypatch):
+    from lightning.pytorch.loggers import WandbLogger
+
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    logger = WandbLogger(offline=True, save_dir=str(tmp_path), project="neurolight-test")
+    module = make_module(metrics_every_n_steps=5)
+    make_trainer(tmp_path, max_steps=10, logger=logger).fit(module, make_datamodule(corpus, tiny_model_dir))
+    summary = logger.experiment.summary
+    assert 0 < summary["train/l0"] <= 256 and "train/explained_variance" in summary.keys()
+    logger.experiment.finish()
+    assert list(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
