@@ -1,5 +1,6 @@
 import math
 
+import lightning.pytorch as pl
 import pytest
 import torch
 
@@ -75,17 +76,33 @@ def test_resume__continues_exactly_like_an_uninterrupted_run(tmp_path, corpus, t
     assert a["ActivationDataModule"]["ranks"][0]["position"] == b["ActivationDataModule"]["ranks"][0]["position"]
 
 
+class KillLatents(pl.Callback):
+    """Silences latents after step 2 (when they already have Adam moments); records those moments at step 10."""
+
+    def __init__(self, latents):
+        self.latents, self.moments_before = latents, None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == 2:
+            with torch.no_grad():
+                pl_module.sae.b_enc[self.latents] = -1e4
+        if trainer.global_step == 10:
+            state = trainer.optimizers[0].state[pl_module.sae.W_enc]
+            self.moments_before = state["exp_avg_sq"][self.latents].abs().sum().item()
+
+
 def test_resampler__revives_dead_latents_and_resets_adam(tmp_path, corpus, tiny_model_dir):
     module = make_module()
     killed = torch.arange(0, 256, 4)
-    with torch.no_grad():
-        module.sae.b_enc[killed] = -1e4  # can never fire
-    resampler = DeadLatentResampler(method="anthropic", neuron_resampling_interval=10)
+    killer = KillLatents(killed)
+    # Resampling at steps 5 and 10: the killed latents fired before step 2, so only the second window finds them.
+    resampler = DeadLatentResampler(method="anthropic", neuron_resampling_interval=5)
     trainer = make_trainer(tmp_path, max_steps=10)
-    trainer.callbacks.append(resampler)
+    trainer.callbacks.extend([killer, resampler])  # the killer records the moments before the resampler runs
     datamodule = make_datamodule(corpus, tiny_model_dir)
     trainer.fit(module, datamodule)
     assert resampler.history[-1]["step"] == 10 and resampler.history[-1]["dead"] >= len(killed)
+    assert killer.moments_before > 0
     assert torch.all(module.sae.b_enc[killed] == 0)
     torch.testing.assert_close(module.sae.W_dec[killed].norm(dim=1), torch.ones(len(killed)))
     state = trainer.optimizers[0].state
