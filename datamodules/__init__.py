@@ -2,7 +2,12 @@
 
 # Lazy, so that the tokenizer's worker processes (which import datamodules.tokenized_corpus) do not pay for
 # importing Lightning.
-_EXPORTS = {"ActivationDataModule": "datamodules.activations"}
+_EXPORTS = {
+    "ActivationDataModule": "datamodules.activations",
+    "QADataModule": "datamodules.qa",
+    "QARecord": "datamodules.qa_records",
+    "load_qa_records": "datamodules.qa_records",
+}
 
 __all__ = list(_EXPORTS)
 

@@ -15,8 +15,10 @@ from lightning.pytorch.cli import LightningCLI
 def run(args: list[str] | None = None) -> LightningCLI:
     # Quiet the tokenizers fork warning: the datamodule forks worker processes after tokenizing.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import callbacks  # noqa: F401  registers callbacks for `--trainer.callbacks+=Name`
-    import datamodules.activations  # noqa: F401  registers the datamodules as subclasses
+    # Imported for their side effect: LightningCLI resolves short class names among imported subclasses.
+    import callbacks  # noqa: F401
+    import datamodules.activations
+    import datamodules.qa  # noqa: F401
     import lightning_modules.sae_module  # noqa: F401
 
     return LightningCLI(
