@@ -82,6 +82,24 @@ class _PadRight:
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+class _PadLeftPrompts:
+    """Collate (index, prompt ids, record) triples into left-padded prompts for generation."""
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, batch: list[tuple[int, list[int], QARecord]]) -> dict:
+        width = max(len(ids) for _, ids, _ in batch)
+        input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, (_, ids, _) in enumerate(batch):
+            input_ids[row, width - len(ids) :] = torch.tensor(ids)
+            attention_mask[row, width - len(ids) :] = 1
+        index = torch.tensor([i for i, _, _ in batch])
+        records = [record for _, _, record in batch]
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "index": index, "records": records}
+
+
 class QADataModule(pl.LightningDataModule):
     def __init__(
         self,
@@ -98,6 +116,7 @@ class QADataModule(pl.LightningDataModule):
         use_context: bool | None = None,
         eval_split: str | None = None,
         num_workers: int = 0,
+        num_samples: int | None = None,
     ) -> None:
         """
         Args:
@@ -126,6 +145,8 @@ class QADataModule(pl.LightningDataModule):
                 carving ``split_fractions[2]`` out of the training split, which is then divided train / tracking
                 in the ratio of the first two fractions. The test set is shuffled and cut to ``max_samples``.
             num_workers: DataLoader worker processes.
+            num_samples: Questions ``predict`` generates answers for: the first ``num_samples`` of the test set;
+                default: all of it.
         """
         super().__init__()
         spec = dataset_spec(dataset)
@@ -148,6 +169,8 @@ class QADataModule(pl.LightningDataModule):
                 )
         if max_samples is not None and max_samples < 1:
             raise ValueError(f"max_samples={max_samples} must be positive (or None for all)")
+        if num_samples is not None and num_samples < 1:
+            raise ValueError(f"num_samples={num_samples} must be positive (or None for the whole test set)")
         self.save_hyperparameters()
         self.use_context = spec.needs_context if use_context is None else use_context
         self.tokenizer = None
@@ -310,6 +333,20 @@ class QADataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        """Generation prompts for the first ``num_samples`` test records: ``input_ids`` and ``attention_mask``
+        (batch, seq) LEFT padded (generation continues every row at the right edge), ``index`` (batch,) each
+        record's position in ``test_records``, and ``records``, the QARecords themselves."""
+        records = self.test_records[: self.hparams.num_samples]
+        prompts = [(i, self.prompt_ids(record), record) for i, record in enumerate(records)]
+        return DataLoader(
+            prompts,
+            batch_size=self.hparams.batch_size,
+            shuffle=False,
+            collate_fn=_PadLeftPrompts(self.tokenizer.pad_token_id),
+            num_workers=self.hparams.num_workers,
+        )
 
     def _split_records(self, name: str) -> list[QARecord]:
         if not self._records:

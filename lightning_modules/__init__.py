@@ -8,6 +8,8 @@ _EXPORTS = {
     "resolve_model": "lightning_modules.llm",
     "SparseAutoencoder": "lightning_modules.sparse_autoencoder",
     "SparseAutoencoderModule": "lightning_modules.sae_module",
+    "SendModule": "lightning_modules.send_module",
+    "AnswerGenerator": "lightning_modules.answer_generator",
 }
 
 __all__ = list(_EXPORTS)

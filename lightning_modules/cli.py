@@ -19,7 +19,9 @@ def run(args: list[str] | None = None) -> LightningCLI:
     import callbacks  # noqa: F401
     import datamodules.activations
     import datamodules.qa  # noqa: F401
-    import lightning_modules.sae_module  # noqa: F401
+    import lightning_modules.answer_generator
+    import lightning_modules.sae_module
+    import lightning_modules.send_module  # noqa: F401
 
     return LightningCLI(
         LightningModule,
