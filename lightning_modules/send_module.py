@@ -162,7 +162,8 @@ class SendModule(pl.LightningModule):
             module.requires_grad_(False)
         self.model.config.use_cache = False
         if self.hparams.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable()
+            # Non-reentrant: with frozen embeddings the checkpointed inputs need no grad, which reentrant mishandles.
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def _load_model(self) -> nn.Module:
         from transformers import AutoModelForCausalLM

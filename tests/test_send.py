@@ -1,5 +1,5 @@
-"""SEND: SendModule fine-tuning and the SensitiveNeuronDropout callback, on the tiny Llama (2 layers, d = 64) and
-small TriviaQA-schema records. The penultimate layer of the tiny model is layer 0."""
+"""SEND: SendModule fine-tuning and the SensitiveNeuronDropout callback, on the tiny Llama (2 layers unless a test
+builds a deeper one; d = 64, so the penultimate layer is layer 0) and small TriviaQA-schema records."""
 
 from __future__ import annotations
 
