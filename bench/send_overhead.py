@@ -43,22 +43,39 @@ from lightning_modules.send_module import SendModule  # noqa: E402
 
 
 class EpochTimer(pl.Callback):
-    """Wall and CPU (this process) time between consecutive epoch ends, the first from the start of training;
-    add it last."""
+    """Wall and CPU (this process) time between consecutive epoch ends, the first from the start of training, and
+    the CPU time inside training batches and validation; add it last."""
 
     def __init__(self) -> None:
         self.epoch_seconds: list[float] = []
         self.epoch_cpu_seconds: list[float] = []
+        self.batches_cpu_seconds: list[float] = []
+        self.validation_cpu_seconds: list[float] = []
         self._mark = (0.0, 0.0)
+        self._batches = self._validation = self._start = 0.0
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._mark = (time.perf_counter(), time.process_time())
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        self._start = time.process_time()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        self._batches += time.process_time() - self._start
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._start = time.process_time()
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self._validation += time.process_time() - self._start
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         now = (time.perf_counter(), time.process_time())
         self.epoch_seconds.append(now[0] - self._mark[0])
         self.epoch_cpu_seconds.append(now[1] - self._mark[1])
-        self._mark = now
+        self.batches_cpu_seconds.append(self._batches)
+        self.validation_cpu_seconds.append(self._validation)
+        self._mark, self._batches, self._validation = now, 0.0, 0.0
 
 
 _SEND_HOOKS = ("on_train_epoch_start", "on_train_epoch_end", "on_before_optimizer_step", "on_train_batch_end")
@@ -133,6 +150,8 @@ def run_side(side: str, recipe: dict, epochs: int, accelerator: str) -> dict:
         "side": side,
         "epoch_seconds": timer.epoch_seconds,
         "epoch_cpu_seconds": timer.epoch_cpu_seconds,
+        "batches_cpu_seconds": timer.batches_cpu_seconds,
+        "validation_cpu_seconds": timer.validation_cpu_seconds,
         "fit_seconds": time.perf_counter() - start,
         "train_batches_per_epoch": trainer.num_training_batches,
         "val_loss": float(trainer.callback_metrics.get("val/loss", float("nan"))),
@@ -176,7 +195,11 @@ def main() -> None:
             + " ".join(f"{s:6.1f}" for s in r["epoch_seconds"])
             + " s | cpu "
             + " ".join(f"{s:6.1f}" for s in r["epoch_cpu_seconds"])
-            + " s",
+            + " s (in training batches "
+            + " ".join(f"{s:5.1f}" for s in r["batches_cpu_seconds"])
+            + ", validation "
+            + " ".join(f"{s:4.1f}" for s in r["validation_cpu_seconds"])
+            + ")",
             flush=True,
         )
 
