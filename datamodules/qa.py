@@ -16,13 +16,32 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from datamodules.qa_records import QARecord, dataset_spec, download_qa_split, load_qa_records
 
 DEFAULT_PROMPT = "Question: {question}\nAnswer: {answer}"
 CONTEXT_PREFIX = "Context: {context}\n"
 """Put before ``prompt_template`` when the context is used and the template has no ``{context}`` of its own."""
+
+
+class EpochShuffle(Sampler[int]):
+    """A permutation that depends only on (seed, epoch). Lightning calls ``set_epoch`` before every epoch, so a run
+    resumed at epoch e trains on the batches an uninterrupted run sees at e; a generator seeded once per
+    DataLoader would instead restart at epoch 0's order after every resume."""
+
+    def __init__(self, num_examples: int, seed: int) -> None:
+        self.num_examples, self.seed, self.epoch = num_examples, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.num_examples, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.num_examples
 
 
 def split_records(
@@ -310,12 +329,11 @@ class QADataModule(pl.LightningDataModule):
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
         if not self._examples:
             raise RuntimeError("QADataModule: call setup() before asking for a dataloader")
-        generator = torch.Generator().manual_seed(self.hparams.seed) if shuffle else None
+        examples = self._examples[name]
         return DataLoader(
-            self._examples[name],
+            examples,
             batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
-            generator=generator,
+            sampler=EpochShuffle(len(examples), self.hparams.seed) if shuffle else None,
             collate_fn=_PadRight(self.tokenizer.pad_token_id),
             num_workers=self.hparams.num_workers,
         )

@@ -397,3 +397,18 @@ def test_fanoutqa_default__batches_have_answers(tiny_model_dir):
     assert batch["input_ids"].shape[0] == 16
     assert ((batch["labels"] != -100).sum(dim=1) >= 2).all()  # at least one answer token and EOS
     assert torch.equal(batch["labels"] != -100, (batch["labels"] != -100) & (batch["attention_mask"] == 1))
+
+
+def test_epoch_shuffle__order_depends_only_on_seed_and_epoch():
+    from datamodules.qa import EpochShuffle
+
+    first, again = EpochShuffle(50, seed=3), EpochShuffle(50, seed=3)
+    orders = []
+    for epoch in range(3):
+        first.set_epoch(epoch)
+        orders.append(list(first))
+    again.set_epoch(2)  # a resumed run jumps straight to epoch 2
+    assert list(again) == orders[2]
+    assert sorted(orders[0]) == list(range(50))
+    assert orders[0] != orders[1] != orders[2]
+    assert list(EpochShuffle(50, seed=4)) != orders[0]

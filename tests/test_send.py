@@ -47,16 +47,8 @@ def records_path(tmp_path):
     return _write_records(tmp_path / "tqa.jsonl")
 
 
-class _FixedOrderData(QADataModule):
-    """Train batches in a fixed order, so a resumed run sees exactly the batches of a straight run."""
-
-    def train_dataloader(self):
-        return self._loader("train", shuffle=False)
-
-
-def _datamodule(model_dir, records_path, fixed_order: bool = False) -> QADataModule:
-    cls = _FixedOrderData if fixed_order else QADataModule
-    return cls(
+def _datamodule(model_dir, records_path) -> QADataModule:
+    return QADataModule(
         dataset="triviaqa",
         data_path=str(records_path),
         model_name=str(model_dir),
@@ -298,20 +290,20 @@ def test_resume__callback_state_matches_a_straight_run(tiny_model_dir, records_p
         return SensitiveNeuronDropout(sensitivity_threshold=0.25, log_eigenscore=False)
 
     straight = send()
-    _fit(_module(tiny_model_dir, tmp_path), _datamodule(tiny_model_dir, records_path, True), tmp_path, [straight], 4)
+    _fit(_module(tiny_model_dir, tmp_path), _datamodule(tiny_model_dir, records_path), tmp_path, [straight], 4)
 
     checkpoint = pl.callbacks.ModelCheckpoint(
         dirpath=tmp_path / "ckpt", save_last=True, save_on_train_epoch_end=save_on_train_epoch_end
     )
     first = send()
-    _fit(_module(tiny_model_dir, tmp_path), _datamodule(tiny_model_dir, records_path, True), tmp_path, [first], 2,
+    _fit(_module(tiny_model_dir, tmp_path), _datamodule(tiny_model_dir, records_path), tmp_path, [first], 2,
          checkpoint=checkpoint)  # fmt: skip
     resumed = send()
     module = _module(tiny_model_dir, tmp_path)
     checkpoint = pl.callbacks.ModelCheckpoint(
         dirpath=tmp_path / "ckpt", save_on_train_epoch_end=save_on_train_epoch_end
     )
-    _fit(module, _datamodule(tiny_model_dir, records_path, True), tmp_path, [resumed], 4,
+    _fit(module, _datamodule(tiny_model_dir, records_path), tmp_path, [resumed], 4,
          ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"), checkpoint=checkpoint)  # fmt: skip
 
     assert straight.history_epochs == resumed.history_epochs == [-1, 0, 1, 2, 3]
