@@ -26,12 +26,14 @@ Differences that remain (they do not change the amount of work per token): the S
 libraries do (neurolight: unit-norm decoder rows re-projected every step, AuxK normalised by the residual variance,
 one activation scale estimated on the first buffer; SAELens: decoder norms folded into the TopK, gradient-norm
 clipping, ``normalize_activations="none"``, since its norm estimate would cost extra LLM batches); both buffers
-hold ~8192 activations and serve half of them between refills, but their end effects differ (Lightning fetches one
-batch ahead, which can trigger one more refill), so the LLM forwards run are printed for each side, with a
-"steady" rate that leaves start-up and end effects out.
+hold ~8192 activations and serve half of them between refills, but their end effects differ (which refill the last
+step falls into), so the LLM forwards run are printed for each side, with a "steady" rate that leaves start-up and
+end effects out.
 
-Both sides run the same Hugging Face forward up to the hooked module, which is >85% of the time on CPU and >50% on
-an H100, so their throughputs come out close. On a shared CPU, torch's default of one thread per core suffers
+SAELens runs the Hugging Face forward with a hook that stops it by an exception after the hooked module; neurolight
+calls the same modules up to the site itself (``HookedLLM._forward_to_site``, bit-identical activations), which
+saves HF's per-call wrappers but not the matrix products: on CPU those are >85% of the time for both sides, so their
+throughputs come out close there. On a shared CPU, torch's default of one thread per core suffers
 badly from other processes (every parallel region waits for a descheduled thread): pass ``--threads 1`` there for
 stable figures. Options: ``--model DIR`` (a Hugging Face model directory; default: the config's model),
 ``--random-weights`` (only config and tokenizer of ``--model`` are read, the weights are random: same shapes and
@@ -541,7 +543,7 @@ def summarize(results: dict[str, list[dict]], args) -> None:
         "runs. steady: the same rate without start-up and end effects (each harvested activation trained on once). "
         "Shares, ms and train s are from the fastest run: LLM fwd = inside the LLM forward (harvest / "
         "get_activations), SAE step = forward + backward + optimizer + per-step hooks, other = buffer, data and "
-        "loop overhead. fwds = LLM forwards run (end effects differ: Lightning fetches one batch ahead)."
+        "loop overhead. fwds = LLM forwards run (end effects differ)."
     )
 
 

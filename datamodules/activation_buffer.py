@@ -46,6 +46,9 @@ class ActivationBuffer:
         self.pending: Tensor | None = None
         # Slots of the current cycle in serving order; slots[:cursor] have been served and are free.
         self.slots = torch.arange(capacity)
+        # ``slots`` on the buffer's device, copied once per cycle: copying each batch's indices from pageable host
+        # memory would synchronise the CUDA stream at every step.
+        self._slots_on_device: Tensor | None = None
         self.cursor = capacity  # everything is free: the first call fills the whole buffer
         # Serve half the buffer per cycle, rounded down to whole batches (at least one batch).
         self.serve_per_cycle = max(batch_size, (capacity // 2) // batch_size * batch_size)
@@ -73,6 +76,7 @@ class ActivationBuffer:
             self.storage = torch.empty(self.capacity, fresh.shape[1], device=self.device, dtype=self.dtype)
         self.storage[free.to(self.device)] = fresh
         self.slots = torch.randperm(self.capacity, generator=self.generator)
+        self._slots_on_device = None
         self.cursor = 0
 
     @property
@@ -83,9 +87,11 @@ class ActivationBuffer:
         """(batch_size, d_in) activations, uniformly mixed over the buffer."""
         if self.cursor >= self.serve_per_cycle:
             self.fill()
-        index = self.slots[self.cursor : self.cursor + self.batch_size]
+        if self._slots_on_device is None:
+            self._slots_on_device = self.slots.to(self.device)
+        index = self._slots_on_device[self.cursor : self.cursor + self.batch_size]
         self.cursor += self.batch_size
-        return self.storage[index.to(self.device)]
+        return self.storage[index]
 
     def peek(self) -> Tensor:
         """All rows currently held (fills the buffer first if needed); for estimating statistics."""
@@ -106,6 +112,7 @@ class ActivationBuffer:
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
+        self._slots_on_device = None
         if "storage" not in state:
             # Saved without contents: start over with an empty buffer (the corpus cursor still resumes).
             self.storage, self.pending, self.cursor = None, None, self.capacity

@@ -23,12 +23,16 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 class _Stream(IterableDataset):
-    def __init__(self, next_batch) -> None:
-        self.next_batch = next_batch
+    """Endless placeholders; ``on_before_batch_transfer`` swaps each for a buffer batch when it is consumed."""
 
     def __iter__(self):
         while True:
-            yield self.next_batch()
+            yield _PLACEHOLDER
+
+
+# Lightning fetches one batch ahead; served at fetch time, the batch after the last step could trigger a whole
+# buffer refill (LLM forwards) that is never trained on.
+_PLACEHOLDER = torch.empty(0)
 
 
 class ActivationDataModule(pl.LightningDataModule):
@@ -44,6 +48,8 @@ class ActivationDataModule(pl.LightningDataModule):
         num_batches_preload: int = 64,
         device_llm: str | None = None,
         llm_dtype: str = "float32",
+        compile_llm: bool = False,
+        llm_compile_mode: str | None = None,
         buffer_device: str | None = None,
         buffer_dtype: str = "float32",
         exclude_first_position: bool = True,
@@ -70,6 +76,13 @@ class ActivationDataModule(pl.LightningDataModule):
                 better and costs ``num_batches_preload * batch_size_autoencoder * d_in`` values of memory.
             device_llm: Device of the LLM, e.g. ``cuda:1``; default: the trainer's device for this rank.
             llm_dtype: ``float32``, ``bfloat16`` or ``float16`` weights for the LLM.
+            compile_llm: ``torch.compile`` the LLM forward up to the hooked layer (``dynamic=False``: the shapes are
+                fixed). Off by default: on CPU it gained nothing measurable (the forward is matrix products) and
+                compiling took ~2 min on 2 cores; meant for GPUs, where the small forward is launch-bound. The first
+                training and the first validation batch each pay the compilation.
+            llm_compile_mode: ``torch.compile`` mode for ``compile_llm``; default ``reduce-overhead`` (CUDA graphs)
+                on CUDA, inductor's default elsewhere; ``max-autotune-no-cudagraphs`` is the alternative without
+                graphs.
             buffer_device: Device of the buffer; default: the LLM's device.
             buffer_dtype: Storage dtype of the buffer (``bfloat16`` halves its memory).
             exclude_first_position: Skip position 0 (BOS / attention sink), whose activations are huge outliers.
@@ -121,7 +134,14 @@ class ActivationDataModule(pl.LightningDataModule):
         if hp.llm_dtype not in _DTYPES:
             raise ValueError(f"unknown llm_dtype '{hp.llm_dtype}'; choose one of {', '.join(_DTYPES)}")
         model = load_causal_lm(hp.model_name, dtype=_DTYPES[hp.llm_dtype], device=device)
-        self.hooked_llm = HookedLLM(model, hp.layer_type, hp.layer_id, self.hook_points)
+        self.hooked_llm = HookedLLM(
+            model,
+            hp.layer_type,
+            hp.layer_id,
+            self.hook_points,
+            compile=hp.compile_llm,
+            compile_mode=hp.llm_compile_mode,
+        )
         self.buffer = ActivationBuffer(
             capacity=hp.num_batches_preload * hp.batch_size_autoencoder,
             batch_size=hp.batch_size_autoencoder,
@@ -185,7 +205,7 @@ class ActivationDataModule(pl.LightningDataModule):
 
     # -------------------------------------------------------------------------------------------- loaders
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(_Stream(self._next_train_batch), batch_size=None, num_workers=0)
+        return DataLoader(_Stream(), batch_size=None, num_workers=0)
 
     def val_dataloader(self) -> DataLoader:
         # Map-style: under DDP Lightning's DistributedSampler splits these contexts across ranks.
@@ -193,9 +213,12 @@ class ActivationDataModule(pl.LightningDataModule):
         return DataLoader(contexts, batch_size=self.hparams.val_batch_size, shuffle=False)
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
-        # Lightning fetches one batch ahead; counting the consumed ones tells state_dict which are in flight.
         if self.trainer is not None and self.trainer.training:
+            # Counting the consumed batches tells state_dict which are in flight (none since they are served here;
+            # checkpoints of earlier versions can still hold some).
             self._consumed += 1
+            if batch.numel() == 0:  # the placeholder (a precision plugin may have converted it: no identity test)
+                batch = self._next_train_batch()
         return batch
 
     # ------------------------------------------------------------------------------------------ resuming

@@ -6,11 +6,17 @@ The three sites of a Llama-style decoder layer (ALGORITHMS.md §3):
 - ``mlp_sublayer``: the output of ``model.layers.{}.mlp``.
 - ``mlp_activations``: the INPUT of ``model.layers.{}.mlp.down_proj``, i.e. ``act_fn(gate_proj x) * up_proj x``.
   Hooking ``mlp.act_fn`` (the original scripts' example) would miss the ``up_proj`` product.
+
+Harvesting runs only what the site needs: the embedding, the decoder layers before the hooked one, and of the
+hooked layer its attention (plus its MLP for the two MLP sites), calling the model's own modules in the order its
+forward does, so the activations are bit-identical to a hooked full forward (checked on a probe input at
+construction; models whose layout differs fall back to the hooked forward stopped by an exception).
 """
 
 from __future__ import annotations
 
 import difflib
+import warnings
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -78,6 +84,29 @@ def _replace_first(value, replacement: Tensor):
     return (replacement, *value[1:]) if isinstance(value, tuple) else replacement
 
 
+def _truncation_blocker(model: nn.Module, layer_type: str, layer_id: int, hook_point: HookPoint) -> str | None:
+    """Why ``HookedLLM._forward_to_site`` cannot stand in for the hooked forward of this model (None: it can)."""
+    if hook_point.name != HOOK_POINTS[layer_type].format(layer_id):
+        return f"custom hook point '{hook_point.name}'"
+    inner = getattr(model, "model", None)
+    if not all(hasattr(inner, name) for name in ("embed_tokens", "rotary_emb", "layers")):
+        return f"{type(model).__name__} has no model.embed_tokens / rotary_emb / layers"
+    layer = inner.layers[layer_id]
+    needed = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+    if not all(hasattr(layer, name) for name in needed):
+        return f"{type(layer).__name__} lacks one of {', '.join(needed)}"
+    if layer_type == "mlp_activations" and not all(hasattr(layer.mlp, n) for n in ("act_fn", "gate_proj", "up_proj")):
+        return f"{type(layer.mlp).__name__} is not a gated MLP (act_fn, gate_proj, up_proj)"
+    # Sliding-window layers need another mask than create_causal_mask's (Mistral, Gemma, Qwen2 with windows on).
+    config = model.config
+    types = getattr(config, "layer_types", None)
+    if types is not None and any(t != "full_attention" for t in types[: layer_id + 1]):
+        return "sliding-window attention layers"
+    if types is None and getattr(config, "sliding_window", None) is not None:
+        return "sliding-window attention"
+    return None
+
+
 class HookedLLM:
     """A frozen causal LM plus one hook point: harvest activations, or splice a replacement back in.
 
@@ -86,28 +115,112 @@ class HookedLLM:
         layer_type: one of ``LAYER_TYPES``.
         layer_id: decoder layer index.
         hook_points: overrides of the ``HOOK_POINTS`` templates.
+        compile: ``torch.compile`` the truncated forward (fixed shapes: ``dynamic=False``); ignored where the model
+            falls back to the hooked forward.
+        compile_mode: ``torch.compile`` mode; default ``reduce-overhead`` (CUDA graphs) on CUDA, inductor's
+            default elsewhere.
     """
 
     def __init__(
-        self, model: nn.Module, layer_type: str, layer_id: int, hook_points: dict[str, str] | None = None
+        self,
+        model: nn.Module,
+        layer_type: str,
+        layer_id: int,
+        hook_points: dict[str, str] | None = None,
+        compile: bool = False,
+        compile_mode: str | None = None,
     ) -> None:
         self.model = model.eval().requires_grad_(False)
         self.layer_type = layer_type
         self.layer_id = layer_id
         self.hook_point = resolve_hook_point(model, layer_type, layer_id, hook_points)
+        self.truncated = False
+        blocker = _truncation_blocker(model, layer_type, layer_id, self.hook_point)
+        if blocker is None:
+            blocker = self._check_truncation()
+        if blocker is not None:
+            warnings.warn(
+                f"harvesting through the hooked full forward ({blocker}): slower, same activations", stacklevel=2
+            )
+        self.truncated = blocker is None
+        self._site_fn = self._forward_to_site
+        if compile and self.truncated:
+            if compile_mode is None and self.device.type == "cuda":
+                compile_mode = "reduce-overhead"
+            self._site_fn = torch.compile(self._forward_to_site, dynamic=False, mode=compile_mode)
+        self.compiled = compile and self.truncated
         self.d_in = self._probe_width()
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @torch.no_grad()
     def _probe_width(self) -> int:
         ids = torch.zeros(1, 2, dtype=torch.long, device=self.device)
-        return self.harvest(ids).shape[-1]
+        # Eager even when compiled: compiling for this shape would be wasted (dynamic=False).
+        if self.truncated:
+            return self._forward_to_site(ids, self._causal_mask(ids)).shape[-1]
+        return self._harvest_hooked(ids, None).shape[-1]
+
+    @torch.no_grad()
+    def _check_truncation(self) -> str | None:
+        """None if the truncated forward reproduces the hooked one on a probe input, else what differs."""
+        ids = torch.randint(self.model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+        ids = ids.to(self.device)
+        try:
+            fast = self._forward_to_site(ids, self._causal_mask(ids))
+        except Exception as error:  # an unexpected layer signature: the hooked forward still works
+            return f"truncated forward failed: {error!r}"
+        reference = self._harvest_hooked(ids, None)
+        if fast.shape != reference.shape or not torch.allclose(fast, reference, rtol=1e-5, atol=1e-6):
+            return "truncated forward differs from the hooked one on a probe input"
+        return None
+
+    def _causal_mask(self, input_ids: Tensor):
+        """The mask LlamaModel.forward builds for unpadded input (None under SDPA: it uses is_causal)."""
+        from transformers.masking_utils import create_causal_mask
+
+        inputs_embeds = torch.empty(*input_ids.shape, 0, device=input_ids.device, dtype=self.model.dtype)
+        position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+        return create_causal_mask(
+            config=self.model.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=None,
+            cache=None,
+            position_ids=position_ids,
+        )
+
+    def _forward_to_site(self, input_ids: Tensor, causal_mask) -> Tensor:
+        """LlamaModel.forward (no cache, no padding) up to the site, without its per-call wrappers."""
+        inner, layer_id = self.model.model, self.layer_id
+        hidden = inner.embed_tokens(input_ids)
+        position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+        position_embeddings = inner.rotary_emb(hidden, position_ids=position_ids)
+        context = {"attention_mask": causal_mask, "position_embeddings": position_embeddings}
+        for layer in inner.layers[:layer_id]:
+            hidden = layer(hidden, position_ids=position_ids, **context)
+        layer = inner.layers[layer_id]
+        attn = layer.self_attn(layer.input_layernorm(hidden), position_ids=position_ids, **context)[0]
+        if self.layer_type == "attn_sublayer":
+            return attn
+        normed = layer.post_attention_layernorm(hidden + attn)
+        if self.layer_type == "mlp_sublayer":
+            return layer.mlp(normed)
+        mlp = layer.mlp
+        return mlp.act_fn(mlp.gate_proj(normed)) * mlp.up_proj(normed)
 
     @torch.no_grad()
     def harvest(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Activations at the hook point, (batch, seq, d_in); the layers after it are not run."""
+        input_ids = input_ids.to(self.device)
+        if not self.truncated or attention_mask is not None:
+            return self._harvest_hooked(input_ids, attention_mask)
+        acts = self._site_fn(input_ids, self._causal_mask(input_ids))
+        # A CUDA-graph replay reuses its output memory: the buffer may still hold the previous output's rows.
+        return acts.clone() if self.compiled else acts
+
+    def _harvest_hooked(self, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
         captured: list[Tensor] = []
 
         def capture(value) -> None:
@@ -120,7 +233,7 @@ class HookedLLM:
         else:
             handle = module.register_forward_hook(lambda _m, _args, output: capture(output))
         try:
-            self.model(input_ids=input_ids.to(self.device), attention_mask=attention_mask, use_cache=False)
+            self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         except _StopForward:
             pass
         finally:

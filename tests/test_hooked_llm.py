@@ -50,6 +50,68 @@ def test_harvest__equals_manual_computation_from_weights(tiny_model, layer_type,
     torch.testing.assert_close(harvested, manual[layer_type], atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("layer_type", ["attn_sublayer", "mlp_sublayer", "mlp_activations"])
+@pytest.mark.parametrize("layer_id", [0, 1])
+def test_truncated_harvest__bit_identical_to_hooked_full_forward(tiny_model, layer_type, layer_id, attn_implementation):
+    tiny_model.config._attn_implementation = attn_implementation  # eager needs an explicit causal mask
+    try:
+        hooked = HookedLLM(tiny_model, layer_type, layer_id)
+        ids = torch.randint(3, tiny_model.config.vocab_size, (3, 11), generator=torch.Generator().manual_seed(3))
+        assert hooked.truncated
+        assert torch.equal(hooked.harvest(ids), hooked._harvest_hooked(ids, None))
+    finally:
+        tiny_model.config._attn_implementation = "sdpa"
+
+
+def test_truncated_harvest__runs_no_hooks_and_no_full_model_forward(tiny_model):
+    calls = []
+    handles = [
+        tiny_model.model.register_forward_pre_hook(lambda *a: calls.append("model")),
+        tiny_model.model.layers[0].mlp.register_forward_hook(lambda *a: calls.append("mlp")),
+    ]
+    try:
+        hooked = HookedLLM(tiny_model, "mlp_sublayer", 0)
+        assert "model" in calls  # once at construction, to check the truncated forward against it
+        calls.clear()
+        hooked.harvest(torch.ones(1, 4, dtype=torch.long))
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert calls == ["mlp"]
+
+
+def test_custom_hook_point__falls_back_to_the_hooked_forward(tiny_model):
+    with pytest.warns(UserWarning, match="custom hook point 'model.layers.1.mlp.act_fn'"):
+        hooked = HookedLLM(tiny_model, "mlp_sublayer", 1, {"mlp_sublayer": "model.layers.{}.mlp.act_fn"})
+    assert not hooked.truncated
+    ids = torch.randint(3, tiny_model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(4))
+    gate = tiny_model.model.layers[1].mlp.gate_proj
+    handle = gate.register_forward_hook(lambda m, a, out: captured.append(out))
+    captured = []
+    try:
+        harvested = hooked.harvest(ids)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(harvested, F.silu(captured[0]))
+
+
+def test_compile__wraps_the_truncated_forward_with_fixed_shapes_and_copies_outputs(tiny_model, monkeypatch):
+    seen = {}
+
+    def fake_compile(fn, **kwargs):  # records the call; running inductor here would take half a minute
+        seen.update(kwargs)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    hooked = HookedLLM(tiny_model, "mlp_sublayer", 1, compile=True)
+    assert hooked.compiled and seen == {"dynamic": False, "mode": None}
+    ids = torch.randint(3, tiny_model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(5))
+    first = hooked.harvest(ids)
+    assert torch.equal(first, hooked._harvest_hooked(ids, None))
+    assert first.data_ptr() != hooked._forward_to_site(ids, None).data_ptr()
+
+
 def test_harvest__does_not_run_layers_after_the_hook(tiny_model):
     calls = []
     handle = tiny_model.model.layers[1].register_forward_hook(lambda *a: calls.append(1))

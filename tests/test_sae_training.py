@@ -158,3 +158,18 @@ def test_wandb_logger__offline_run_records_metrics(tmp_path, corpus, tiny_model_
     assert 0 < summary["train/l0"] <= 256 and "train/explained_variance" in summary.keys()
     logger.experiment.finish()
     assert list(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
+
+
+def test_step_losses__logged_every_log_every_n_steps_as_lightning_writes_them(tmp_path, corpus, tiny_model_dir):
+    import csv
+
+    module = make_module(metrics_every_n_steps=5)
+    trainer = make_trainer(tmp_path, max_steps=10, log_every_n_steps=5)
+    trainer.fit(module, make_datamodule(corpus, tiny_model_dir))
+    with open(trainer.logger.log_dir + "/metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    loss_steps = [int(r["step"]) for r in rows if r.get("train/loss")]
+    l0_steps = [int(r["step"]) for r in rows if r.get("train/l0")]
+    # Lightning writes step values after the 5th and 10th batches (global steps 4 and 9), as before.
+    assert loss_steps == l0_steps == [4, 9]
+    assert all(float(r["train/loss"]) > 0 for r in rows if r.get("train/loss"))
