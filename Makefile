@@ -3,9 +3,11 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.neurolight-installed
-DEMO_DIR ?= runs/demo
+# The demo configs write under runs/demo.
+DEMO_DIR := runs/demo
+SEND_DIR := $(DEMO_DIR)/send/smollm2-135m_fanoutqa_SEND
 
-.PHONY: demo test lint venv clean-demo
+.PHONY: demo demo-sae demo-send demo-interpret test lint venv browser-deps clean-demo
 
 venv: $(STAMP)
 
@@ -20,18 +22,44 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --quiet --no-deps fanoutqa==1.1.1
 	touch $(STAMP)
 
-demo: $(STAMP)
+# The whole demo: the SAE pipeline and the interpretation of its latents, then SEND fine-tuning with answers
+# scored before and after. Each part runs alone too (demo-interpret needs demo-sae first).
+demo: demo-sae demo-interpret demo-send
+
+demo-sae: $(STAMP)
 	$(BIN)/neurolight-tokenize --output_dir $(DEMO_DIR)/corpus --tokenizer smollm2-135m \
 		--dataset pydoc --min_tokens 64 --context_length 64 --num_files 2 --num_samples_per_file 640 \
 		--num_processes 2 --overwrite
-	$(BIN)/neurolight fit --config configs/sae/demo.yaml \
-		--data.dataset_path $(DEMO_DIR)/corpus --trainer.default_root_dir $(DEMO_DIR)/sae
+	rm -rf $(DEMO_DIR)/interpret  # interpretations of the previous demo SAE do not describe the new one
+	$(BIN)/neurolight fit --config configs/sae/demo.yaml
+
+demo-interpret: $(STAMP)
+	$(BIN)/neurolight predict --config configs/interpret/sample.yaml
+	$(BIN)/neurolight predict --config configs/interpret/demo.yaml
+	@echo "feature browser: $(DEMO_DIR)/interpret/feature_browser.html (open it in a browser; no server needed)"
+
+demo-send: $(STAMP)
+	$(BIN)/neurolight fit --config configs/send/demo.yaml
+	$(BIN)/neurolight predict --config configs/send/generate.yaml \
+		--trainer.callbacks.init_args.output_file $(DEMO_DIR)/send/predictions_before.json
+	$(BIN)/neurolight predict --config configs/send/generate.yaml \
+		--model.init_args.model_name $(SEND_DIR) --data.init_args.model_name $(SEND_DIR) \
+		--trainer.callbacks.init_args.output_file $(DEMO_DIR)/send/predictions_after.json
+	@echo "SEND demo: test-split answers of SmolLM2 before and after SEND fine-tuning ($(SEND_DIR)):"
+	@$(BIN)/neurolight-qa-scores $(DEMO_DIR)/send/predictions_before.json $(DEMO_DIR)/send/predictions_after.json
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: lint
+# The feature-browser tests render the page in Debian's headless Chromium; installed here when we may (root).
+browser-deps:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && export DEBIAN_FRONTEND=noninteractive && \
+		{ apt-get install -y -q --no-install-recommends chromium fonts-dejavu-core >/dev/null 2>&1 || \
+		  { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends chromium fonts-dejavu-core >/dev/null; }; }; } || \
+		echo "chromium is not installed and cannot be (not root): the browser rendering tests will be skipped"
+
+test: lint browser-deps
 	$(BIN)/python -m pytest -q
 
 clean-demo:

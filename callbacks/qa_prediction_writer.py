@@ -177,3 +177,29 @@ def _format_summary(summary: dict) -> str:
         f"{key} {summary[key]:.3f}" for key in ("exact_match", "f1", "eigenscore_auroc") if summary.get(key) is not None
     ]
     return ", ".join(parts) or "no answers"
+
+
+def comparison_table(paths: Sequence[str | Path]) -> str:
+    """One row per prediction file (e.g. before and after fine-tuning): its model, questions and mean scores."""
+    keys = ("num_questions", "exact_match", "f1", "mean_eigenscore", "eigenscore_auroc")
+    rows = [("file", "model", *keys)]
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        summary = data.get("aggregate", {})
+        cells = [f"{v:.3f}" if isinstance(v, float) else ("-" if v is None else str(v)) for v in map(summary.get, keys)]
+        rows.append((Path(path).name, str(data.get("model_path", "?")), *cells))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """neurolight-qa-scores BEFORE.json AFTER.json: print the scores of prediction files side by side."""
+    import sys
+
+    paths = list(sys.argv[1:] if argv is None else argv)
+    if not paths:
+        raise SystemExit("usage: neurolight-qa-scores PREDICTIONS.json [PREDICTIONS.json ...]")
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:
+        raise SystemExit(f"prediction file(s) not found: {', '.join(missing)}")
+    print(comparison_table(paths))

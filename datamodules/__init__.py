@@ -4,6 +4,10 @@
 # importing Lightning.
 _EXPORTS = {
     "ActivationDataModule": "datamodules.activations",
+    "CorpusContextDataModule": "datamodules.corpus_contexts",
+    "InterpretationDataModule": "datamodules.interpretation",
+    "InterpretationSamples": "datamodules.interpretation_samples",
+    "save_interpretation_samples": "datamodules.interpretation_samples",
     "QADataModule": "datamodules.qa",
     "QARecord": "datamodules.qa_records",
     "load_qa_records": "datamodules.qa_records",

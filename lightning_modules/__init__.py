@@ -10,6 +10,9 @@ _EXPORTS = {
     "SparseAutoencoderModule": "lightning_modules.sae_module",
     "SendModule": "lightning_modules.send_module",
     "AnswerGenerator": "lightning_modules.answer_generator",
+    "LatentInterpreter": "lightning_modules.interpreter",
+    "LatentSampler": "lightning_modules.latent_sampler",
+    "RunningLatentSamples": "lightning_modules.running_samples",
 }
 
 __all__ = list(_EXPORTS)

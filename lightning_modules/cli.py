@@ -18,8 +18,12 @@ def run(args: list[str] | None = None) -> LightningCLI:
     # Imported for their side effect: LightningCLI resolves short class names among imported subclasses.
     import callbacks  # noqa: F401
     import datamodules.activations
+    import datamodules.corpus_contexts
+    import datamodules.interpretation
     import datamodules.qa  # noqa: F401
     import lightning_modules.answer_generator
+    import lightning_modules.interpreter
+    import lightning_modules.latent_sampler
     import lightning_modules.sae_module
     import lightning_modules.send_module  # noqa: F401
 

@@ -85,3 +85,32 @@ def tiny_model(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+
+
+@pytest.fixture
+def single_process_group(monkeypatch):
+    """Rendezvous variables for a one-process group on a free port (DeepSpeed on CPU); torn down afterwards."""
+    import importlib
+    import socket
+
+    deepspeed = pytest.importorskip("deepspeed")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # Lightning writes these into os.environ; setting them first lets monkeypatch restore the originals.
+    rendezvous = {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+    }
+    for name, value in rendezvous.items():
+        monkeypatch.setenv(name, value)
+    # DeepSpeed's shared-memory allreduce kernel speeds up multi-process CPU groups; one process never uses it,
+    # and building it is a C++ compile (30-90 s on a cold ~/.cache/torch_extensions).
+    # (deepspeed.comm.torch is shadowed by the torch module as an attribute of deepspeed.comm, hence importlib.)
+    monkeypatch.setattr(importlib.import_module("deepspeed.comm.torch"), "build_shm_op", lambda: None)
+    yield
+    if torch.distributed.is_initialized():
+        deepspeed.comm.destroy_process_group()  # also drops DeepSpeed's cached groups, so a later run starts clean

@@ -362,25 +362,13 @@ def test_data_tokenized_for_another_model__is_refused(tiny_model_dir, records_pa
 # DeepSpeed's ZeRO collectives call torch.distributed functions that torch has renamed.
 @pytest.mark.filterwarnings("ignore:`torch.distributed.*is deprecated:FutureWarning")
 def test_zero3__loads_sharded_holds_dropped_rows_and_saves_the_whole_model(
-    tiny_model_dir, records_path, tmp_path, monkeypatch
+    tiny_model_dir, records_path, tmp_path, single_process_group
 ):
-    import importlib
-    import socket
-
-    deepspeed = pytest.importorskip("deepspeed")
+    import deepspeed
     from transformers import AutoModelForCausalLM
 
     from lightning_modules import zero_access
     from tests.cpu_deepspeed import CpuDeepSpeedStrategy
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    for name, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "LOCAL_RANK": "0"}.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.setenv("WORLD_SIZE", "1")
-    # One process never uses DeepSpeed's shared-memory allreduce; skip compiling it (see test_strategies.py).
-    monkeypatch.setattr(importlib.import_module("deepspeed.comm.torch"), "build_shm_op", lambda: None)
 
     class FullRows(pl.Callback):
         def __init__(self, send):

@@ -9,8 +9,6 @@ shared-memory communication extension.
 from __future__ import annotations
 
 import copy
-import importlib
-import socket
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -119,31 +117,6 @@ def held_out_activations(datamodule, module) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory, tiny_model_dir):
     return build_tiny_corpus(tmp_path_factory.mktemp("zero-corpus"), tiny_model_dir)
-
-
-@pytest.fixture
-def single_process_group(monkeypatch):
-    """Rendezvous variables for a one-process group on a free port; the group is torn down afterwards."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    # Lightning writes these into os.environ; setting them first lets monkeypatch restore the originals.
-    rendezvous = {
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(port),
-        "RANK": "0",
-        "LOCAL_RANK": "0",
-        "WORLD_SIZE": "1",
-    }
-    for name, value in rendezvous.items():
-        monkeypatch.setenv(name, value)
-    # DeepSpeed's shared-memory allreduce kernel speeds up multi-process CPU groups; one process never uses it,
-    # and building it is a C++ compile (30-90 s on a cold ~/.cache/torch_extensions).
-    # (deepspeed.comm.torch is shadowed by the torch module as an attribute of deepspeed.comm, hence importlib.)
-    monkeypatch.setattr(importlib.import_module("deepspeed.comm.torch"), "build_shm_op", lambda: None)
-    yield
-    if torch.distributed.is_initialized():
-        deepspeed.comm.destroy_process_group()  # also drops DeepSpeed's cached groups, so a later run starts clean
 
 
 @pytest.mark.parametrize("stage", [2, 3])
