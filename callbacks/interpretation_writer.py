@@ -30,7 +30,13 @@ log = logging.getLogger(__name__)
 
 
 class InterpretationWriter(BasePredictionWriter):
-    def __init__(self, store: LatentStore, browser_path: str | None = None, fallback_dir: str | None = None) -> None:
+    def __init__(
+        self,
+        store: LatentStore,
+        browser_path: str | None = None,
+        fallback_dir: str | None = None,
+        index_name: str | None = None,
+    ) -> None:
         """
         Args:
             store: Where documents go: ``callbacks.SQLiteStore`` (a local file, no server) or
@@ -39,11 +45,14 @@ class InterpretationWriter(BasePredictionWriter):
                 (null: none).
             fallback_dir: Folder for batches the store could not take (JSON lines, uploaded by the next run);
                 default: the Trainer's ``default_root_dir``.
+            index_name: Index (table entry) of this SAE in the store; default: named from the SAE's model, layer
+                type, layer, sizes, learning rate and sparsity coefficient (``sae_index_name``).
         """
         super().__init__(write_interval="batch")
         self.store = store
         self.browser_path = browser_path
         self.fallback_dir = fallback_dir
+        self.index_name = index_name
         self.index: str | None = None
         self.metadata: dict = {}
         self.skipped = 0
@@ -64,7 +73,7 @@ class InterpretationWriter(BasePredictionWriter):
                 f"{type(trainer.datamodule).__name__}: use datamodules.InterpretationDataModule"
             )
         self.metadata = samples.metadata
-        self.index = sae_index_name(self.metadata)
+        self.index = self.index_name or sae_index_name(self.metadata)
         self.written, self.unstored, self.browser = [], [], None
         # Rank 0 alone reads the store and broadcasts what it found: ranks that read on their own could see
         # different sets (a fast rank already writing) and split the remaining latents inconsistently.

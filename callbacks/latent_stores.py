@@ -58,6 +58,19 @@ class LatentStoreError(RuntimeError):
     """A store could not be reached or refused a request; the message is one line and never holds a secret."""
 
 
+def check_same_sae(where: str, stored: dict | None, metadata: dict) -> None:
+    """Refuse to add one SAE's interpretations to an index that holds another SAE's: the index name comes from
+    hyperparameters, so two checkpoints of one run share it, and a rerun would skip latents explained for the
+    other one."""
+    old, new = (stored or {}).get("sae_fingerprint"), metadata.get("sae_fingerprint")
+    if old and new and old != new:
+        raise LatentStoreError(
+            f"{where} holds the interpretations of another SAE ({stored.get('sae_checkpoint')}, fingerprint {old}); "
+            f"this run interprets {metadata.get('sae_checkpoint')} (fingerprint {new}): delete that index, use "
+            "another store, or give this SAE its own index with InterpretationWriter.index_name"
+        )
+
+
 def _short_float(value: float) -> str:
     """``2e-4`` rather than ``0.0002``, ``0.5`` rather than ``5e-1``: the way run names spell hyperparameters."""
     value = float(value)
@@ -169,6 +182,8 @@ class SQLiteStore(LatentStore):
                 "latent INTEGER NOT NULL, explanation TEXT, score REAL, detection_score REAL, frequency REAL, "
                 "max_activation REAL, top_tokens TEXT, explainer TEXT, updated_at TEXT, PRIMARY KEY (sae, latent))"
             )
+            row = self._db.execute("SELECT metadata FROM saes WHERE sae = ?", (index,)).fetchone()
+            check_same_sae(f"table entry '{index}' of {file}", json.loads(row[0]) if row else None, metadata)
             self._db.execute(
                 "INSERT INTO saes VALUES (?, ?) ON CONFLICT(sae) DO UPDATE SET metadata = excluded.metadata",
                 (index, json.dumps(metadata, default=str)),
@@ -371,6 +386,8 @@ class ElasticsearchStore(LatentStore):
                     f"index '{index}' on {self.server_address} exists but has no integer 'latent' field, so it is not "
                     "a neurolight latent index; delete it or store this SAE elsewhere"
                 )
+            stored = next(iter(mapping.values()))["mappings"].get("_meta", {}).get("neurolight_sae")
+            check_same_sae(f"index '{index}' on {self.server_address}", stored, metadata)
             return
         settings = {"number_of_shards": self.number_of_shards}
         if self.number_of_replicas is not None:

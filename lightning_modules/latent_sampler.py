@@ -28,6 +28,19 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 _HOOKPOINT_ARGS = {f"{layer_type}_hookpoint": layer_type for layer_type in LAYER_TYPES}
 
 
+def sae_fingerprint(sae_module) -> str:
+    """A short hash of the SAE's weights and normalisation: stores refuse to mix the interpretations of two SAEs
+    that share an index name (two checkpoints of one run have the same hyperparameters, hence the same name)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(sae_module.state_dict().items()):
+        if name.startswith("sae.") or name == "activation_scale":
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def load_sae_checkpoint(path: str | Path) -> dict:
     """The checkpoint dict of a ``SparseAutoencoderModule`` (memory-mapped: only what is read is loaded), or a
     one-line error that says what ``path`` is instead."""
@@ -302,6 +315,7 @@ class LatentSampler(pl.LightningModule):
         datamodule = self.trainer.datamodule
         return {
             "sae_checkpoint": str(hp.sae_checkpoint),
+            "sae_fingerprint": sae_fingerprint(self.sae_module),
             "model_name": settings["model_name"],
             "layer_id": settings["layer_id"],
             "layer_type": settings["layer_type"],

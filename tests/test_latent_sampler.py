@@ -15,7 +15,7 @@ import torch
 from callbacks.samples_writer import InterpretationSamplesWriter
 from datamodules.corpus_contexts import CorpusContextDataModule
 from datamodules.interpretation_samples import KINDS, InterpretationSamples
-from lightning_modules.latent_sampler import LatentSampler, frequency_band
+from lightning_modules.latent_sampler import LatentSampler, frequency_band, sae_fingerprint
 from lightning_modules.running_samples import RunningLatentSamples, random_keys
 from tests.sae_helpers import build_tiny_corpus, make_datamodule, make_module, make_trainer
 
@@ -219,6 +219,12 @@ def test_latent_sampler__written_samples_match_brute_force_from_the_weights(sae_
     assert meta["below_band"] == int((log_f <= -2).sum()) > 0 and meta["above_band"] == int((log_f >= -1.3).sum()) > 0
     assert meta["d_in"] == 128 and meta["d_sae"] == 256 and meta["frequency_tokens"] == len(freq_rows) * 15
     assert meta["activation_scale"] == pytest.approx(float(torch.load(checkpoint)["state_dict"]["activation_scale"]))
+    sae = make_module(**{k: v for k, v in torch.load(checkpoint)["hyper_parameters"].items() if k != "_instantiator"})
+    sae.load_state_dict(torch.load(checkpoint)["state_dict"])
+    assert meta["sae_fingerprint"] == sae_fingerprint(sae)
+    with torch.no_grad():
+        sae.sae.W_enc[0, 0] += 1e-3
+    assert sae_fingerprint(sae) != meta["sae_fingerprint"]
 
     rows = datamodule.sample_rows()
     latents = brute_force_latents(tiny_model_dir, checkpoint, datamodule.contexts(rows), 16)[..., kept]

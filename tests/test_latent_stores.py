@@ -142,6 +142,24 @@ def test_sqlite_store__round_trips_documents_and_upserts_by_sae_and_latent(tmp_p
     other.close()
 
 
+def test_stores__refuse_an_index_that_holds_another_sae(tmp_path, es_address):
+    first, second = (
+        {**META, "sae_fingerprint": "aaaa", "sae_checkpoint": "step_5000.ckpt"},
+        {**META, "sae_fingerprint": "bbbb"},
+    )
+    index = sae_index_name(META)
+    for make in (lambda: SQLiteStore(str(tmp_path / "s.sqlite")), lambda: ElasticsearchStore(es_address)):
+        store = make()
+        store.open(index, first)
+        store.upsert([to_document(interpretation(1), index, first)])
+        store.close()
+        store.open(index, first)  # the same SAE again: a rerun
+        store.close()
+        with pytest.raises(LatentStoreError, match=r"another SAE \(step_5000\.ckpt, fingerprint aaaa\).*bbbb"):
+            store.open(index, second)
+        store.close()
+
+
 def test_elasticsearch_store__retries_503_with_backoff_and_sends_version_8_compatible_headers(es_address):
     index = sae_index_name({**META, "layer_id": 4})
     with FaultProxy(es_address, fail_status=503, fail_next=1) as proxy:
