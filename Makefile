@@ -22,9 +22,10 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --quiet --no-deps fanoutqa==1.1.1
 	touch $(STAMP)
 
-# The whole demo: the SAE pipeline and the interpretation of its latents, then SEND fine-tuning with answers
-# scored before and after. Each part runs alone too (demo-interpret needs demo-sae first).
-demo: demo-sae demo-interpret demo-send
+# The whole demo: the SAE pipeline, SEND fine-tuning with answers scored before and after, then the interpretation
+# of the SAE's latents, ending with the feature browser's path. Each part runs alone too (demo-interpret needs
+# demo-sae first).
+demo: demo-sae demo-send demo-interpret
 
 demo-sae: $(STAMP)
 	$(BIN)/neurolight-tokenize --output_dir $(DEMO_DIR)/corpus --tokenizer smollm2-135m \
