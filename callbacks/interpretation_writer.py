@@ -92,12 +92,15 @@ class InterpretationWriter(BasePredictionWriter):
             self.store.open(self.index, self.metadata)
         skip = sorted(set(found[1]) & set(samples.latents.tolist()))
         self.skipped = len(skip)
-        # Lightning runs no predict hooks over an empty dataloader; teardown then reports and writes the browser.
-        self._nothing_to_do = len(skip) == len(samples.latents)
         trainer.datamodule.skip_latents(skip)
+        # The datamodule may interpret fewer than all sampled latents (max_latents); ask it what is left.
+        pending = getattr(trainer.datamodule, "pending_latents", None)
+        remaining = len(pending()) if pending else len(samples.latents) - len(skip)
+        # Lightning runs no predict hooks over an empty dataloader; teardown then reports and writes the browser.
+        self._nothing_to_do = remaining == 0
         rank_zero_info(
             f"InterpretationWriter: {len(skip)} of {len(samples.latents)} sampled latents are already in "
-            f"{self.store.describe()}; interpreting the other {len(samples.latents) - len(skip)}"
+            f"{self.store.describe()}; {remaining} to interpret in this run"
         )
 
     def fallback_file(self, trainer, rank: int | str) -> Path:

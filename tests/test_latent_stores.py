@@ -266,9 +266,9 @@ def write_samples(path, model_name: str) -> InterpretationSamples:
 class LatentsDataModule(pl.LightningDataModule):
     """The datamodule contract of InterpretationDataModule: ``.samples`` after setup, ``skip_latents``."""
 
-    def __init__(self, samples_path) -> None:
+    def __init__(self, samples_path, max_latents: int | None = None) -> None:
         super().__init__()
-        self.samples_path, self.samples, self.skipped = samples_path, None, []
+        self.samples_path, self.samples, self.skipped, self.max_latents = samples_path, None, [], max_latents
 
     def setup(self, stage: str) -> None:
         self.samples = InterpretationSamples(self.samples_path)
@@ -276,9 +276,11 @@ class LatentsDataModule(pl.LightningDataModule):
     def skip_latents(self, latents) -> None:
         self.skipped = sorted(latents)
 
+    def pending_latents(self) -> list[int]:
+        return [latent for latent in self.samples.latents.tolist()[: self.max_latents] if latent not in self.skipped]
+
     def predict_dataloader(self):
-        todo = [latent for latent in self.samples.latents.tolist() if latent not in set(self.skipped)]
-        return DataLoader(todo, batch_size=3, collate_fn=list)
+        return DataLoader(self.pending_latents(), batch_size=3, collate_fn=list)
 
 
 class FakeInterpreter(pl.LightningModule):
@@ -298,9 +300,11 @@ class FakeInterpreter(pl.LightningModule):
         return [interpretation(latent) | explainer for latent in batch]
 
 
-def predict(tmp_path, store, module, trainer_args=(), **writer_args) -> tuple[InterpretationWriter, LatentsDataModule]:
+def predict(
+    tmp_path, store, module, trainer_args=(), max_latents=None, **writer_args
+) -> tuple[InterpretationWriter, LatentsDataModule]:
     writer = InterpretationWriter(store, **writer_args)
-    datamodule = LatentsDataModule(tmp_path / "samples")
+    datamodule = LatentsDataModule(tmp_path / "samples", max_latents)
     trainer = pl.Trainer(
         **dict(trainer_args),
         accelerator="cpu",
@@ -387,6 +391,19 @@ def test_writer__writes_the_feature_browser_of_every_stored_latent(tmp_path, tin
     assert writer.browser == browser and browser.is_file()
     html = browser.read_text()
     assert all(interpretation(latent)["explanation"] in html for latent in LATENTS)
+
+
+def test_writer__rerun_with_nothing_left_of_max_latents_still_reports_and_writes_the_browser(
+    tmp_path, tiny_model_dir, capsys
+):
+    write_samples(tmp_path / "samples", model_name=str(tiny_model_dir))
+    store = SQLiteStore(str(tmp_path / "latents.sqlite"))
+    predict(tmp_path, store, FakeInterpreter(), max_latents=4)
+    browser = tmp_path / "browser.html"
+    rerun = FakeInterpreter()
+    writer, _ = predict(tmp_path, store, rerun, max_latents=4, browser_path=str(browser))
+    assert rerun.seen == [] and writer.skipped == 4 and writer.browser == browser and browser.is_file()
+    assert "skipped 4 already stored" in capsys.readouterr().out.split("feature browser")[-2]
 
 
 @pytest.mark.slow  # two spawned processes each import Lightning (~20-50 s on 2 shared cores)
