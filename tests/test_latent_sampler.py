@@ -243,7 +243,7 @@ def test_latent_sampler__written_samples_match_brute_force_from_the_weights(sae_
         assert sum(len(samples.records(latent, kind)) for latent in kept.tolist()) > len(kept) // 2, kind
 
 
-@pytest.mark.slow  # two spawned processes import torch, Lightning and transformers: ~25 s on 2 shared cores
+# DDP: two spawned processes import torch, Lightning and transformers: ~25 s on 2 shared cores
 def test_latent_sampler__ddp_two_ranks_write_what_one_process_writes(sae_run, tmp_path, monkeypatch):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

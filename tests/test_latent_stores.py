@@ -406,7 +406,7 @@ def test_writer__rerun_with_nothing_left_of_max_latents_still_reports_and_writes
     assert "skipped 4 already stored" in capsys.readouterr().out.split("feature browser")[-2]
 
 
-@pytest.mark.slow  # two spawned processes each import Lightning (~20-50 s on 2 shared cores)
+# DDP: two spawned processes each import Lightning (~20-50 s on 2 shared cores)
 def test_writer__under_ddp_each_rank_stores_its_own_latents_and_every_latent_once(tmp_path, es_address, capfd):
     torch.set_num_threads(1)
     write_samples(tmp_path / "samples", model_name="tiny-ddp")

@@ -222,7 +222,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         torch.distributed.destroy_process_group()
 
 
-@pytest.mark.slow  # two spawned processes import torch and torchmetrics: ~10 s on 2 cores
+# DDP: two spawned processes import torch and torchmetrics: ~10 s on 2 cores
 def test_eigenscore_metric__reduces_sum_and_count_across_two_gloo_ranks(tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
