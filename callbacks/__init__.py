@@ -1,7 +1,8 @@
 """Schedules and writers that run beside training and prediction."""
 
+from callbacks.elasticsearch_store import ElasticsearchStore
 from callbacks.interpretation_writer import InterpretationWriter
-from callbacks.latent_stores import ElasticsearchStore, SQLiteStore
+from callbacks.latent_stores import SQLiteStore
 from callbacks.qa_prediction_writer import QAPredictionWriter
 from callbacks.resampling import DeadLatentResampler
 from callbacks.sae_checkpoint import SaeCheckpoint

@@ -13,10 +13,10 @@ import torch
 from elasticsearch import Elasticsearch
 from torch.utils.data import DataLoader
 
+from callbacks.elasticsearch_store import ElasticsearchStore
 from callbacks.interpretation_writer import InterpretationWriter
 from callbacks.latent_stores import (
     FIELD_TYPES,
-    ElasticsearchStore,
     LatentStoreError,
     SQLiteStore,
     sae_index_name,
@@ -220,7 +220,7 @@ def test_elasticsearch_store__reads_the_key_from_the_environment_and_configs_sav
     # What LightningCLI writes to config.yaml: the parsed config of the callback and its store.
     parser = ArgumentParser()
     parser.add_class_arguments(InterpretationWriter, "writer")
-    store = {"class_path": "callbacks.latent_stores.ElasticsearchStore"}
+    store = {"class_path": "callbacks.elasticsearch_store.ElasticsearchStore"}
     store["init_args"] = {"server_address": "https://es.example.org:9200", "api_key": SECRET}
     dumped = parser.dump(parser.parse_object({"writer": {"store": store}}))
     assert SECRET not in dumped and "api_key: '**********'" in dumped
