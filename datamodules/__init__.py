@@ -1,5 +1,7 @@
 """Data that flows into the models: text -> tokens -> activations."""
 
+from lightning_modules.lazy_exports import lazy_exports
+
 # Lazy, so that the tokenizer's worker processes (which import datamodules.tokenized_corpus) do not pay for
 # importing Lightning.
 _EXPORTS = {
@@ -15,10 +17,4 @@ _EXPORTS = {
 
 __all__ = list(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        import importlib
-
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'datamodules' has no attribute '{name}'")
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -1,5 +1,7 @@
 """Models that learn from the tensors the datamodules produce."""
 
+from lightning_modules.lazy_exports import lazy_exports
+
 # Lazy, so that light users (the tokenizer's worker processes need only llm.py) do not import Lightning.
 _EXPORTS = {
     "MODELS": "lightning_modules.llm",
@@ -17,10 +19,4 @@ _EXPORTS = {
 
 __all__ = list(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        import importlib
-
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'lightning_modules' has no attribute '{name}'")
+__getattr__ = lazy_exports(__name__, _EXPORTS)
