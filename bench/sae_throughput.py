@@ -221,6 +221,25 @@ def rss_mib() -> float:
     return float("nan")
 
 
+def side_result(side: str, steps: int, batch_sae: int, marks: dict, t_setup: float, clock, positions: int, device):
+    """One side's figures, in the same keys for both tools."""
+    return {
+        "side": side,
+        "steps": steps,
+        "tokens": steps * batch_sae,
+        "train_s": marks["end"] - marks["start"],
+        "setup_s": marks["start"] - t_setup,
+        "llm_s": clock.llm_s,
+        "sae_step_s": clock.step_s,
+        "llm_forwards": clock.llm_calls,
+        "llm_contexts": clock.llm_contexts,
+        "harvested": clock.llm_contexts * positions,
+        "threads": marks["threads"],
+        "rss_before_train_mib": marks["rss_before_train_mib"],
+        **memory_report(device),
+    }
+
+
 # --------------------------------------------------------------------------------------------- neurolight
 def run_neurolight(args, recipe: dict) -> dict:
     import lightning.pytorch as pl
@@ -280,22 +299,8 @@ def run_neurolight(args, recipe: dict) -> dict:
     trainer.fit(module, datamodule=datamodule)
     if trainer.global_step != steps:
         raise RuntimeError(f"neurolight trained {trainer.global_step} steps, expected {steps}")
-    train_s = marks["end"] - marks["start"]
-    return {
-        "side": "neurolight",
-        "steps": steps,
-        "tokens": steps * int(data["batch_size_autoencoder"]),
-        "train_s": train_s,
-        "setup_s": marks["start"] - t_setup,
-        "llm_s": clock.llm_s,
-        "sae_step_s": clock.step_s,
-        "llm_forwards": clock.llm_calls,
-        "llm_contexts": clock.llm_contexts,
-        "harvested": clock.llm_contexts * positions,
-        "threads": marks["threads"],
-        "rss_before_train_mib": marks["rss_before_train_mib"],
-        **memory_report(args.device),
-    }
+    batch_sae = int(data["batch_size_autoencoder"])
+    return side_result("neurolight", steps, batch_sae, marks, t_setup, clock, positions, args.device)
 
 
 # ------------------------------------------------------------------------------------------------ SAELens
@@ -405,22 +410,8 @@ def run_saelens(args, recipe: dict) -> dict:
     runner.run()
     if marks.get("steps") != args.steps:
         raise RuntimeError(f"SAELens trained {marks.get('steps')} steps, expected {args.steps}")
-    return {
-        "side": "saelens",
-        "steps": args.steps,
-        "tokens": args.steps * batch_sae,
-        "train_s": marks["end"] - marks["start"],
-        "setup_s": marks["start"] - t_setup,
-        "llm_s": clock.llm_s,
-        "sae_step_s": clock.step_s,
-        "llm_forwards": clock.llm_calls,
-        "llm_contexts": clock.llm_contexts,
-        "harvested": clock.llm_contexts * positions,
-        "threads": marks["threads"],
-        "rss_before_train_mib": marks["rss_before_train_mib"],
-        "n_batches_in_buffer": n_batches_in_buffer,
-        **memory_report(args.device),
-    }
+    result = side_result("saelens", args.steps, batch_sae, marks, t_setup, clock, positions, args.device)
+    return {**result, "n_batches_in_buffer": n_batches_in_buffer}
 
 
 # ------------------------------------------------------------------------------------------------- driver
