@@ -114,3 +114,13 @@ def single_process_group(monkeypatch):
     yield
     if torch.distributed.is_initialized():
         deepspeed.comm.destroy_process_group()  # also drops DeepSpeed's cached groups, so a later run starts clean
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models and matrices gain nothing from a second thread, and on shared cores OpenMP waits cost more than
+    the arithmetic; torch's thread count is restored afterwards, so other tests keep theirs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -37,12 +37,7 @@ KEYS = {"latent", "explanation", "score", "detection_score", "frequency", "max_a
         "explainer", "num_simulated_tokens"}  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

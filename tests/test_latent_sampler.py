@@ -202,8 +202,8 @@ def run_sampler(checkpoint, corpus, save_path, devices=1, **overrides):
     return datamodule
 
 
+@pytest.mark.usefixtures("one_torch_thread")
 def test_latent_sampler__written_samples_match_brute_force_from_the_weights(sae_run, tiny_model_dir, tmp_path):
-    torch.set_num_threads(1)
     _, corpus, checkpoint = sae_run
     datamodule = run_sampler(checkpoint, corpus, tmp_path / "samples")
     samples = InterpretationSamples(tmp_path / "samples")

@@ -407,8 +407,8 @@ def test_writer__rerun_with_nothing_left_of_max_latents_still_reports_and_writes
 
 
 # DDP: two spawned processes each import Lightning (~20-50 s on 2 shared cores)
+@pytest.mark.usefixtures("one_torch_thread")
 def test_writer__under_ddp_each_rank_stores_its_own_latents_and_every_latent_once(tmp_path, es_address, capfd):
-    torch.set_num_threads(1)
     write_samples(tmp_path / "samples", model_name="tiny-ddp")
     index = sae_index_name({**META, "model_name": "tiny-ddp", "d_sae": 64})
     store = ElasticsearchStore(es_address, api_key_env=None)

@@ -29,13 +29,7 @@ from lightning_modules.metrics import (
 ALPHA = 1e-3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The matrices here are small: with 2 threads on shared cores, OpenMP waits cost 10x the arithmetic.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def numpy_eigenscore(z: torch.Tensor, alpha: float = ALPHA) -> float:

@@ -33,13 +33,7 @@ def _write_records(path, n: int = 48):
     return path
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny model gains nothing from a second thread, and on a busy machine two threads wait for each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture
