@@ -10,6 +10,9 @@ contexts with every token shaded by ``activation / max activation`` (hover for t
 contexts sit in a collapsed section. The data is one JSON blob in a ``<script type="application/json">`` element
 (every ``<`` escaped, so token text cannot end the element), rendered by a small script. The view is kept in the
 URL hash (``#q=paris&sort=frequency&page=2``), so a search can be bookmarked or opened directly.
+
+The page's markup, style and script are ``feature_browser_template.html`` in this package; this module prepares
+the data and fills the template's ``@TITLE@``, ``@HEADER@``, ``@SORTS@`` and ``@DATA@`` placeholders.
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ from __future__ import annotations
 import html
 import json
 import math
+import re
 from datetime import datetime, timezone
+from importlib import resources
 from pathlib import Path
 
 from datamodules.interpretation_samples import InterpretationSamples
@@ -25,6 +30,8 @@ from datamodules.interpretation_samples import InterpretationSamples
 # Control characters would be invisible (a newline would even reflow the context): show their Unicode pictures.
 _VISIBLE = str.maketrans({**{chr(c): chr(0x2400 + c) for c in range(32)}, "\n": "⏎", "\t": "⇥", "\x7f": "␡"})
 _SIGNIFICANT_DIGITS = 6  # float32 holds ~7: the tooltips stay exact enough while the JSON stays small
+_TEMPLATE = "feature_browser_template.html"
+_PLACEHOLDER = re.compile(r"@(TITLE|HEADER|SORTS|DATA)@")
 _SORTS = {
     "score": "score ↓",
     "detection": "detection score ↓",
@@ -72,20 +79,24 @@ def write_feature_browser(
     ]
     data = {"page_size": page_size, "vocab": _token_strings(tokenizer, sorted(token_ids)), "latents": entries}
     blob = json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False).replace("<", "\\u003c")
-    title = title or _default_title(meta)
-    page = (
-        _PAGE.replace("@TITLE@", html.escape(title))
-        .replace("@HEADER@", _header(meta, docs, len(rows)))
-        .replace("@SORTS@", "".join(f'<option value="{key}">{label}</option>' for key, label in _SORTS.items()))
-        .replace("@SCRIPT@", _SCRIPT)
-        .replace("@DATA@", blob)  # last: the blob is the only part that may contain the other placeholders
-    )
+    fields = {
+        "TITLE": html.escape(title or _default_title(meta)),
+        "HEADER": _header(meta, docs, len(rows)),
+        "SORTS": "".join(f'<option value="{key}">{label}</option>' for key, label in _SORTS.items()),
+        "DATA": blob,
+    }
+    # One pass over the template: a title, header or token text that happens to spell a placeholder stays as is.
+    page = _PLACEHOLDER.sub(lambda match: fields[match[1]], _template())
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(page, encoding="utf-8")
     tmp.replace(path)
     return path
+
+
+def _template() -> str:
+    return resources.files(__package__).joinpath(_TEMPLATE).read_text(encoding="utf-8")
 
 
 def _documents_by_latent(documents: list[dict], meta: dict, source: Path) -> dict[int, dict]:
@@ -232,198 +243,6 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"neurolight-browser: error: {error}") from error
     print(f"wrote the feature browser of {len(samples)} latents ({len(documents)} interpreted) to {path}")
 
-
-_PAGE = """<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>@TITLE@</title>
-<style>
-:root { --ink: #1d2330; --muted: #667085; --line: #e3e6ec; --accent: #d9480f; --bg: #f6f7f9; }
-* { box-sizing: border-box; }
-body { margin: 0; font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; color: var(--ink);
-  background: var(--bg); }
-header { padding: 18px 28px 10px; background: #fff; border-bottom: 1px solid var(--line); }
-h1 { margin: 0 0 10px; font-size: 20px; font-weight: 650; }
-dl { display: grid; grid-template-columns: repeat(auto-fill, minmax(360px, 1fr)); gap: 2px 28px; margin: 0; }
-dl div { display: flex; gap: 8px; min-width: 0; } dl .wide { grid-column: 1 / -1; }
-dt { color: var(--muted); white-space: nowrap; } dt::after { content: ":"; }
-dd { margin: 0; overflow-wrap: anywhere; }
-.legend { margin: 8px 0 0; color: var(--muted); font-size: 12.5px; }
-.controls { position: sticky; top: 0; z-index: 1; display: flex; flex-wrap: wrap; gap: 10px; align-items: center;
-  padding: 10px 28px; background: rgba(246, 247, 249, .96); border-bottom: 1px solid var(--line); }
-.controls input { flex: 1 1 320px; max-width: 520px; padding: 6px 10px; border: 1px solid #c9ced8;
-  border-radius: 6px; font: inherit; }
-.controls select, .controls button { padding: 5px 10px; border: 1px solid #c9ced8; border-radius: 6px;
-  background: #fff; font: inherit; }
-.controls button:disabled { opacity: .4; }
-#count, #pageinfo { color: var(--muted); }
-main { padding: 14px 28px 40px; }
-.latent { background: #fff; border: 1px solid var(--line); border-radius: 8px; padding: 10px 14px;
-  margin: 0 0 12px; }
-.head { display: flex; flex-wrap: wrap; gap: 6px 14px; align-items: baseline; }
-.id { font-weight: 700; font-size: 15px; }
-.stat { color: var(--muted); font-size: 12.5px; } .stat b { color: var(--ink); font-weight: 600; }
-.expl { margin: 4px 0 6px; font-size: 15px; }
-.expl.missing { color: var(--muted); font-style: italic; }
-.toptokens { color: var(--muted); font-size: 12.5px; margin: 0 0 6px; }
-.toptokens code { color: var(--ink); background: #eef0f4; border-radius: 4px; padding: 0 5px; margin: 0 3px;
-  white-space: pre; }
-.ctx { font: 12.5px/1.7 ui-monospace, "SFMono-Regular", Menlo, Consolas, monospace; white-space: pre-wrap;
-  word-break: break-word; padding: 3px 0; border-top: 1px dashed var(--line); }
-.lab { display: inline-block; min-width: 4.5em; margin-right: 8px; color: var(--muted); font-size: 11px; }
-.t { border-radius: 2px; }
-.t:hover { outline: 1px solid var(--accent); }
-details { margin-top: 4px; } summary { cursor: pointer; color: var(--muted); font-size: 12.5px; }
-.kind { color: var(--muted); font-size: 11.5px; margin: 4px 0 0; text-transform: uppercase; letter-spacing: .04em; }
-.empty { color: var(--muted); font-style: italic; }
-</style></head>
-<body>
-<header><h1>@TITLE@</h1><dl>@HEADER@</dl>
-<p class="legend">score: Pearson correlation of simulated and true activations over every token of the held-out
-contexts · detection: balanced accuracy of telling activating from non-activating contexts · token shading:
-activation / the latent's max activation (hover a token for its value; ⏎ is a newline)</p></header>
-<div class="controls">
-<input id="search" type="search" placeholder="Search explanations and contexts" aria-label="search">
-<select id="sort" aria-label="sort">@SORTS@</select>
-<span id="count"></span>
-<button id="prev" type="button" aria-label="previous page">‹</button><span id="pageinfo"></span>
-<button id="next" type="button" aria-label="next page">›</button>
-</div>
-<main id="latents"><noscript>Listing the latents needs JavaScript.</noscript></main>
-<script type="application/json" id="browser-data">@DATA@</script>
-<script>@SCRIPT@</script>
-</body></html>
-"""
-
-_SCRIPT = """
-"use strict";
-(() => {
-  const data = JSON.parse(document.getElementById("browser-data").textContent);
-  const vocab = data.vocab, latents = data.latents, pageSize = data.page_size;
-  const $ = (id) => document.getElementById(id);
-  const list = $("latents"), search = $("search"), sortSelect = $("sort");
-  const SORTS = {
-    score: [(e) => e.score, -1], detection: [(e) => e.detection_score, -1], frequency: [(e) => e.frequency, -1],
-    rarity: [(e) => e.frequency, 1], max_activation: [(e) => e.max_activation, -1], latent: [(e) => e.latent, 1],
-  };
-  const text = (c) => c.t.map((id) => vocab[id]).join("");
-  const haystack = latents.map((e) => ["#" + e.latent, e.explanation || "", e.top_tokens.join(" "),
-    ...["top", "quantile", "random"].flatMap((k) => e.contexts[k].map(text))].join("\\n").toLowerCase());
-  let state = readHash();
-
-  function readHash() {
-    const p = new URLSearchParams(location.hash.slice(1));
-    const sort = p.get("sort") in SORTS ? p.get("sort") : "score";
-    return { q: p.get("q") || "", sort, page: Math.max(1, parseInt(p.get("page"), 10) || 1) };
-  }
-  function writeHash() {
-    const p = new URLSearchParams();
-    if (state.q) p.set("q", state.q);
-    if (state.sort !== "score") p.set("sort", state.sort);
-    if (state.page > 1) p.set("page", state.page);
-    history.replaceState(null, "", "#" + p.toString());
-  }
-  function el(tag, cls, content) {
-    const node = document.createElement(tag);
-    if (cls) node.className = cls;
-    if (content !== undefined) node.textContent = content;
-    return node;
-  }
-  const fixed = (x, digits) => (x === null ? "—" : x.toFixed(digits));
-  function stat(parent, name, value) {
-    const s = el("span", "stat", name + " ");
-    s.dataset.stat = name;
-    s.append(el("b", null, value));
-    parent.append(s);
-  }
-  function context(e, c) {
-    const row = el("div", "ctx");
-    const peak = Math.max(0, ...c.a);
-    const lab = el("span", "lab", peak.toFixed(2));
-    lab.title = "context " + c.i + " of the corpus; peak activation " + peak;
-    row.append(lab);
-    c.t.forEach((id, j) => {
-      const s = el("span", "t", vocab[id]);
-      s.title = String(c.a[j]);
-      const share = e.max_activation > 0 ? Math.max(0, c.a[j]) / e.max_activation : 0;
-      const alpha = Math.min(1, Math.round(1000 * share) / 1000);
-      if (alpha > 0) s.setAttribute("style", "background-color:rgba(255,122,40," + alpha + ")");
-      row.append(s);
-    });
-    return row;
-  }
-  function card(e) {
-    const art = el("article", e.explanation === null ? "latent uninterpreted" : "latent");
-    art.dataset.latent = e.latent;
-    const head = el("div", "head");
-    head.append(el("span", "id", "#" + e.latent));
-    stat(head, "score", fixed(e.score, 3));
-    stat(head, "detection", fixed(e.detection_score, 3));
-    stat(head, "frequency", e.frequency > 0
-      ? e.frequency.toExponential(2) + " (log₁₀ " + Math.log10(e.frequency).toFixed(2) + ")" : "0");
-    stat(head, "max activation", fixed(e.max_activation, 3));
-    art.append(head);
-    const expl = e.explanation === null ? el("p", "expl missing", "not interpreted") : el("p", "expl", e.explanation);
-    if (e.explainer) expl.title = "explained by " + e.explainer;
-    art.append(expl);
-    if (e.top_tokens.length) {
-      const tops = el("div", "toptokens", "top tokens");
-      e.top_tokens.forEach((t) => tops.append(el("code", null, t)));
-      art.append(tops);
-    }
-    e.contexts.top.forEach((c) => art.append(context(e, c)));
-    const others = e.contexts.quantile.length + e.contexts.random.length;
-    if (!e.contexts.top.length && !others) art.append(el("p", "empty", "no contexts sampled for this latent"));
-    if (others) {
-      const more = el("details");
-      const counts = e.contexts.quantile.length + " quantile · " + e.contexts.random.length + " random contexts";
-      more.append(el("summary", null, counts));
-      for (const kind of ["quantile", "random"]) {
-        if (!e.contexts[kind].length) continue;
-        more.append(el("p", "kind", kind));
-        e.contexts[kind].forEach((c) => more.append(context(e, c)));
-      }
-      art.append(more);
-    }
-    return art;
-  }
-  function render() {
-    const needle = state.q.trim().toLowerCase();
-    const [key, dir] = SORTS[state.sort];
-    const order = latents.filter((e, i) => !needle || haystack[i].includes(needle));
-    order.sort((a, b) => {
-      const x = key(a), y = key(b);
-      if (x === y) return a.latent - b.latent;
-      if (x === null || y === null) return x === null ? 1 : -1;
-      return dir * (x < y ? -1 : 1);
-    });
-    const pages = Math.max(1, Math.ceil(order.length / pageSize));
-    state.page = Math.min(state.page, pages);
-    const shown = order.slice((state.page - 1) * pageSize, state.page * pageSize);
-    const fragment = document.createDocumentFragment();
-    shown.forEach((e) => fragment.append(card(e)));
-    if (!shown.length) fragment.append(el("p", "empty", "no latent matches “" + state.q + "”"));
-    list.replaceChildren(fragment);
-    $("count").textContent = order.length + " of " + latents.length + " latents";
-    $("pageinfo").textContent = "page " + state.page + " / " + pages;
-    $("prev").disabled = state.page <= 1;
-    $("next").disabled = state.page >= pages;
-    search.value = state.q;
-    sortSelect.value = state.sort;
-  }
-  function update(change) {
-    Object.assign(state, change);
-    writeHash();
-    render();
-  }
-  search.addEventListener("input", () => update({ q: search.value, page: 1 }));
-  sortSelect.addEventListener("change", () => update({ sort: sortSelect.value, page: 1 }));
-  $("prev").addEventListener("click", () => { update({ page: state.page - 1 }); scrollTo(0, 0); });
-  $("next").addEventListener("click", () => { update({ page: state.page + 1 }); scrollTo(0, 0); });
-  window.addEventListener("hashchange", () => { state = readHash(); render(); });
-  render();
-})();
-"""
 
 if __name__ == "__main__":
     main()
