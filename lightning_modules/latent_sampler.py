@@ -223,7 +223,14 @@ class LatentSampler(pl.LightningModule):
         self.frequency_tokens.zero_()
         self.samples, self.band, self._final = None, None, None
 
-    def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+    def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> int:
+        """Fold a batch of (B,) corpus rows and (B, T) token ids into the firing counts (pass 0) or the running
+        samples (pass 1); returns B, the number of contexts taken in.
+
+        The samples are read once, by ``finalize``. Lightning keeps every batch's return value until the epoch ends
+        (the samples writer writes at epoch end) and warns about None, so a step returns this small count, never
+        tensors.
+        """
         context_rows, input_ids = batch
         latents = self.encode(input_ids)
         if dataloader_idx == 0:
@@ -231,9 +238,10 @@ class LatentSampler(pl.LightningModule):
             self.fired += (counted > 0).sum((0, 1))
             self.frequency_tokens += counted.shape[0] * counted.shape[1]
             torch.maximum(self.frequency_max, counted.amax((0, 1)).float(), out=self.frequency_max)
-            return
-        self._ensure_samples()
-        self.samples.update(latents[..., self.samples.latents], context_rows)
+        else:
+            self._ensure_samples()
+            self.samples.update(latents[..., self.samples.latents], context_rows)
+        return len(context_rows)
 
     def _world_size(self) -> int:
         return self._trainer.world_size if self._trainer is not None else 1
