@@ -1,7 +1,7 @@
 """ElasticsearchStore: one index per SAE, named by ``sae_index_name``, created with the explicit mapping
 ``ES_MAPPING`` (the SAE's metadata goes into the mapping's ``_meta``). A connection error, 429 or 5xx is retried
-with exponential backoff; what still fails raises ``LatentStoreError``, one line that says what to check and
-never contains the API key.
+with exponential backoff (a certificate that fails verification is not: it fails the same way again); what still
+fails raises ``LatentStoreError``, one line that says what to check and never contains the API key.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import logging
 import os
 import random
 import re
+import ssl
 import time
 from pathlib import Path
 
@@ -69,7 +70,7 @@ class ElasticsearchStore(LatentStore):
             api_key_env: Environment variable read for the key when ``api_key`` is not given (default
                 ``ES_API_KEY``); null: connect without a key.
             ssl_cert: CA certificate file (PEM) of the server; certificates are verified against it (or the
-                system's CAs when null).
+                public CAs of ``certifi`` when null), so a server with a private CA needs it.
             verify_certs: Verify the server's certificate. Only turn off for a throw-away test server.
             request_timeout: Seconds per request.
             max_retries: Retries of a request after a connection error, timeout, 429 or 5xx, with exponential
@@ -130,7 +131,7 @@ class ElasticsearchStore(LatentStore):
             try:
                 return request(self._client)
             except TlsError as error:
-                retry, reason = False, f"TLS failed ({one_line(error)}): give the server's CA file as ssl_cert"
+                retry, reason = False, self._tls_error_reason(error)  # a retry meets the same certificate
             except ConnectionTimeout:
                 reason = f"no answer within {self.request_timeout} s"
             except ConnectionError as error:
@@ -155,6 +156,32 @@ class ElasticsearchStore(LatentStore):
         # Equal jitter: https://aws.amazon.com/blogs/architecture/exponential-backoff-and-jitter/
         ceiling = min(60.0, self.retry_backoff * 2**attempt)
         return ceiling / 2 + random.uniform(0, ceiling / 2)
+
+    def _tls_error_reason(self, error) -> str:
+        from urllib3.util.ssl_match_hostname import CertificateError
+
+        # str(TlsError) is just "TLS error" once the transport has dropped its causes; the reason is further down
+        # the chain: OpenSSL's verification error, or urllib3's own host name check (it runs that one itself after
+        # the handshake when it cannot leave it to OpenSSL).
+        cause = error
+        while cause is not None and not isinstance(cause, (ssl.SSLCertVerificationError, CertificateError)):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            return (
+                f"TLS failed ({one_line(error.message)}): check that the server speaks https at this address (or use "
+                "http:// for a server without TLS)"
+            )
+        why = one_line(getattr(cause, "verify_message", None) or cause)
+        if isinstance(cause, CertificateError) or "mismatch" in why:  # OpenSSL: "Hostname/IP address mismatch, ..."
+            return (
+                f"the server's TLS certificate could not be verified ({why}): use a server_address whose host is "
+                "one the certificate names"
+            )
+        against = f"ssl_cert '{self.ssl_cert}'" if self.ssl_cert else "the default public CAs (certifi)"
+        return (
+            f"the server's TLS certificate could not be verified ({why}) against {against}: give the CA file (PEM) "
+            "that signed it as ssl_cert"
+        )
 
     def _api_error_reason(self, error) -> str:
         status = error.meta.status

@@ -1,5 +1,6 @@
 """A real Elasticsearch-compatible server for tests: ``noida-db`` (PyPI) on a free loopback port, and a loopback
-proxy in front of it that can answer with errors (503, 401) to exercise retries and auth failures."""
+proxy in front of it that can answer with errors (503, 401) to exercise retries and auth failures, or serve https
+with a certificate of a throwaway CA (noida-db itself only speaks plain http)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -76,6 +78,47 @@ def _stop_group(process: subprocess.Popen) -> None:
         process.wait()
 
 
+def make_test_ca(directory: Path, names: str = "IP:127.0.0.1, DNS:localhost") -> tuple[Path, Path, Path]:
+    """Writes a throwaway CA and a server certificate it signs, valid for ``names`` (a subjectAltName), with the
+    ``openssl`` CLI; returns the paths of the CA certificate, the server certificate and the server key (PEM)."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        raise FileNotFoundError("the openssl command is not installed; it makes the certificates of the TLS tests")
+    directory.mkdir(parents=True, exist_ok=True)
+    ca, ca_key = directory / "ca.pem", directory / "ca.key"
+    cert, key, request = directory / "server.pem", directory / "server.key", directory / "server.csr"
+    extensions = directory / "server.ext"
+    # Extensions as strict verification (VERIFY_X509_STRICT, on in Python >= 3.13's default context) wants them: a
+    # critical CA:TRUE with keyCertSign on the CA, key identifiers linking the two, the names in subjectAltName.
+    extensions.write_text(
+        f"subjectAltName = {names}\n"
+        "basicConstraints = critical, CA:FALSE\n"
+        "keyUsage = critical, digitalSignature, keyEncipherment\n"
+        "extendedKeyUsage = serverAuth\n"
+        "subjectKeyIdentifier = hash\n"
+        "authorityKeyIdentifier = keyid\n"
+    )
+    ec_key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]  # EC: instant, unlike RSA
+    make_ca = ["req", "-x509", *ec_key, "-keyout", ca_key, "-out", ca, "-days", "2"]
+    make_ca += ["-subj", "/CN=neurolight throwaway test CA", "-addext", "basicConstraints=critical,CA:TRUE"]
+    make_ca += ["-addext", "keyUsage=critical,keyCertSign,cRLSign"]
+    make_request = ["req", "-new", *ec_key, "-keyout", key, "-out", request, "-subj", "/CN=neurolight test server"]
+    sign = ["x509", "-req", "-in", request, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial", "-out", cert]
+    sign += ["-days", "2", "-extfile", extensions]
+    for arguments in (make_ca, make_request, sign):
+        command = [openssl, *map(str, arguments)]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} failed ({result.returncode}): {result.stderr.strip()}")
+    return ca, cert, key
+
+
+def server_tls_context(cert: Path, key: Path) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    return context
+
+
 UNAUTHORIZED_BODY = {
     "error": {
         "root_cause": [{"type": "security_exception", "reason": "unable to authenticate with provided credentials"}],
@@ -90,9 +133,12 @@ class FaultProxy:
     """An HTTP proxy to ``upstream`` that first answers ``fail_next`` requests with ``fail_status`` (an
     Elasticsearch-style error body) and records every request's method, path and headers; ``upstream=None``
     answers every request with the failure. The next ``reject_bulk_next`` bulk requests get a 200 whose items are
-    all rejected with 429 (a busy cluster's partial failure)."""
+    all rejected with 429 (a busy cluster's partial failure). With ``tls`` (see ``server_tls_context``) it serves
+    https."""
 
-    def __init__(self, upstream: str | None, fail_status: int = 503, fail_next: int = 0) -> None:
+    def __init__(
+        self, upstream: str | None, fail_status: int = 503, fail_next: int = 0, tls: ssl.SSLContext | None = None
+    ) -> None:
         self.upstream = upstream
         self.fail_status = fail_status
         self.fail_next = fail_next
@@ -129,9 +175,28 @@ class FaultProxy:
             def log_message(self, *args) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.address = f"http://127.0.0.1:{self.server.server_port}"
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        class Server(ThreadingHTTPServer):
+            def finish_request(self, request, client_address) -> None:
+                if tls is None:
+                    return super().finish_request(request, client_address)
+                # The handshake runs here, in the connection's own thread, not in accept(): a client that stalls or
+                # refuses the certificate then blocks nobody else.
+                request.settimeout(10)
+                try:
+                    connection = tls.wrap_socket(request, server_side=True)
+                except (ssl.SSLError, OSError):  # the client refused the certificate: nothing to serve
+                    return
+                connection.settimeout(None)  # idle keep-alive connections stay open, as on the plain http proxy
+                try:
+                    super().finish_request(connection, client_address)
+                finally:
+                    connection.close()
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        scheme = "https" if tls is not None else "http"
+        self.address = f"{scheme}://127.0.0.1:{self.server.server_port}"
+        # A short poll: shutdown() waits for it, and every test stops a proxy.
+        self._thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
 
     def _failure(self) -> tuple[int, list, bytes]:
         if self.fail_status == 401:
