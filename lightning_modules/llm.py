@@ -113,3 +113,14 @@ def load_causal_lm(name_or_path: str, dtype: torch.dtype = torch.float32, device
 
     model = AutoModelForCausalLM.from_pretrained(resolve_model(name_or_path), dtype=dtype)
     return model.to(device)
+
+
+def native_bfloat16(device: str | torch.device) -> bool:
+    """Whether ``device`` multiplies bfloat16 matrices in hardware: CUDA with bf16 support, or a CPU with AVX512-BF16
+    or AMX. Elsewhere bfloat16 is emulated and slower than float32."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return False

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import shutil
+from pathlib import Path
 from types import SimpleNamespace
 
 import lightning.pytorch as pl
@@ -22,6 +23,7 @@ from lightning_modules.explanation_prompts import (
     single_token_values,
 )
 from lightning_modules.interpreter import LatentInterpreter
+from lightning_modules.llm import native_bfloat16
 from lightning_modules.simulation import (
     balanced_accuracy,
     discretize,
@@ -297,9 +299,20 @@ def test_explainer_without_tokenizer__is_a_clear_error(tiny_model_dir, tmp_path)
         LatentInterpreter(explainer_model=str(weights_only)).configure_model()
 
 
+def test_explainer_dtype_auto__is_bfloat16_exactly_where_the_cpu_has_bf16_instructions(tiny_model_dir):
+    flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
+    native = "avx512_bf16" in flags or "amx_tile" in flags
+    assert native_bfloat16("cpu") == native
+    module = LatentInterpreter(explainer_model=str(tiny_model_dir), explainer_dtype="auto")
+    module.configure_model()
+    assert module.model.dtype == (torch.bfloat16 if native else torch.float32)
+
+
 def test_bad_arguments__name_the_value_and_the_choices():
     with pytest.raises(ValueError, match=r"simulator='regex'.*logits, generate"):
         LatentInterpreter(simulator="regex")
+    with pytest.raises(ValueError, match=r"explainer_dtype='fp8'.*float32, bfloat16, float16, auto or null"):
+        LatentInterpreter(explainer_dtype="fp8")
     with pytest.raises(ValueError, match="num_simulation_samples=0"):
         InterpretationDataModule("x", num_simulation_samples=0)
 
