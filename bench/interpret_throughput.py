@@ -1,6 +1,7 @@
 """Interpretation throughput on the demo configuration: logit-based simulation against generate-and-parse.
 
-    .venv/bin/python bench/interpret_throughput.py [--latents 8] [--threads 1] [--device cpu|cuda] [--json FILE]
+    .venv/bin/python bench/interpret_throughput.py [--latents 8] [--threads 1] [--device cpu|cuda] [--dtype bfloat16]
+        [--json FILE]
 
 Both simulators run in the same process on the same explainer (``configs/interpret/demo.yaml``: SmolLM2-135M-
 Instruct, its forward batch size and sample counts), for the same latents, the same explanations and the same
@@ -134,6 +135,8 @@ def run(args: argparse.Namespace) -> dict:
         print(f"  built in {seconds:.0f} s")
     data = InterpretationDataModule(**{**data_args, "samples_path": str(samples), "max_latents": args.latents})
     data.setup("predict")
+    if args.dtype:
+        model_args = {**model_args, "explainer_dtype": args.dtype}
     interpreter = LatentInterpreter(**model_args).to(args.device)
     interpreter.configure_model()
     interpreter.model.to(args.device)
@@ -206,6 +209,9 @@ def main() -> None:
     parser.add_argument("--samples", help="samples directory (default: runs/demo/interpret/samples, else built)")
     parser.add_argument("--contexts", type=int, default=384, help="contexts scanned when building samples")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--dtype", choices=("float32", "bfloat16"), help="explainer weights for both simulators (default: the config's)"
+    )
     parser.add_argument("--threads", type=int, help="torch threads (1 gives stable figures on a shared CPU)")
     parser.add_argument("--json", help="write the figures and per-latent rows here")
     args = parser.parse_args()

@@ -255,7 +255,13 @@ def run_neurolight(args, recipe: dict) -> dict:
     HookedLLM.harvest = clock.wrap_llm(HookedLLM.harvest)
     pl.seed_everything(recipe["seed"], verbose=False)
     datamodule = ActivationDataModule(
-        **{**data, "dataset_path": args.corpus, "model_name": args.model, "device_llm": args.device}
+        **{
+            **data,
+            "dataset_path": args.corpus,
+            "model_name": args.model,
+            "device_llm": args.device,
+            "llm_dtype": args.llm_dtype,
+        }
     )
     module = SparseAutoencoderModule(**model)
     steps = args.steps
@@ -377,7 +383,7 @@ def run_saelens(args, recipe: dict) -> dict:
         ),
         model_name=args.model,
         model_class_name="AutoModelForCausalLM",
-        model_from_pretrained_kwargs={"dtype": "float32"},
+        model_from_pretrained_kwargs={"dtype": args.llm_dtype},
         hook_name=HOOK_POINTS[data["layer_type"]].format(int(data["layer_id"])),
         dataset_path="",
         is_dataset_tokenized=True,
@@ -446,6 +452,8 @@ def run_side(side: str, args, workdir: Path, index: int) -> dict:
         str(args.steps),
         "--workdir",
         str(workdir),
+        "--llm-dtype",
+        args.llm_dtype,
     ]
     if args.threads:
         command += ["--threads", str(args.threads)]
@@ -549,6 +557,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--random-weights", action="store_true", help="random weights in the model's shapes")
     parser.add_argument("--corpus", default=None, help="tokenized corpus (default: the config's, built if missing)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads in each side (default: torch's)")
+    parser.add_argument(
+        "--llm-dtype",
+        default="float32",
+        choices=("float32", "bfloat16"),
+        help="the LLM's weights on both sides (the SAE and its activations stay float32)",
+    )
     parser.add_argument("--json", default=None, help="also write every run's measurements to this file")
     # Internal: one side in a subprocess.
     parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
