@@ -7,6 +7,7 @@ neurolight fit --config configs/sae/demo.yaml --config configs/trainer/ddp.yaml
 from __future__ import annotations
 
 import os
+import sys
 
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
@@ -38,8 +39,14 @@ def run(args: list[str] | None = None) -> LightningCLI:
 
 
 def main(args: list[str] | None = None) -> None:
-    """Console entry point (returns nothing, so the script prints nothing extra at exit)."""
-    run(args)
+    """Console entry point (returns nothing, so the script prints nothing extra at exit). A store's refusal (wrong
+    key, unreachable server, an index of another SAE) is a one-line message that says what to do, not a traceback."""
+    from callbacks.latent_stores import LatentStoreError
+
+    try:
+        run(args)
+    except LatentStoreError as error:
+        sys.exit(f"neurolight: {error}")
 
 
 if __name__ == "__main__":

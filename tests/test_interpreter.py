@@ -4,6 +4,7 @@ end-to-end ``Trainer.predict`` with a tiny Llama explainer."""
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 from pathlib import Path
@@ -12,10 +13,12 @@ from types import SimpleNamespace
 import lightning.pytorch as pl
 import pytest
 import torch
+import yaml
 from torch import nn
 
 from datamodules.interpretation import InterpretationDataModule, token_strings
 from datamodules.interpretation_samples import save_interpretation_samples
+from lightning_modules.cli import main as cli_main
 from lightning_modules.explanation_prompts import (
     PromptBuilder,
     answer_token,
@@ -277,6 +280,51 @@ def test_predict__tiny_llama_interprets_every_latent_once_with_all_fields(sample
     simulated, _ = simulate_logits(module.model, prompts, module.value_ids, module.pad_id, batch_size=1)
     true = torch.cat([r.activations for r in task.simulation])
     assert results[0]["score"] == pytest.approx(pearson(true, torch.cat(simulated)), abs=1e-6, nan_ok=True)
+
+
+def test_cli__a_store_holding_another_sae_ends_the_run_with_one_line_not_a_traceback(
+    samples_dir, tiny_model_dir, tmp_path, capsys
+):
+    """Two samples directories of one SAE run (same index name) but of different weights (fingerprints)."""
+    store = {"class_path": "callbacks.SQLiteStore", "init_args": {"path": str(tmp_path / "db")}}
+    runs = []
+    for fingerprint in ("a" * 16, "b" * 16):
+        samples = tmp_path / f"samples-{fingerprint[0]}"
+        shutil.copytree(samples_dir, samples)
+        metadata = json.loads((samples / "metadata.json").read_text())
+        (samples / "metadata.json").write_text(json.dumps({**metadata, "d_in": 64, "sae_fingerprint": fingerprint}))
+        config = {
+            "trainer": {
+                "accelerator": "cpu",
+                "logger": False,
+                "enable_progress_bar": False,
+                "default_root_dir": str(tmp_path),
+                "callbacks": [
+                    {
+                        "class_path": "callbacks.InterpretationWriter",
+                        "init_args": {"store": store},
+                    }
+                ],
+            },
+            "model": {
+                "class_path": "lightning_modules.interpreter.LatentInterpreter",
+                "init_args": {"explainer_model": str(tiny_model_dir), "max_explanation_tokens": 2, "detection": False},
+            },
+            "data": {
+                "class_path": "datamodules.interpretation.InterpretationDataModule",
+                "init_args": {"samples_path": str(samples), "max_latents": 1, "num_simulation_samples": 2},
+            },
+        }
+        path = tmp_path / f"config-{fingerprint[0]}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        runs.append(["predict", "--config", str(path)])
+    cli_main(runs[0])
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(runs[1])
+    message = str(exit_info.value.code)
+    assert message.startswith("neurolight: ") and "\n" not in message
+    assert "holds the interpretations of another SAE" in message and "fingerprint " + "a" * 16 in message
+    assert "Traceback" not in capsys.readouterr().err
 
 
 def test_generate_simulator__runs_end_to_end_with_aligned_lengths(samples_dir, tiny_model_dir):
