@@ -3,21 +3,27 @@
     neurolight-send-grid --dry_run
     neurolight-send-grid --models llama2-7b vicuna-7b --datasets triviaqa truthfulqa --max_samples 300 --num_epochs 3
     neurolight-send-grid --models smollm2-135m --datasets fanoutqa --output_dir runs/grid --trainer.precision bf16-true
+    neurolight-send-grid --datasets coqa --fit_config configs/send/coqa.yaml configs/trainer/deepspeed.yaml
 
 Replaces the extended SEND ``run_send_batch.py``, which stopped to ask for keyboard input (ALGORITHMS.md §6). This
 runner never reads stdin (its children get /dev/null), goes on past a failed run, prints a table of every pair
 (status, wall time, EM / F1 from the prediction JSON) and exits with 1 if any run failed (130 if interrupted).
 
 Per pair it runs
-  1. ``neurolight fit --config <fit_config>`` with the model, the dataset and the shared training options; the
-     SEND module writes ``{output_dir}/{model}_{dataset}_SEND/``;
+  1. ``neurolight fit --config <recipe> [--config <model overlay>]`` with the model, the dataset and the shared
+     training options; the SEND module writes ``{output_dir}/{model}_{dataset}_SEND/``. The recipe is the
+     dataset's, ``configs/send/{dataset}.yaml`` (fanoutqa: ``configs/send/demo.yaml``), followed by the model's
+     overlay ``configs/send/models/{model}.yaml`` where one exists, as the README composes them by hand;
+     ``--fit_config A [B ...]`` replaces both with the given files for every pair;
   2. ``neurolight predict --config <predict_config>`` from that folder, writing
      ``{output_dir}/predictions_{model}_{dataset}.json``.
 Data options (``--max_samples``, ``--max_length``, ``--batch_size`` and every passed-through ``--data.*``) go to
 both commands, so that predict asks exactly the fit run's held-out test questions. Any other option this runner
 does not know is passed through to the fit command (``--trainer.precision bf16-true``,
 ``--model.init_args.freeze_layers 13``); ``--predict_args "..."`` adds options to the predict command only.
-Each run's output is also kept in ``{output_dir}/logs/{model}_{dataset}_{stage}.log``.
+Everything a run writes stays under ``--output_dir``: the recipes' ``default_root_dir`` and logger folders are
+replaced by ``{output_dir}/logs/{model}_{dataset}/`` (fit) and ``.../predict/`` (predict, its ``config.yaml``), and
+each run's console output is kept in ``{output_dir}/logs/{model}_{dataset}_{stage}.log``.
 """
 
 from __future__ import annotations
@@ -34,6 +40,9 @@ from pathlib import Path
 
 DEFAULT_MODELS = ["llama2-7b", "llama3.1-8b", "vicuna-7b"]
 DEFAULT_DATASETS = ["triviaqa", "truthfulqa", "coqa", "tydiqa"]
+DATASET_RECIPES = {"fanoutqa": "configs/send/demo.yaml"}
+"""Fit recipes not named ``configs/send/{dataset}.yaml``: the embedded data set's is the SmolLM2 demo."""
+MODEL_OVERLAY = "configs/send/models/{model}.yaml"
 STAGES = ("fit", "predict")
 
 DATA_FLAGS = {
@@ -76,7 +85,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     grid.add_argument("--dry_run", action="store_true", help="print the commands without running them")
     grid.add_argument("--output_dir", default="runs/send_grid", help="SEND models, predictions, logs, summary")
     grid.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES), help="what to run per pair")
-    grid.add_argument("--fit_config", default="configs/send/demo.yaml", help="recipe of `neurolight fit`")
+    grid.add_argument(
+        "--fit_config",
+        nargs="+",
+        metavar="CONFIG",
+        help="recipe(s) of `neurolight fit` for every pair, composed in order (later files override); default, per "
+        "pair: configs/send/{dataset}.yaml (fanoutqa: configs/send/demo.yaml), then configs/send/models/{model}.yaml "
+        "where it exists",
+    )
     grid.add_argument("--predict_config", default="configs/send/generate.yaml", help="recipe of `neurolight predict`")
     grid.add_argument("--skip_existing", action="store_true", help="skip fit where the SEND folder already exists")
     grid.add_argument("--overwrite", action="store_true", help="let fit replace an existing SEND folder")
@@ -125,13 +141,31 @@ def find_config(path: str) -> Path:
     return packaged if packaged.is_file() else given
 
 
-def sensitivity_callbacks(fit_config: Path, threshold: float) -> str:
-    """The fit recipe's callbacks list with ``sensitivity_threshold`` set, as the value of ``--trainer.callbacks``.
+def fit_configs(args: argparse.Namespace, model: str, dataset: str) -> list[Path]:
+    """The ``--config`` files of one pair's fit, in order: ``--fit_config`` as given, else the dataset's recipe and
+    the model's overlay where one exists (only short names have one: ``configs/send/models/llama2-7b.yaml``)."""
+    if args.fit_config:
+        return [find_config(path) for path in args.fit_config]
+    recipe = find_config(DATASET_RECIPES.get(dataset, f"configs/send/{dataset}.yaml"))
+    if not recipe.is_file():
+        shipped = find_config("configs/send/demo.yaml").parent.glob("*.yaml")
+        known = sorted({*DATASET_RECIPES, *(path.stem for path in shipped)} - {"demo", "generate"})
+        raise SystemExit(
+            f"neurolight-send-grid: no SEND recipe for dataset '{dataset}' ({recipe} does not exist); choose one of "
+            f"{', '.join(known)} or pass --fit_config RECIPE"
+        )
+    overlay = find_config(MODEL_OVERLAY.format(model=model))
+    return [recipe, overlay] if "/" not in model and overlay.is_file() else [recipe]
+
+
+def sensitivity_callbacks(configs: list[Path], threshold: float) -> str:
+    """The fit recipes' callbacks list with ``sensitivity_threshold`` set, as the value of ``--trainer.callbacks``.
 
     On the command line ``--trainer.callbacks.init_args.X`` only reaches the LAST callback of the list; replacing
-    the whole list sets the SEND callback wherever the recipe put it.
+    the whole list sets the SEND callback wherever the recipe put it. A later file's list replaces an earlier one,
+    as in LightningCLI, so the list is the last file's that has one.
     """
-    callbacks = (_recipe(fit_config).get("trainer") or {}).get("callbacks") or []
+    callbacks = _trainer_setting(configs, "callbacks") or []
     found = False
     for callback in callbacks:
         init_args = callback.get("init_args") if isinstance(callback, dict) else None
@@ -140,8 +174,8 @@ def sensitivity_callbacks(fit_config: Path, threshold: float) -> str:
             found = True
     if not found:
         raise SystemExit(
-            f"--sensitivity_threshold: {fit_config} has no callback with init_args.sensitivity_threshold "
-            "(callbacks.SensitiveNeuronDropout); add it there or drop the option"
+            f"--sensitivity_threshold: {' + '.join(map(str, configs))} has no callback with "
+            "init_args.sensitivity_threshold (callbacks.SensitiveNeuronDropout); add it there or drop the option"
         )
     return json.dumps(callbacks, separators=(",", ":"))
 
@@ -152,9 +186,24 @@ def _recipe(path: Path) -> dict:
     return yaml.safe_load(path.read_text()) or {} if path.is_file() else {}
 
 
-def _logger_args(fit_config: Path) -> dict:
-    """``init_args`` of the fit recipe's logger when it is one class (not false, not a list)."""
-    logger = (_recipe(fit_config).get("trainer") or {}).get("logger")
+def _trainer_setting(configs: list[Path], key: str):
+    """``trainer.<key>`` as the composed ``configs`` set it: the last file's value, except that a class with the same
+    ``class_path`` as before keeps the earlier ``init_args`` it does not override (jsonargparse's merge)."""
+    value = None
+    for path in configs:
+        trainer = _recipe(path).get("trainer") or {}
+        if key not in trainer:
+            continue
+        new = trainer[key]
+        if isinstance(value, dict) and isinstance(new, dict) and new.get("class_path") == value.get("class_path"):
+            new = {**value, **new, "init_args": {**(value.get("init_args") or {}), **(new.get("init_args") or {})}}
+        value = new
+    return value
+
+
+def _logger_args(configs: list[Path]) -> dict:
+    """``init_args`` of the composed recipes' logger when it is one class (not false, not a list)."""
+    logger = _trainer_setting(configs, "logger")
     return (logger.get("init_args") or {}) if isinstance(logger, dict) else {}
 
 
@@ -167,6 +216,8 @@ class Run:
     status: str = "pending"
     seconds: dict[str, float] = field(default_factory=dict)
     """Wall time per stage."""
+    fit_configs: list[str] = field(default_factory=list)
+    """The ``--config`` files of its fit, in order."""
     send_dir: str = ""
     predictions: str = ""
     aggregate: dict | None = None
@@ -184,6 +235,7 @@ class Run:
 def build_commands(args: argparse.Namespace, passthrough: list[str], run: Run) -> dict[str, list[str]]:
     """The fit and predict command lines of one pair (only the stages asked for)."""
     out = Path(args.output_dir)
+    logs = out / "logs" / run.name
     neurolight = shlex.split(args.neurolight_cmd)
     send_dir = out / f"{run.name}_SEND"
     run.send_dir, run.predictions = str(send_dir), str(out / f"predictions_{run.name}.json")
@@ -193,41 +245,48 @@ def build_commands(args: argparse.Namespace, passthrough: list[str], run: Run) -
     data_passthrough = _data_options(passthrough)
     commands = {}
     if "fit" in args.stages:
-        fit = [*neurolight, "fit", "--config", str(find_config(args.fit_config))]
+        configs = fit_configs(args, run.model, run.dataset)
+        run.fit_configs = [str(path) for path in configs]
+        fit = [*neurolight, "fit", *(item for path in configs for item in ("--config", str(path)))]
         fit += ["--model.init_args.model_name", run.model, "--data.init_args.model_name", run.model]
         fit += ["--data.init_args.dataset", run.dataset]
         fit += ["--model.init_args.output_dir", str(out), "--model.init_args.run_name", send_dir.name]
-        fit += ["--trainer.default_root_dir", str(out / "logs" / run.name)]
+        fit += ["--trainer.default_root_dir", str(logs)]
         fit += shared
         fit += _flags(args, FIT_FLAGS)
         if args.sensitivity_threshold is not None:
-            callbacks = sensitivity_callbacks(find_config(args.fit_config), args.sensitivity_threshold)
-            fit += ["--trainer.callbacks", callbacks]
+            fit += ["--trainer.callbacks", sensitivity_callbacks(configs, args.sensitivity_threshold)]
         if args.overwrite:
             fit += ["--model.init_args.overwrite", "true"]
-        if not args.use_wandb and "save_dir" in _logger_args(find_config(args.fit_config)):
-            # The recipe's logger (and the checkpoints in its folder) would otherwise mix every pair's runs.
-            fit += [
-                "--trainer.logger.init_args.save_dir",
-                str(out / "logs"),
-                "--trainer.logger.init_args.name",
-                run.name,
-            ]
         if args.use_wandb:
             fit += ["--trainer.logger", "lightning.pytorch.loggers.WandbLogger"]
             fit += ["--trainer.logger.init_args.project", args.wandb_project]
             fit += ["--trainer.logger.init_args.name", run.name]
             fit += ["--trainer.logger.init_args.save_dir", str(out / "logs")]
+        else:
+            # The recipe's logger (and the checkpoints in its folder) would otherwise mix every pair's runs.
+            fit += _logger_folder(configs, out / "logs", run.name)
         commands["fit"] = fit + passthrough
     if "predict" in args.stages:
-        predict = [*neurolight, "predict", "--config", str(find_config(args.predict_config))]
+        config = find_config(args.predict_config)
+        predict = [*neurolight, "predict", "--config", str(config)]
         predict += ["--model.init_args.model_name", str(send_dir), "--data.init_args.model_name", str(send_dir)]
         predict += ["--data.init_args.dataset", run.dataset]
         predict += ["--trainer.callbacks.init_args.output_file", run.predictions]
+        # The predict recipe's root (runs/demo/send) would receive, and overwrite, every pair's config.yaml.
+        predict += ["--trainer.default_root_dir", str(logs / "predict")]
+        predict += _logger_folder([config], logs, "predict")
         predict += shared
         predict += _flags(args, PREDICT_FLAGS)
         commands["predict"] = predict + data_passthrough + shlex.split(args.predict_args)
     return commands
+
+
+def _logger_folder(configs: list[Path], save_dir: Path, name: str) -> list[str]:
+    """Options that move the recipes' logger, when it has a ``save_dir``, to ``save_dir/name``."""
+    if "save_dir" not in _logger_args(configs):
+        return []
+    return ["--trainer.logger.init_args.save_dir", str(save_dir), "--trainer.logger.init_args.name", name]
 
 
 def _flags(args: argparse.Namespace, flags: dict[str, str]) -> list[str]:
@@ -350,6 +409,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         for run, commands in plans:
             print(f"# {run.model} x {run.dataset}")
+            if run.fit_configs:
+                print(f"#   fit recipe: {' + '.join(run.fit_configs)}")
             for command in commands.values():
                 print(f"$ {shlex.join(command)}")
             run.status = "dry run"

@@ -5,7 +5,8 @@ neurolight fit --config configs/send/demo.yaml
 The module itself is plain fine-tuning (AdamW, loss on the answer tokens); Sensitive Neuron Dropout
 (``callbacks.SensitiveNeuronDropout``) is a callback added to the trainer, so the same module without it is the
 plain fine-tuning baseline. At the end of fit the model is written as ``{output_dir}/{model}_{dataset}_SEND/``:
-Hugging Face weights (safetensors), tokenizer files and ``training_config.json``.
+Hugging Face weights (safetensors), tokenizer files and ``training_config.json``; rank 0 prints the folder's
+absolute path.
 
 Also here, importable without Lightning running: the SEND math (``sentence_embeddings``, ``sensitivity_scores``)
 and ``penultimate_layer``.
@@ -244,7 +245,8 @@ class SendModule(pl.LightningModule):
         """Write the model (safetensors), its tokenizer and ``training_config.json`` to ``target``.
 
         Collective under DeepSpeed stage 3 (every rank gathers the parameters); rank 0 writes, into a staging
-        folder that is renamed at the end, so an interrupted write never leaves half a model.
+        folder that is renamed at the end, so an interrupted write never leaves half a model, and prints the
+        folder's absolute path.
         """
         state = self._full_state_dict()
         if not self.trainer.is_global_zero:
@@ -263,6 +265,7 @@ class SendModule(pl.LightningModule):
             staging.rename(target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+        print(f"\nSEND model written to {target.resolve()}")
         self.trainer.strategy.barrier("send_save_model")
 
     def _full_state_dict(self) -> dict[str, Tensor]:

@@ -294,25 +294,3 @@ def test_writer__ddp_two_ranks_write_every_question_once(tiny_model_dir, truthfu
     dm.setup("predict")
     assert [r["question_id"] for r in results] == [r.id for r in dm.test_records[:5]]
     assert all(r["eigenscore"] is not None and len(r["sampled_responses"]) == 2 for r in results)
-
-
-def test_comparison_table__one_row_per_file_with_its_mean_scores(tmp_path):
-    from callbacks.qa_prediction_writer import comparison_table, main
-
-    for name, em, f1, auc in (("before", 0.0, 0.0125, None), ("after", 0.25, 0.3333, 0.75)):
-        summary = {"num_questions": 4, "exact_match": em, "f1": f1, "eigenscore_auroc": auc}
-        (tmp_path / f"{name}.json").write_text(json.dumps({"model_path": f"m-{name}", "aggregate": summary}))
-    table = comparison_table([tmp_path / "before.json", tmp_path / "after.json"]).splitlines()
-    assert table[0].split() == [
-        "file",
-        "model",
-        "num_questions",
-        "exact_match",
-        "f1",
-        "mean_eigenscore",
-        "eigenscore_auroc",
-    ]
-    assert table[1].split() == ["before.json", "m-before", "4", "0.000", "0.013", "-", "-"]
-    assert table[2].split() == ["after.json", "m-after", "4", "0.250", "0.333", "-", "0.750"]
-    with pytest.raises(SystemExit, match=r"not found: .*missing\.json"):
-        main([str(tmp_path / "missing.json")])

@@ -312,14 +312,17 @@ def test_resume__callback_state_matches_a_straight_run(tiny_model_dir, records_p
 
 # --------------------------------------------------------------------------------------------------- output
 def test_send_folder__safetensors_tokenizer_and_config_that_reload_to_identical_logits(
-    tiny_model_dir, records_path, tmp_path
+    tiny_model_dir, records_path, tmp_path, capsys, monkeypatch
 ):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    module = _module(tiny_model_dir, tmp_path, save_model=True, run_name=None)
+    monkeypatch.chdir(tmp_path)
+    module = _module(tiny_model_dir, tmp_path, save_model=True, run_name=None, output_dir="out")  # relative
     send = SensitiveNeuronDropout(identify_every=1, drop_epochs=1, log_eigenscore=False)
     _fit(module, _datamodule(tiny_model_dir, records_path), tmp_path, [send], max_epochs=2)
     folder = tmp_path / "out" / f"{tiny_model_dir.name}_triviaqa_SEND"
+    # The end of fit says where the model went, as an absolute path, once.
+    assert capsys.readouterr().out.count(f"\nSEND model written to {folder.resolve()}\n") == 1
     names = {p.name for p in folder.iterdir()}
     assert {"model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"} <= names
     assert "training_config.json" in names and not any(n.endswith(".bin") for n in names)
