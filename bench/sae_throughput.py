@@ -261,6 +261,7 @@ def run_neurolight(args, recipe: dict) -> dict:
             "model_name": args.model,
             "device_llm": args.device,
             "llm_dtype": args.llm_dtype,
+            "compile_llm": args.compile_llm or bool(data.get("compile_llm", False)),
         }
     )
     module = SparseAutoencoderModule(**model)
@@ -455,6 +456,8 @@ def run_side(side: str, args, workdir: Path, index: int) -> dict:
         "--llm-dtype",
         args.llm_dtype,
     ]
+    if args.compile_llm:
+        command.append("--compile-llm")
     if args.threads:
         command += ["--threads", str(args.threads)]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
@@ -562,6 +565,11 @@ def main(argv: list[str] | None = None) -> None:
         default="float32",
         choices=("float32", "bfloat16"),
         help="the LLM's weights on both sides (the SAE and its activations stay float32)",
+    )
+    parser.add_argument(
+        "--compile-llm",
+        action="store_true",
+        help="neurolight side: torch.compile its truncated LLM forward (CUDA graphs on CUDA); SAELens has none",
     )
     parser.add_argument("--json", default=None, help="also write every run's measurements to this file")
     # Internal: one side in a subprocess.
