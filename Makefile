@@ -31,7 +31,9 @@ demo-sae: $(STAMP)
 	$(BIN)/neurolight-tokenize --output_dir $(DEMO_DIR)/corpus --tokenizer smollm2-135m \
 		--dataset pydoc --min_tokens 64 --context_length 64 --num_files 2 --num_samples_per_file 640 \
 		--num_processes 2 --overwrite
-	rm -rf $(DEMO_DIR)/interpret  # interpretations of the previous demo SAE do not describe the new one
+	# A fresh demo SAE (no resume): neither the previous one's step checkpoints nor the interpretations of its
+	# latents describe it.
+	rm -rf $(DEMO_DIR)/sae $(DEMO_DIR)/interpret
 	$(BIN)/neurolight fit --config configs/sae/demo.yaml
 
 demo-interpret: $(STAMP)
