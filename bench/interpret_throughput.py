@@ -4,11 +4,13 @@
         [--json FILE]
 
 Both simulators run in the same process on the same explainer (``configs/interpret/demo.yaml``: SmolLM2-135M-
-Instruct, its forward batch size and sample counts), for the same latents, the same explanations and the same
-held-out records; per latent the order of the two alternates, so that load from other processes hits both alike.
-Timed per latent: the explanation (shared), each simulator, and the detection pass (shared, when the config turns
-it on). Printed: latents per hour of the whole explain + simulate (+ detect) pipeline with each simulator, the
-simulation alone, their ratios, and the mean score of each simulator (the logit one should not score worse).
+Instruct, its dtype, forward batch size, sample counts and latents per predict step), for the same latents, the
+same explanations and the same held-out records. Latents go in the config's batches, as ``LatentInterpreter.
+predict_step`` takes them; per batch the order of the two simulators alternates, so that load from other processes
+hits both alike. Timed per batch: the explanations (shared), each simulator, and the detection pass (shared, when
+the config turns it on). Printed: latents per hour of the whole explain + simulate (+ detect) pipeline with each
+simulator, the simulation alone, their ratios, and the mean score of each simulator (the logit one should not score
+worse).
 
 Samples: ``runs/demo/interpret/samples`` when it exists (``neurolight predict --config
 configs/interpret/sample.yaml``); otherwise they are built in a temporary directory by brute force from the demo
@@ -141,27 +143,37 @@ def run(args: argparse.Namespace) -> dict:
     interpreter.configure_model()
     interpreter.model.to(args.device)
     rows = []
+    latents = data.pending_latents()
+    size = data.hparams.batch_size  # latents per predict step, as the demo runs them (explanations batched)
     with torch.inference_mode():
-        for i, latent in enumerate(data.pending_latents()):
-            task = data.task(latent)
-            explanations, t_explain = timed(args.device, interpreter.explain, [task])
+        for i, first in enumerate(range(0, len(latents), size)):
+            tasks = [data.task(latent) for latent in latents[first : first + size]]
+            explanations, t_explain = timed(args.device, interpreter.explain, tasks)
             sides = ("logits", "generate") if i % 2 == 0 else ("generate", "logits")
             seconds, scores = {}, {}
-            true = torch.cat([r.activations for r in task.simulation])
             for side in sides:
                 interpreter.hparams.simulator = side
-                values, seconds[side] = timed(args.device, interpreter.simulate, [task], explanations)
-                scores[side] = pearson(true, torch.cat(values[0]))
+                values, seconds[side] = timed(args.device, interpreter.simulate, tasks, explanations)
+                scores[side] = [
+                    pearson(torch.cat([r.activations for r in task.simulation]), torch.cat(simulated))
+                    for task, simulated in zip(tasks, values, strict=True)
+                ]
             t_detect = 0.0
             if model_args.get("detection", True):
-                _, t_detect = timed(args.device, interpreter.detect, [task], explanations)
-            row = {"latent": latent, "explanation": explanations[0], "explain_s": t_explain, "detect_s": t_detect}
-            row |= {f"{side}_s": seconds[side] for side in sides} | {f"{side}_score": scores[side] for side in sides}
+                _, t_detect = timed(args.device, interpreter.detect, tasks, explanations)
+            row = {"latents": [t.latent for t in tasks], "explanations": explanations}
+            row |= {"explain_s": t_explain, "detect_s": t_detect}
+            row |= {f"{side}_s": seconds[side] for side in sides} | {f"{side}_scores": scores[side] for side in sides}
             rows.append(row)
+            for k, task in enumerate(tasks):
+                print(
+                    f"latent {task.latent:5d}  scores {scores['logits'][k]:+.2f} / {scores['generate'][k]:+.2f}  "
+                    f"{explanations[k][:60]!r}"
+                )
             print(
-                f"latent {latent:5d}  explain {t_explain:5.1f} s  logits {seconds['logits']:5.1f} s  "
-                f"generate {seconds['generate']:6.1f} s  detect {t_detect:4.1f} s  "
-                f"scores {scores['logits']:+.2f} / {scores['generate']:+.2f}  {explanations[0][:50]!r}"
+                f"  {len(tasks)} latents: explain {t_explain:5.1f} s  logits {seconds['logits']:5.1f} s  "
+                f"generate {seconds['generate']:6.1f} s  detect {t_detect:4.1f} s",
+                flush=True,
             )
     return summarize(rows, samples)
 
@@ -169,12 +181,12 @@ def run(args: argparse.Namespace) -> dict:
 def summarize(rows: list[dict], samples: Path) -> dict:
     total = {key: sum(r[key] for r in rows) for key in ("explain_s", "detect_s", "logits_s", "generate_s")}
     shared = total["explain_s"] + total["detect_s"]
-    n = len(rows)
+    n = sum(len(r["latents"]) for r in rows)
     rate = {side: 3600 * n / (shared + total[f"{side}_s"]) for side in ("logits", "generate")}
     sim_rate = {side: 3600 * n / total[f"{side}_s"] for side in ("logits", "generate")}
 
     def mean_score(side: str) -> float:
-        values = [r[f"{side}_score"] for r in rows if not math.isnan(r[f"{side}_score"])]
+        values = [x for r in rows for x in r[f"{side}_scores"] if not math.isnan(x)]
         return statistics.fmean(values) if values else math.nan
 
     summary = {
@@ -205,7 +217,9 @@ def summarize(rows: list[dict], samples: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--latents", type=int, default=8, help="latents timed (the first of the samples)")
+    parser.add_argument(
+        "--latents", type=int, default=8, help="latents timed (the first of the samples), in the config's batches"
+    )
     parser.add_argument("--samples", help="samples directory (default: runs/demo/interpret/samples, else built)")
     parser.add_argument("--contexts", type=int, default=384, help="contexts scanned when building samples")
     parser.add_argument("--device", default="cpu")
