@@ -70,7 +70,7 @@ class SaeCheckpoint(pl.Callback):
         # Reset the window before saving so that the checkpoint holds the state the next step expects.
         self.fired.zero_()
         self.tokens = 0
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # optimizer, loops and callbacks too: resumable
         if trainer.is_global_zero:
             plot_feature_density(fired, tokens, directory / f"{name}_feature_density.png", trainer.global_step)
             self.written.append(str(path))

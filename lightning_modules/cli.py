@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
@@ -16,6 +17,9 @@ from lightning.pytorch.cli import LightningCLI
 def run(args: list[str] | None = None) -> LightningCLI:
     # Quiet the tokenizers fork warning: the datamodule forks worker processes after tokenizing.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Lightning 2.6's own pytree helper trips a deprecation of torch >= 2.10 on every fit and predict; nothing the
+    # user can act on.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     # Imported for their side effect: LightningCLI resolves short class names among imported subclasses.
     import callbacks  # noqa: F401
     import datamodules.activations
