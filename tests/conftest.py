@@ -1,4 +1,5 @@
-"""Shared test fixtures: tiny random-init Llama models and tokenizers built on the spot (no network)."""
+"""Shared test fixtures: tiny random-init Llama models and tokenizers built on the spot (no network), and an
+Elasticsearch-compatible server on loopback."""
 
 from __future__ import annotations
 
@@ -124,3 +125,12 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def es_address(tmp_path_factory):
+    """Address (``http://127.0.0.1:PORT``) of a noida-db server that serves the test module using it, then stops."""
+    from tests.noida import noida_elasticsearch
+
+    with noida_elasticsearch(tmp_path_factory.mktemp("noida")) as address:
+        yield address

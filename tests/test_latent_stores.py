@@ -1,12 +1,11 @@
 """Latent stores and the InterpretationWriter against a real Elasticsearch-compatible server (noida-db on
-loopback, started here) and SQLite; failures are injected by a loopback proxy, never by mocking the client."""
+loopback, the ``es_address`` fixture) and SQLite; failures are injected by a loopback proxy, never by mocking the
+client. Over https: test_elasticsearch_tls.py."""
 
 from __future__ import annotations
 
 import logging
 import math
-import re
-import shutil
 import time
 
 import lightning.pytorch as pl
@@ -25,70 +24,8 @@ from callbacks.latent_stores import (
     to_document,
 )
 from datamodules.interpretation_samples import KINDS, InterpretationSamples, save_interpretation_samples
-from tests.noida import FaultProxy, free_port, make_test_ca, noida_elasticsearch, server_tls_context
-
-SECRET = "c2VjcmV0LWlkOnRvcC1zZWNyZXQta2V5LTQ3MTE="
-META = {
-    "model_name": "codellama/CodeLlama-7b-Instruct-hf",
-    "layer_type": "mlp_activations",
-    "layer_id": 19,
-    "d_in": 11008,
-    "d_sae": 44032,
-    "learning_rate": 2e-4,
-    "l1_coefficient": 0.5,
-    "architecture": "relu",
-}
-
-
-@pytest.fixture(scope="module")
-def es_address(tmp_path_factory):
-    with noida_elasticsearch(tmp_path_factory.mktemp("noida")) as address:
-        yield address
-
-
-@pytest.fixture(scope="module")
-def test_ca(tmp_path_factory):
-    """(CA certificate, server certificate, server key) of a throwaway CA; the certificate names 127.0.0.1."""
-    if shutil.which("openssl") is None:
-        pytest.skip("the openssl command is not installed; the TLS tests make their throwaway CA with it")
-    return make_test_ca(tmp_path_factory.mktemp("tls"))
-
-
-def interpretation(latent: int, version: int = 1) -> dict:
-    return {
-        "latent": latent,
-        "explanation": f"tokens about topic {latent} (v{version})",
-        "score": float("nan") if latent % 5 == 0 else round(0.1 * (latent % 7) + 0.01 * version, 4),
-        "detection_score": 0.5 + 0.01 * latent,
-        "frequency": 10 ** (-2 - latent / 10),
-        "max_activation": 1.5 + latent,
-        "top_tokens": [" def", f"tok{latent}", "é"],
-        "explainer": "smollm2-135m",
-        "num_simulated_tokens": 64,
-    }
-
-
-def expected_document(latent: int, index: str, version: int = 1) -> dict:
-    """The document, written out field by field, that ``interpretation(latent, version)`` must become."""
-    source = interpretation(latent, version)
-    return {
-        "sae": index,
-        "model": "codellama/CodeLlama-7b-Instruct-hf",
-        "layer": 19,
-        "layer_type": "mlp_activations",
-        "latent": latent,
-        "explanation": source["explanation"],
-        "score": None if latent % 5 == 0 else source["score"],
-        "detection_score": source["detection_score"],
-        "frequency": source["frequency"],
-        "max_activation": source["max_activation"],
-        "top_tokens": [" def", f"tok{latent}", "é"],
-        "explainer": "smollm2-135m",
-    }
-
-
-def without_time(documents: list[dict]) -> list[dict]:
-    return [{key: value for key, value in doc.items() if key != "updated_at"} for doc in documents]
+from tests.noida import FaultProxy, free_port
+from tests.store_documents import META, SECRET, expected_document, interpretation, without_time
 
 
 def test_sae_index_name__spells_model_layer_sizes_lr_and_l1_like_the_run_names():
@@ -249,84 +186,6 @@ def test_elasticsearch_store__unreachable_server_is_one_line_error_naming_the_ad
     )
     with pytest.raises(ValueError, match=r"needs a scheme: https://127.0.0.1:1234"):
         ElasticsearchStore("127.0.0.1:1234")
-
-
-def test_elasticsearch_store__over_https_verifies_the_server_against_ssl_cert_and_round_trips_documents(
-    es_address, test_ca
-):
-    ca, cert, key = test_ca
-    index = sae_index_name({**META, "layer_id": 5})
-    with FaultProxy(es_address, tls=server_tls_context(cert, key)) as proxy:
-        assert proxy.address.startswith("https://127.0.0.1:")
-        store = ElasticsearchStore(proxy.address, api_key_env=None, ssl_cert=str(ca))
-        store.open(index, META)
-        store.upsert([to_document(interpretation(latent), index, META) for latent in (4, 1)])
-        assert without_time(store.documents()) == [expected_document(latent, index) for latent in (1, 4)]
-        store.close()
-    paths = {path.split("?")[0] for _, path, _ in proxy.requests}
-    assert paths == {f"/{index}", "/_bulk", f"/{index}/_refresh", f"/{index}/_search"}  # every call went over https
-    assert Elasticsearch(es_address).count(index=index)["count"] == 2  # and they reached the server behind it
-
-
-TLS_FAILURES = {
-    "no ssl_cert": (
-        r"\(unable to get local issuer certificate\) against the default public CAs \(certifi\)",
-        "give the CA file (PEM) that signed it as ssl_cert",
-    ),
-    "ssl_cert of another CA": (
-        r"\(unable to get local issuer certificate\) against ssl_cert '[^']+/other/ca\.pem'",
-        "give the CA file (PEM) that signed it as ssl_cert",
-    ),
-    # OpenSSL or urllib3 checks the name, depending on the versions; both name the address and the certificate's.
-    "certificate for another host": (
-        r"\([^()]*'127\.0\.0\.1'[^()]*\)",
-        "use a server_address whose host is one the certificate names",
-    ),
-}
-
-
-@pytest.mark.parametrize("case", TLS_FAILURES)
-def test_elasticsearch_store__unverifiable_certificate_fails_at_once_in_one_line_and_the_key_is_never_sent(
-    case, test_ca, tmp_path, caplog, capsys
-):
-    caplog.set_level(logging.DEBUG)
-    ca, cert, key = test_ca
-    ssl_cert = None
-    if case == "ssl_cert of another CA":
-        ssl_cert = str(make_test_ca(tmp_path / "other")[0])
-    elif case == "certificate for another host":
-        ca, cert, key = make_test_ca(tmp_path / "other", names="DNS:es.example.org")
-        ssl_cert = str(ca)
-    with FaultProxy(None, fail_status=401, tls=server_tls_context(cert, key)) as proxy:
-        # A retry would sleep at least half of retry_backoff first: 2.5 s.
-        store = ElasticsearchStore(proxy.address, api_key=SECRET, ssl_cert=ssl_cert, max_retries=5, retry_backoff=5)
-        start = time.perf_counter()
-        with pytest.raises(LatentStoreError) as error:
-            store.open("some-index", META)
-        elapsed = time.perf_counter() - start
-    assert elapsed < 2.5 and "retry" not in caplog.text  # a certificate failure is not retried
-    assert proxy.requests == []  # the API key was never sent to the unverified server
-    message = str(error.value)
-    assert "\n" not in message
-    why, fix = TLS_FAILURES[case]
-    prefix = f"Elasticsearch at {proxy.address}, checking index 'some-index': the server's TLS certificate could not "
-    assert re.fullmatch(f"{re.escape(prefix)}be verified {why}: {re.escape(fix)}", message), message
-    captured = capsys.readouterr()
-    for text in (message, repr(store), caplog.text, captured.out, captured.err):
-        assert SECRET not in text
-
-
-def test_elasticsearch_store__https_to_a_plain_http_server_fails_at_once_and_says_to_check_the_scheme(es_address):
-    address = es_address.replace("http://", "https://")
-    store = ElasticsearchStore(address, api_key=SECRET, max_retries=5, retry_backoff=5)
-    start = time.perf_counter()
-    with pytest.raises(LatentStoreError) as error:
-        store.open("some-index", META)
-    assert time.perf_counter() - start < 2.5  # not retried: a retry would sleep at least 2.5 s first
-    prefix = f"Elasticsearch at {address}, checking index 'some-index': TLS failed ("
-    fix = "): check that the server speaks https at this address (or use http:// for a server without TLS)"
-    # OpenSSL's words for a plain http answer differ between versions ("wrong version number", ...).
-    assert re.fullmatch(f"{re.escape(prefix)}.+{re.escape(fix)}", str(error.value)), str(error.value)
 
 
 # ---- the writer in real predict runs ----------------------------------------------------------------------------

@@ -182,7 +182,7 @@ def test_sensitivity_threshold__sets_the_callbacks_of_each_pairs_own_recipe(tmp_
 
 
 def test_composed_recipes__a_later_file_replaces_the_callbacks_and_merges_a_same_class_logger(tmp_path):
-    from lightning_modules.send_grid import _logger_args, sensitivity_callbacks
+    from lightning_modules.send_grid_recipes import logger_args, sensitivity_callbacks
 
     recipe, same_logger, no_logger, other_callbacks = (tmp_path / f"{n}.yaml" for n in "abcd")
     csv = "lightning.pytorch.loggers.CSVLogger"
@@ -193,9 +193,9 @@ def test_composed_recipes__a_later_file_replaces_the_callbacks_and_merges_a_same
     same_logger.write_text(yaml.safe_dump({"trainer": {"logger": {"class_path": csv, "init_args": {"name": "y"}}}}))
     no_logger.write_text(yaml.safe_dump({"trainer": {"logger": False}}))
     other_callbacks.write_text(yaml.safe_dump({"trainer": {"callbacks": [{"class_path": "x.Y"}]}}))
-    assert _logger_args([recipe, same_logger]) == {"save_dir": "runs/x", "name": "y"}
-    assert _logger_args([recipe, no_logger]) == {}
-    assert _logger_args([no_logger, recipe]) == {"save_dir": "runs/x", "name": "x"}
+    assert logger_args([recipe, same_logger]) == {"save_dir": "runs/x", "name": "y"}
+    assert logger_args([recipe, no_logger]) == {}
+    assert logger_args([no_logger, recipe]) == {"save_dir": "runs/x", "name": "x"}
     assert json.loads(sensitivity_callbacks([recipe, same_logger], 0.2))[0]["init_args"]["sensitivity_threshold"] == 0.2
     with pytest.raises(SystemExit, match=r"a\.yaml \+ .*d\.yaml has no callback with init_args\.sensitivity_threshold"):
         sensitivity_callbacks([recipe, other_callbacks], 0.2)
