@@ -5,6 +5,7 @@ embeddings, K = 1 is refused, and under DDP every question is written once."""
 from __future__ import annotations
 
 import json
+import math
 import re
 import socket
 import string
@@ -294,3 +295,39 @@ def test_writer__ddp_two_ranks_write_every_question_once(tiny_model_dir, truthfu
     dm.setup("predict")
     assert [r["question_id"] for r in results] == [r.id for r in dm.test_records[:5]]
     assert all(r["eigenscore"] is not None and len(r["sampled_responses"]) == 2 for r in results)
+
+
+def test_bf16_true__answers_and_finite_eigenscores_of_the_bf16_models_answer_embeddings(
+    tiny_model_dir, truthfulqa_file, monkeypatch
+):
+    from tests.test_metrics import numpy_eigenscore
+
+    k, layer = 4, 1
+    module = AnswerGenerator(str(tiny_model_dir), max_new_tokens=6, num_generations=k, embedding_layer=layer)
+    calls = []  # the arguments and result of every answer_embeddings call (one per question)
+    original = module.answer_embeddings
+
+    def record(*args):
+        calls.append((args, original(*args)))
+        return calls[-1][1]
+
+    monkeypatch.setattr(module, "answer_embeddings", record)
+    trainer = pl.Trainer(accelerator="cpu", precision="bf16-true", logger=False, enable_progress_bar=False)
+    batches = trainer.predict(module, datamodule=make_data(tiny_model_dir, truthfulqa_file, num_samples=3))
+    rows = [row for batch in batches for row in batch]
+
+    assert {p.dtype for p in module.model.parameters()} == {torch.bfloat16}
+    assert len(rows) == len(calls) == 3
+    for row, ((prompt_ids, prompt_mask, generated, answers), embeddings) in zip(rows, calls):
+        assert isinstance(row["generated_response"], str) and len(row["sampled_responses"]) == k
+        assert embeddings.dtype == torch.float32 and embeddings.shape == (k, 64)
+        # Each answer embedded by hand: the bf16 model on the unpadded prompt + answer, hidden state at its end.
+        expected = []
+        for ids, mask, sample, n in zip(prompt_ids, prompt_mask, generated, answers.num_tokens):
+            sequence = torch.cat([ids[mask.bool()], sample[:n]]).unsqueeze(0)
+            with torch.inference_mode():
+                expected.append(module.model(sequence, output_hidden_states=True).hidden_states[layer][0, -1].float())
+        expected = torch.stack(expected)
+        assert (embeddings - expected).norm() / expected.norm() < 2**-6  # bf16 rounding of padded vs unpadded
+        assert math.isfinite(row["eigenscore"])
+        assert row["eigenscore"] == pytest.approx(numpy_eigenscore(embeddings, alpha=1e-3), rel=1e-4, abs=1e-4)

@@ -1,3 +1,4 @@
+import copy
 import math
 
 import lightning.pytorch as pl
@@ -173,3 +174,65 @@ def test_step_losses__logged_every_log_every_n_steps_as_lightning_writes_them(tm
     # Lightning writes step values after the 5th and 10th batches (global steps 4 and 9), as before.
     assert loss_steps == l0_steps == [4, 9]
     assert all(float(r["train/loss"]) > 0 for r in rows if r.get("train/loss"))
+
+
+# ------------------------------------------------------------------------------------------------- bfloat16
+def test_bf16_llm__buffer_holds_the_bf16_models_activations_in_bfloat16(corpus, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from tests.test_hooked_llm import manual_layer
+
+    # configs/sae/codellama-7b-l19.yaml: the LLM and the buffer in bfloat16.
+    datamodule = make_datamodule(corpus, tiny_model_dir, llm_dtype="bfloat16", buffer_dtype="bfloat16")
+    datamodule.setup("fit")
+    hooked = datamodule.hooked_llm
+    assert hooked.model.dtype == torch.bfloat16 and hooked.truncated  # the fast path passed its check in bf16
+    storage = datamodule.buffer.peek()
+    assert storage.dtype == torch.bfloat16 and storage.shape == (6 * 64, 128)
+
+    # The first fill writes the rows of the first LLM batches in order: contexts in the order of the first pass
+    # (the datamodule's seed 0), 16 tokens each, position 0 excluded.
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).eval()
+    order = torch.randperm(datamodule.num_train_contexts, generator=torch.Generator().manual_seed(0))
+    ids = datamodule.corpus.batch(order[:32].numpy())[:, :16]
+    with torch.no_grad():
+        hidden = model(ids, output_hidden_states=True).hidden_states[1]
+        expected = manual_layer(model, 1, hidden)["mlp_activations"][:, 1:].reshape(-1, 128)[: len(storage)]
+    assert expected.dtype == torch.bfloat16
+    # Both sides round every product to bfloat16 (eps 2^-7), in different places: within two epsilons.
+    error, expected = storage.float() - expected.float(), expected.float()
+    assert error.norm() < 2**-6 * expected.norm() and error.abs().max() < 2**-6 * expected.abs().max()
+
+
+@pytest.mark.parametrize(("precision", "autocast"), [("32-true", None), ("bf16-mixed", torch.bfloat16)])
+def test_bf16_buffer__sae_trains_in_float32_weights_with_a_unit_norm_decoder(
+    tmp_path, corpus, tiny_model_dir, precision, autocast
+):
+    # 32-true: the codellama recipe (bf16 LLM and buffer, fp32 SAE); bf16-mixed: with configs/trainer/deepspeed.yaml.
+    datamodule = make_datamodule(corpus, tiny_model_dir, llm_dtype="bfloat16", buffer_dtype="bfloat16")
+    torch.manual_seed(0)
+    module = make_module()
+    initial = copy.deepcopy(module.sae)
+    batch_dtypes, forward_autocast = set(), set()
+
+    def record_autocast(sae, args):
+        forward_autocast.add(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+
+    module.sae.register_forward_pre_hook(record_autocast)
+    record = pl.callbacks.LambdaCallback(on_train_batch_start=lambda t, m, batch, i: batch_dtypes.add(batch.dtype))
+    trainer = make_trainer(tmp_path, max_steps=60, precision=precision)
+    trainer.callbacks.append(record)
+    trainer.fit(module, datamodule)
+    x = held_out_activations(datamodule, module)
+
+    def explained(sae):  # by hand
+        with torch.no_grad():
+            x_hat = sae(x).x_hat.float()
+        return 1 - float(((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum())
+
+    assert x.dtype == torch.float32 and torch.isfinite(x).all()
+    assert batch_dtypes == {torch.bfloat16}  # served from the bfloat16 buffer
+    assert forward_autocast == {autocast}  # the training forward's matrix products: bf16 under bf16-mixed
+    assert {p.dtype for p in module.parameters()} == {torch.float32}
+    assert explained(initial) < 0 and explained(module.sae) > 0.5
+    torch.testing.assert_close(module.sae.W_dec.norm(dim=1), torch.ones(256))

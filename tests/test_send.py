@@ -60,13 +60,15 @@ def _module(model_dir, tmp_path, **kwargs) -> SendModule:
     return SendModule(model_name=str(model_dir), **kwargs)
 
 
-def _fit(module, datamodule, tmp_path, callbacks, max_epochs: int, ckpt_path=None, checkpoint=None, **kwargs):
+def _fit(
+    module, datamodule, tmp_path, callbacks, max_epochs: int, ckpt_path=None, checkpoint=None, logger=False, **kwargs
+):
     pl.seed_everything(0, verbose=False)
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=1,
         max_epochs=max_epochs,
-        logger=False,
+        logger=logger,
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=checkpoint is not None,
@@ -308,6 +310,57 @@ def test_resume__callback_state_matches_a_straight_run(tiny_model_dir, records_p
     assert (
         float(layer.mlp.down_proj.weight[resumed.sensitive].detach().abs().max()) == 0.0
     )  # epoch 4 ended in the window
+
+
+# ------------------------------------------------------------------------------------------------- bfloat16
+@pytest.mark.parametrize(("precision", "weights_dtype"), [("bf16-true", torch.bfloat16), ("bf16-mixed", torch.float32)])
+def test_bf16__window_holds_rows_at_zero_eigenscores_match_and_the_model_reloads_in_its_training_dtype(
+    tiny_model_dir, records_path, tmp_path, precision, weights_dtype
+):
+    import csv
+
+    from transformers import AutoModelForCausalLM
+
+    from tests.test_metrics import numpy_eigenscore
+
+    # The recipes' precisions (configs/send/*.yaml: bf16-true; configs/trainer/deepspeed.yaml: bf16-mixed), on CPU.
+    send = SensitiveNeuronDropout(sensitivity_threshold=0.25, identify_every=1, drop_epochs=1)
+    probe = _WriterRowsProbe(send)
+    forward_dtypes = set()
+    record_dtype = pl.callbacks.LambdaCallback(
+        on_train_start=lambda trainer, module: penultimate_layer(module.model).mlp.down_proj.register_forward_hook(
+            lambda linear, args, output: forward_dtypes.add((linear.training, output.dtype))
+        )
+    )
+    module = _module(tiny_model_dir, tmp_path, save_model=True, run_name="bf16")
+    logger = pl.loggers.CSVLogger(str(tmp_path), name="logs")
+    _fit(module, _datamodule(tiny_model_dir, records_path), tmp_path, [send, probe, record_dtype], max_epochs=3,
+         precision=precision, logger=logger, log_every_n_steps=1)  # fmt: skip
+
+    # bf16-true trains bfloat16 weights; bf16-mixed keeps float32 weights and runs the forward under autocast.
+    assert {p.dtype for p in module.model.parameters()} == {weights_dtype}
+    # The matrix products of the training and the tracking forwards (eval mode) ran in bfloat16.
+    assert forward_dtypes == {(True, torch.bfloat16), (False, torch.bfloat16)}
+    # Identified after epoch 0, dropped through epoch 1 (three AdamW steps), trained in epoch 2, identified again.
+    assert [s["epoch"] for s in send.selections] == [0, 2] and len(send.sensitive) == round(0.25 * D_MODEL)
+    assert probe.rows_abs_max[1] == [0.0, 0.0, 0.0] and probe.moments_abs_max[1] == [0.0, 0.0, 0.0]
+    assert min(probe.rows_abs_max[2]) > 0
+    with open(logger.log_dir + "/metrics.csv") as f:
+        rows = [row for row in csv.DictReader(f) if row.get("send/eigenscore")]
+    assert [float(row["send/dropped_neurons"]) for row in rows] == [0, round(0.25 * D_MODEL), 0]
+    assert send.history.dtype == torch.float32 and send.history_epochs == [-1, 0, 1, 2]
+    for row, embeddings in zip(rows, send.history[1:]):  # the logged scores are those of that epoch's embeddings
+        score, ees = float(row["send/eigenscore"]), float(row["send/ees"])
+        assert np.isfinite(score) and np.isfinite(ees)
+        expected = numpy_eigenscore(embeddings, alpha=1e-3)
+        assert score == pytest.approx(expected, rel=1e-5) and ees == pytest.approx(expected, rel=1e-2)
+
+    # Saved as trained, so nothing is rounded: bfloat16 for bf16-true, the float32 weights for bf16-mixed.
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "bf16")
+    assert reloaded.dtype == weights_dtype
+    saved = reloaded.state_dict()
+    for name, value in module.model.state_dict().items():
+        assert torch.equal(saved[name], value), name
 
 
 # --------------------------------------------------------------------------------------------------- output
