@@ -96,6 +96,8 @@ class RunningLatentSamples(nn.Module):
         num_random: Uniformly random contexts per latent.
         num_negative: Random contexts where the latent does not fire, per latent.
         seed: Seed of the random keys.
+
+    The sizes have no defaults here: ``LatentSampler``'s config holds them, once.
     """
 
     def __init__(
@@ -103,12 +105,13 @@ class RunningLatentSamples(nn.Module):
         latents: Tensor,
         reference_max: Tensor,
         num_tokens: int,
-        num_top: int = 20,
-        num_quantiles: int = 5,
-        num_per_quantile: int = 4,
-        num_random: int = 10,
-        num_negative: int = 10,
-        seed: int = 0,
+        *,
+        num_top: int,
+        num_quantiles: int,
+        num_per_quantile: int,
+        num_random: int,
+        num_negative: int,
+        seed: int,
     ) -> None:
         super().__init__()
         sizes = {"num_top": num_top, "num_quantiles": num_quantiles, "num_per_quantile": num_per_quantile}
