@@ -1,5 +1,5 @@
-"""Shared test fixtures: tiny random-init Llama models and tokenizers built on the spot (no network), and an
-Elasticsearch-compatible server on loopback."""
+"""Shared test fixtures: tiny random-init Llama models and tokenizers built on the spot (no network), a small
+TriviaQA-schema question file, and an Elasticsearch-compatible server on loopback."""
 
 from __future__ import annotations
 
@@ -86,6 +86,14 @@ def tiny_model(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+
+
+@pytest.fixture
+def records_path(tmp_path):
+    """48 TriviaQA-schema questions of 3-9 words (``tests.send_helpers.write_records``), for SEND runs."""
+    from tests.send_helpers import write_records
+
+    return write_records(tmp_path / "tqa.jsonl")
 
 
 @pytest.fixture

@@ -1,10 +1,10 @@
-"""SEND: SendModule fine-tuning and the SensitiveNeuronDropout callback, on the tiny Llama (2 layers unless a test
-builds a deeper one; d = 64, so the penultimate layer is layer 0) and small TriviaQA-schema records."""
+"""SEND fine-tuning with the SensitiveNeuronDropout callback: the dropout window (weights and activations modes),
+resuming, bfloat16 and ZeRO-3, and the saved model folder, on the tiny Llama (2 layers; d = 64, so the penultimate
+layer is layer 0) and small TriviaQA-schema records."""
 
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import numpy as np
@@ -12,178 +12,11 @@ import pytest
 import torch
 
 from callbacks import SensitiveNeuronDropout
-from callbacks.sensitive_dropout import drop_schedule
-from datamodules.qa import QADataModule
 from lightning_modules import SendModule
-from lightning_modules.send_module import penultimate_layer, select_sensitive, sensitivity_scores
-
-D_MODEL = 64
-
-
-def _write_records(path, n: int = 48):
-    words = "red green blue river mountain city king queen music cat dog".split()
-    rows = []
-    for i in range(n):
-        # Questions of different lengths, so that every batch is right padded.
-        question = " ".join(words[(i + j) % len(words)] for j in range(2 + i % 7))
-        rows.append(
-            {"question": f"Which {question}?", "question_id": f"q{i}", "answer": {"value": words[i % 5], "aliases": []}}
-        )
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
-
+from lightning_modules.send_module import penultimate_layer
+from tests.send_helpers import D_MODEL, fit, make_datamodule, make_module
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture
-def records_path(tmp_path):
-    return _write_records(tmp_path / "tqa.jsonl")
-
-
-def _datamodule(model_dir, records_path) -> QADataModule:
-    return QADataModule(
-        dataset="triviaqa",
-        data_path=str(records_path),
-        model_name=str(model_dir),
-        batch_size=8,
-        max_length=64,
-        split_fractions=(0.5, 0.25, 0.25),
-    )
-
-
-def _module(model_dir, tmp_path, **kwargs) -> SendModule:
-    kwargs.setdefault("save_model", False)
-    kwargs.setdefault("output_dir", str(tmp_path / "out"))
-    kwargs.setdefault("learning_rate", 1e-2)
-    kwargs.setdefault("weight_decay", 0.1)
-    return SendModule(model_name=str(model_dir), **kwargs)
-
-
-def _fit(
-    module, datamodule, tmp_path, callbacks, max_epochs: int, ckpt_path=None, checkpoint=None, logger=False, **kwargs
-):
-    pl.seed_everything(0, verbose=False)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=max_epochs,
-        logger=logger,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=checkpoint is not None,
-        callbacks=[*callbacks, *([checkpoint] if checkpoint else [])],
-        default_root_dir=str(tmp_path),
-        num_sanity_val_steps=0,
-        **kwargs,
-    )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    return trainer
-
-
-# ---------------------------------------------------------------------------------------------- pure math
-def test_sensitivity_scores__equal_a_numpy_computation_of_var_times_net_change():
-    rng = np.random.default_rng(0)
-    history = rng.normal(size=(6, 5, 8)).astype(np.float32)  # (T checkpoints, N samples, d dims)
-    variance = history.astype(np.float64).var(axis=0)  # population variance over checkpoints
-    net_change = np.abs(np.diff(history.astype(np.float64), axis=0))[-3:].sum(axis=0)  # last C = 3 changes
-    expected = (variance * net_change).mean(axis=0)
-    scores = sensitivity_scores(torch.from_numpy(history), num_checkpoints=3)
-    np.testing.assert_allclose(scores.numpy(), expected, rtol=1e-6)
-    # Fewer checkpoints than C: all the net changes there are.
-    short = history[:2]
-    expected_short = (short.astype(np.float64).var(axis=0) * np.abs(short[1] - short[0])).mean(axis=0)
-    np.testing.assert_allclose(sensitivity_scores(torch.from_numpy(short)).numpy(), expected_short, rtol=1e-6)
-    top = select_sensitive(scores, 0.25)
-    assert top.tolist() == sorted(np.argsort(-expected)[:2].tolist())
-
-
-@pytest.mark.parametrize("bad", [0.0, 1.0, -0.1, 1.5])
-def test_sensitivity_threshold_outside_0_1__errors(bad):
-    with pytest.raises(ValueError, match="strictly between 0 and 1"):
-        SensitiveNeuronDropout(sensitivity_threshold=bad)
-    with pytest.raises(ValueError, match="strictly between 0 and 1"):
-        select_sensitive(torch.arange(10.0), bad)
-
-
-@pytest.mark.parametrize(
-    ("identify_every", "drop_epochs", "identify_after", "dropped"),
-    [
-        (2, 3, [1, 6, 11], [2, 3, 4, 7, 8, 9]),  # the defaults: 1-based, identify after 2, drop in 3-5, ...
-        (1, 1, [0, 2, 4, 6, 8, 10], [1, 3, 5, 7, 9, 11]),
-        (3, 2, [2, 7], [3, 4, 8, 9]),
-        (1, 4, [0, 5, 10], [1, 2, 3, 4, 6, 7, 8, 9, 11]),
-    ],
-)
-def test_drop_schedule__windows_follow_identification_and_never_overlap(
-    identify_every, drop_epochs, identify_after, dropped
-):
-    phases = [drop_schedule(epoch, identify_every, drop_epochs) for epoch in range(12)]
-    assert [e for e, p in enumerate(phases) if p.identify] == identify_after
-    assert [e for e, p in enumerate(phases) if p.drop] == dropped
-    for epoch, phase in enumerate(phases[:-1]):
-        assert not (phase.identify and phase.drop)  # identification happens after a full-training epoch
-        if phase.identify:
-            assert all(phases[epoch + 1 + i].drop for i in range(drop_epochs) if epoch + 1 + i < 12)
-
-
-def test_drop_schedule__defaults_fire_within_the_users_four_epochs():
-    assert [drop_schedule(epoch).drop for epoch in range(4)] == [False, False, True, True]
-    with pytest.raises(ValueError, match="identify_every=0"):
-        drop_schedule(0, identify_every=0)
-
-
-# ------------------------------------------------------------------------------------------- embeddings
-def _bare_trainer(datamodule) -> SimpleNamespace:
-    """What ``tracking_embeddings`` reads from a trainer, for calling it outside fit."""
-    return SimpleNamespace(
-        datamodule=datamodule,
-        precision_plugin=pl.plugins.precision.Precision(),
-        strategy=SimpleNamespace(broadcast=lambda obj, src=0: obj),
-    )
-
-
-def test_tracking_embeddings__mean_and_last_real_token_of_the_penultimate_layer(tiny_model_dir, records_path):
-    dm = _datamodule(tiny_model_dir, records_path)
-    dm.setup("fit")
-    module = SendModule(model_name=str(tiny_model_dir))
-    module.configure_model()
-    module.model.train()
-    embeddings = SensitiveNeuronDropout().tracking_embeddings(_bare_trainer(dm), module)
-    assert module.model.training  # the mode is restored
-    module.model.eval()
-    batches = list(dm.tracking_dataloader())
-    assert any((b["attention_mask"] == 0).any() for b in batches), "the test needs right padding"
-    expected = []
-    with torch.no_grad():
-        for batch in batches:
-            for ids, mask in zip(batch["input_ids"], batch["attention_mask"]):
-                real = ids[: int(mask.sum())].unsqueeze(0)  # no padding at all
-                hidden = module.model(real, output_hidden_states=True).hidden_states[-2][0]
-                expected.append(0.5 * (hidden.mean(0) + hidden[-1]))
-    assert embeddings.shape == (len(dm.tracking_records), D_MODEL)
-    torch.testing.assert_close(embeddings, torch.stack(expected), rtol=1e-4, atol=1e-5)
-
-
-def test_tracking_embeddings__frozen_prefix_replay_equals_the_full_forward(tiny_tokenizer, records_path, tmp_path):
-    from tests.conftest import make_llama
-
-    model_dir = tmp_path / "llama-4-layers"
-    make_llama(len(tiny_tokenizer), num_layers=4).save_pretrained(model_dir)
-    tiny_tokenizer.save_pretrained(model_dir)
-    # Embeddings and layer 0 frozen: after the first pass only layers 1 and 2 (the penultimate) run again.
-    module = _module(model_dir, tmp_path, freeze_layers=1, freeze_embeddings=True)
-    send = SensitiveNeuronDropout(sensitivity_threshold=0.25, identify_every=1, drop_epochs=1, log_eigenscore=False)
-    datamodule = _datamodule(model_dir, records_path)
-    replayed_from = []
-    probe = pl.callbacks.LambdaCallback(
-        on_train_epoch_end=lambda trainer, module: replayed_from.append(send._prefix_cache and send._prefix_cache[0])
-    )
-    _fit(module, datamodule, tmp_path, [send, probe], max_epochs=2)
-    assert replayed_from == [1, 1]
-    assert not torch.equal(send.history[-1], send.history[0])  # the live layers did train
-    full = SensitiveNeuronDropout().tracking_embeddings(_bare_trainer(datamodule), module)  # no cache yet
-    torch.testing.assert_close(send.history[-1], full, rtol=1e-6, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------ dropping
@@ -216,8 +49,8 @@ def test_weights_mode__rows_held_at_exactly_zero_through_the_window_then_train_a
     # identify_every=1, drop_epochs=1: epoch 0 trains fully and identifies, epoch 1 drops, epoch 2 trains fully.
     send = SensitiveNeuronDropout(sensitivity_threshold=0.25, identify_every=1, drop_epochs=1, log_eigenscore=False)
     probe = _WriterRowsProbe(send)
-    module = _module(tiny_model_dir, tmp_path, weight_decay=0.1, learning_rate=1e-2)
-    _fit(module, _datamodule(tiny_model_dir, records_path), tmp_path, [send, probe], max_epochs=3)
+    module = make_module(tiny_model_dir, tmp_path, weight_decay=0.1, learning_rate=1e-2)
+    fit(module, make_datamodule(tiny_model_dir, records_path), tmp_path, [send, probe], max_epochs=3)
     assert len(send.sensitive) == round(0.25 * D_MODEL)
     assert len(probe.rows_abs_max[1]) == 3  # three AdamW steps (weight decay 0.1) in the window
     assert probe.rows_abs_max[1] == [0.0, 0.0, 0.0]
@@ -263,8 +96,8 @@ def test_activations_mode__zeroes_the_dims_in_training_forward_only_and_removes_
         sensitivity_threshold=0.25, identify_every=1, drop_epochs=1, drop_mode="activations", log_eigenscore=False
     )
     probe = _ActivationProbe(send)
-    module = _module(tiny_model_dir, tmp_path)
-    _fit(module, _datamodule(tiny_model_dir, records_path), tmp_path, [send, probe], max_epochs=3)
+    module = make_module(tiny_model_dir, tmp_path)
+    fit(module, make_datamodule(tiny_model_dir, records_path), tmp_path, [send, probe], max_epochs=3)
     assert probe.train_abs_max[1] == 0.0  # the window
     assert probe.eval_abs_max[1] > 0  # validation in the window sees the whole layer
     assert probe.train_abs_max[2] > 0  # after the window
@@ -273,9 +106,9 @@ def test_activations_mode__zeroes_the_dims_in_training_forward_only_and_removes_
 
 
 def test_weights_mode__refuses_a_frozen_penultimate_layer(tiny_model_dir, records_path, tmp_path):
-    module = _module(tiny_model_dir, tmp_path, freeze_layers=1)
+    module = make_module(tiny_model_dir, tmp_path, freeze_layers=1)
     with pytest.raises(ValueError, match="penultimate decoder layer is frozen"):
-        _fit(module, _datamodule(tiny_model_dir, records_path), tmp_path, [SensitiveNeuronDropout()], max_epochs=1)
+        fit(module, make_datamodule(tiny_model_dir, records_path), tmp_path, [SensitiveNeuronDropout()], max_epochs=1)
 
 
 # --------------------------------------------------------------------------------------------------- resume
@@ -286,20 +119,20 @@ def test_resume__callback_state_matches_a_straight_run(tiny_model_dir, records_p
         return SensitiveNeuronDropout(sensitivity_threshold=0.25, log_eigenscore=False)
 
     straight = send()
-    _fit(_module(tiny_model_dir, tmp_path), _datamodule(tiny_model_dir, records_path), tmp_path, [straight], 4)
+    fit(make_module(tiny_model_dir, tmp_path), make_datamodule(tiny_model_dir, records_path), tmp_path, [straight], 4)
 
     checkpoint = pl.callbacks.ModelCheckpoint(
         dirpath=tmp_path / "ckpt", save_last=True, save_on_train_epoch_end=save_on_train_epoch_end
     )
     first = send()
-    _fit(_module(tiny_model_dir, tmp_path), _datamodule(tiny_model_dir, records_path), tmp_path, [first], 2,
+    fit(make_module(tiny_model_dir, tmp_path), make_datamodule(tiny_model_dir, records_path), tmp_path, [first], 2,
          checkpoint=checkpoint)  # fmt: skip
     resumed = send()
-    module = _module(tiny_model_dir, tmp_path)
+    module = make_module(tiny_model_dir, tmp_path)
     checkpoint = pl.callbacks.ModelCheckpoint(
         dirpath=tmp_path / "ckpt", save_on_train_epoch_end=save_on_train_epoch_end
     )
-    _fit(module, _datamodule(tiny_model_dir, records_path), tmp_path, [resumed], 4,
+    fit(module, make_datamodule(tiny_model_dir, records_path), tmp_path, [resumed], 4,
          ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"), checkpoint=checkpoint)  # fmt: skip
 
     assert straight.history_epochs == resumed.history_epochs == [-1, 0, 1, 2, 3]
@@ -332,9 +165,9 @@ def test_bf16__window_holds_rows_at_zero_eigenscores_match_and_the_model_reloads
             lambda linear, args, output: forward_dtypes.add((linear.training, output.dtype))
         )
     )
-    module = _module(tiny_model_dir, tmp_path, save_model=True, run_name="bf16")
+    module = make_module(tiny_model_dir, tmp_path, save_model=True, run_name="bf16")
     logger = pl.loggers.CSVLogger(str(tmp_path), name="logs")
-    _fit(module, _datamodule(tiny_model_dir, records_path), tmp_path, [send, probe, record_dtype], max_epochs=3,
+    fit(module, make_datamodule(tiny_model_dir, records_path), tmp_path, [send, probe, record_dtype], max_epochs=3,
          precision=precision, logger=logger, log_every_n_steps=1)  # fmt: skip
 
     # bf16-true trains bfloat16 weights; bf16-mixed keeps float32 weights and runs the forward under autocast.
@@ -370,9 +203,9 @@ def test_send_folder__safetensors_tokenizer_and_config_that_reload_to_identical_
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     monkeypatch.chdir(tmp_path)
-    module = _module(tiny_model_dir, tmp_path, save_model=True, run_name=None, output_dir="out")  # relative
+    module = make_module(tiny_model_dir, tmp_path, save_model=True, run_name=None, output_dir="out")  # relative
     send = SensitiveNeuronDropout(identify_every=1, drop_epochs=1, log_eigenscore=False)
-    _fit(module, _datamodule(tiny_model_dir, records_path), tmp_path, [send], max_epochs=2)
+    fit(module, make_datamodule(tiny_model_dir, records_path), tmp_path, [send], max_epochs=2)
     folder = tmp_path / "out" / f"{tiny_model_dir.name}_triviaqa_SEND"
     # The end of fit says where the model went, as an absolute path, once.
     assert capsys.readouterr().out.count(f"\nSEND model written to {folder.resolve()}\n") == 1
@@ -395,18 +228,18 @@ def test_existing_output_folder__refused_unless_overwrite(tiny_model_dir, record
     folder = tmp_path / "out" / "mine"
     folder.mkdir(parents=True)
     (folder / "old.txt").write_text("from an earlier run")
-    module = _module(tiny_model_dir, tmp_path, save_model=True, run_name="mine")
+    module = make_module(tiny_model_dir, tmp_path, save_model=True, run_name="mine")
     with pytest.raises(FileExistsError, match="overwrite: true"):
-        _fit(module, _datamodule(tiny_model_dir, records_path), tmp_path, [], max_epochs=1)
-    module = _module(tiny_model_dir, tmp_path, save_model=True, run_name="mine", overwrite=True)
-    _fit(module, _datamodule(tiny_model_dir, records_path), tmp_path, [], max_epochs=1)
+        fit(module, make_datamodule(tiny_model_dir, records_path), tmp_path, [], max_epochs=1)
+    module = make_module(tiny_model_dir, tmp_path, save_model=True, run_name="mine", overwrite=True)
+    fit(module, make_datamodule(tiny_model_dir, records_path), tmp_path, [], max_epochs=1)
     assert not (folder / "old.txt").exists() and (folder / "model.safetensors").is_file()
 
 
 def test_data_tokenized_for_another_model__is_refused(tiny_model_dir, records_path, tmp_path):
     module = SendModule(model_name="smollm2-135m", save_model=False)
     with pytest.raises(ValueError, match=r"data\.init_args\.model_name"):
-        _fit(module, _datamodule(tiny_model_dir, records_path), tmp_path, [], max_epochs=1)
+        fit(module, make_datamodule(tiny_model_dir, records_path), tmp_path, [], max_epochs=1)
 
 
 # DeepSpeed's ZeRO collectives call torch.distributed functions that torch has renamed.
@@ -436,9 +269,9 @@ def test_zero3__loads_sharded_holds_dropped_rows_and_saves_the_whole_model(
 
     send = SensitiveNeuronDropout(sensitivity_threshold=0.25, identify_every=1, drop_epochs=1, log_eigenscore=False)
     probe = FullRows(send)
-    module = _module(tiny_model_dir, tmp_path, save_model=True, run_name="zero3")
+    module = make_module(tiny_model_dir, tmp_path, save_model=True, run_name="zero3")
     try:
-        _fit(module, _datamodule(tiny_model_dir, records_path), tmp_path, [send, probe], max_epochs=3,
+        fit(module, make_datamodule(tiny_model_dir, records_path), tmp_path, [send, probe], max_epochs=3,
              strategy=CpuDeepSpeedStrategy(stage=3), precision="32-true")  # fmt: skip
         assert hasattr(penultimate_layer(module.model).mlp.down_proj.weight, "ds_id")  # really partitioned
         assert probe.rows_abs_max[1] == [0.0, 0.0, 0.0] and min(probe.rows_abs_max[2]) > 0
