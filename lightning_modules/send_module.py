@@ -116,6 +116,8 @@ class SendModule(pl.LightningModule):
         run_name: str | None = None,
         overwrite: bool = False,
         save_model: bool = True,
+        stochastic_rounding: bool = True,
+        seed: int = 0,
     ) -> None:
         """
         Args:
@@ -136,6 +138,13 @@ class SendModule(pl.LightningModule):
                 of the id or path; dataset: the datamodule's ``dataset``).
             overwrite: Replace an existing output folder. Without it, fit refuses to start when it exists.
             save_model: Write the model at the end of fit (off for benchmarks and tests of training alone).
+            stochastic_rounding: With bfloat16 / float16 weights (``bf16-true``), compute each AdamW step in float32
+                and write the weights and second moments back with stochastic rounding
+                (``lightning_modules.stochastic_rounding``), so updates smaller than bfloat16's spacing accumulate
+                instead of rounding away. False: torch's AdamW, which rounds to nearest. No effect on float32
+                weights (``32-true``, ``bf16-mixed``, DeepSpeed).
+            seed: Seed of the stochastic rounding's random bits (the same on every rank, so DDP replicas stay
+                identical).
         """
         super().__init__()
         if freeze_layers < 0:
@@ -233,7 +242,12 @@ class SendModule(pl.LightningModule):
         if not params:
             raise ValueError("every parameter is frozen; lower freeze_layers or unset freeze_embeddings")
         hp = self.hparams
-        return torch.optim.AdamW(params, lr=hp.learning_rate, betas=tuple(hp.adam_betas), weight_decay=hp.weight_decay)
+        settings = {"lr": hp.learning_rate, "betas": tuple(hp.adam_betas), "weight_decay": hp.weight_decay}
+        if hp.stochastic_rounding and any(p.dtype in (torch.bfloat16, torch.float16) for p in params):
+            from lightning_modules.stochastic_rounding import StochasticRoundingAdamW
+
+            return StochasticRoundingAdamW(params, seed=hp.seed, **settings)
+        return torch.optim.AdamW(params, **settings)
 
     # -------------------------------------------------------------------------------------------- writing
     def on_train_end(self) -> None:
@@ -314,6 +328,7 @@ class SendModule(pl.LightningModule):
                 "accumulate_grad_batches": trainer.accumulate_grad_batches,
                 "gradient_clip_val": trainer.gradient_clip_val,
                 "strategy": type(trainer.strategy).__name__,
+                "optimizer": type(trainer.optimizers[0]).__name__ if trainer.optimizers else None,
                 "world_size": trainer.world_size,
                 "num_nodes": trainer.num_nodes,
             },
