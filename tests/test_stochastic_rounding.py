@@ -149,7 +149,7 @@ def test_chunked_update__equals_the_update_of_the_whole_tensor(monkeypatch):
     start, targets = _problem(n=1000)
     whole = torch.nn.Parameter(start.detach().clone())
     _train(StochasticRoundingAdamW([whole], lr=1e-2), whole, targets, 5)
-    monkeypatch.setattr(module, "_CHUNK", 64)
+    monkeypatch.setattr(module, "_CHUNK_EAGER", 64)
     chunked = torch.nn.Parameter(start.detach().clone())
     _train(StochasticRoundingAdamW([chunked], lr=1e-2), chunked, targets, 5)
     assert torch.equal(whole, chunked)
@@ -217,3 +217,27 @@ def test_compiled_step__equals_the_eager_step(dtype):
         _train(StochasticRoundingAdamW([param], lr=1e-3, compile=compiled), param, targets, 4)
         params[compiled] = param.detach()
     torch.testing.assert_close(params[True], params[False], rtol=2e-6, atol=0)
+
+
+def test_compile_policy__fused_on_cuda_and_for_large_cpu_models_eager_for_small_ones():
+    param = torch.nn.Parameter(torch.zeros(3))
+    auto = StochasticRoundingAdamW([param])
+    assert auto._fused(torch.device("cuda", 0), 10) and auto._fused(torch.device("cpu"), 1 << 22)
+    assert not auto._fused(torch.device("cpu"), (1 << 22) - 1)
+    assert not StochasticRoundingAdamW([param], compile=False)._fused(torch.device("cuda", 0), 1 << 30)
+
+
+def test_failed_compilation__warns_why_and_steps_eagerly_with_the_same_result(monkeypatch):
+    start, targets = _problem(n=500, dtype=torch.bfloat16)
+    eager = torch.nn.Parameter(start.detach().clone())
+    _train(StochasticRoundingAdamW([eager], lr=1e-3, compile=False), eager, targets, 3)
+
+    def broken(*_args):
+        raise RuntimeError("InductorError: no working C++ compiler found\nmore detail")
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: broken)
+    param = torch.nn.Parameter(start.detach().clone())
+    optimizer = StochasticRoundingAdamW([param], lr=1e-3, compile=True)
+    with pytest.warns(UserWarning, match="compile of the step failed .RuntimeError: InductorError: no working C"):
+        _train(optimizer, param, targets, 3)
+    assert optimizer.compile is False and torch.equal(param, eager)
