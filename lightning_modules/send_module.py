@@ -117,7 +117,7 @@ class SendModule(pl.LightningModule):
         overwrite: bool = False,
         save_model: bool = True,
         stochastic_rounding: bool = True,
-        seed: int = 0,
+        rounding_seed: int = 0,
     ) -> None:
         """
         Args:
@@ -143,7 +143,7 @@ class SendModule(pl.LightningModule):
                 (``lightning_modules.stochastic_rounding``), so updates smaller than bfloat16's spacing accumulate
                 instead of rounding away. False: torch's AdamW, which rounds to nearest. No effect on float32
                 weights (``32-true``, ``bf16-mixed``, DeepSpeed).
-            seed: Seed of the stochastic rounding's random bits (the same on every rank, so DDP replicas stay
+            rounding_seed: Seed of the stochastic rounding's random bits (the same on every rank, so DDP replicas stay
                 identical).
         """
         super().__init__()
@@ -246,7 +246,7 @@ class SendModule(pl.LightningModule):
         if hp.stochastic_rounding and any(p.dtype in (torch.bfloat16, torch.float16) for p in params):
             from lightning_modules.stochastic_rounding import StochasticRoundingAdamW
 
-            return StochasticRoundingAdamW(params, seed=hp.seed, **settings)
+            return StochasticRoundingAdamW(params, seed=hp.rounding_seed, **settings)
         return torch.optim.AdamW(params, **settings)
 
     # -------------------------------------------------------------------------------------------- writing
