@@ -5,11 +5,17 @@ dataloader 0 holds the contexts of the frequency pass, dataloader 1 the ``num_sa
 pass; both are prefixes of one seeded permutation of the corpus, so they mix documents. Under DDP Lightning
 splits each dataloader across ranks without padding (``UnrepeatedDistributedSamplerWrapper``): every context is
 read by exactly one rank.
+
+A resumed run (``callbacks.InterpretationSamplesWriter``'s progress snapshots) calls ``skip_contexts`` with the
+contexts each pass already took in on this rank; the dataloaders then start after them.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+from collections.abc import Sequence
 
 import lightning.pytorch as pl
 import torch
@@ -64,6 +70,8 @@ class CorpusContextDataModule(pl.LightningDataModule):
         self.num_samples = num_samples
         self.corpus: TokenizedCorpus | None = None
         self.order: Tensor | None = None
+        self.skipped = (0, 0)
+        """Contexts of each pass this rank leaves out (a resumed run took them in already)."""
 
     def setup(self, stage: str) -> None:
         if self.corpus is not None:
@@ -112,13 +120,52 @@ class CorpusContextDataModule(pl.LightningDataModule):
     def sample_rows(self) -> Tensor:
         return self.order[: self.hparams.num_samples]
 
+    def _rank_and_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def rank_contexts(self) -> tuple[int, int]:
+        """Contexts of each pass that this rank reads (skipped ones included): Lightning's predict sampler gives
+        rank r the items r, r + world_size, ... of each dataloader."""
+        rank, world = self._rank_and_world()
+        return tuple(len(range(rank, len(rows), world)) for rows in (self.frequency_rows(), self.sample_rows()))
+
+    def skip_contexts(self, contexts_done: Sequence[int]) -> None:
+        """Leave out, in each pass p, the first ``contexts_done[p]`` contexts this rank reads (a resumed run took
+        them in already); call after ``setup``, before the predict dataloaders are built."""
+        done, shares = tuple(int(n) for n in contexts_done), self.rank_contexts()
+        if len(done) != 2 or not all(0 <= n <= share for n, share in zip(done, shares)):
+            raise ValueError(f"cannot skip {done} contexts of passes of {shares} contexts on this rank")
+        self.skipped = done
+
+    def fingerprint(self) -> dict:
+        """What fixes the contexts of both passes (the corpus, its permutation, how many, their length): a resumed
+        run must read the ones the killed run read. The corpus is named by its contents, not its path, so a
+        corpus copied elsewhere (a cluster's local scratch) still matches."""
+        digest = hashlib.sha256(json.dumps(self.corpus.metadata, sort_keys=True).encode())
+        for rows in (self.frequency_rows(), self.sample_rows()):
+            digest.update(rows.numpy().tobytes())
+        return {
+            "corpus": f"{len(self.corpus)} contexts of {self.corpus.context_length} tokens",
+            "num_tokens": self.num_tokens,
+            "frequency_contexts": self.frequency_contexts,
+            "num_samples": self.hparams.num_samples,
+            "data_seed": self.hparams.seed,
+            "corpus_and_rows": digest.hexdigest()[:16],
+        }
+
     def contexts(self, rows: Tensor) -> Tensor:
         """(n, num_tokens) int64 token ids of the corpus rows ``rows`` (n,)."""
         return self.corpus.batch(rows.cpu().numpy())[:, : self.num_tokens]
 
     def predict_dataloader(self) -> list[DataLoader]:
-        # Sequential and unshuffled: Lightning's predict sampler then gives rank r the items r, r + world, ...
-        return [
-            DataLoader(_Contexts(self.corpus, rows, self.num_tokens), batch_size=self.hparams.batch_size)
-            for rows in (self.frequency_rows(), self.sample_rows())
-        ]
+        # Sequential and unshuffled: Lightning's predict sampler then gives rank r the items r, r + world, ... Leaving
+        # out the first world * skipped items leaves out this rank's first `skipped` and keeps the residues mod world.
+        # A rank whose share is all done gets no items: Lightning's sampler refuses a rank none of the items left.
+        world, batch_size = self._rank_and_world()[1], self.hparams.batch_size
+        passes = zip((self.frequency_rows(), self.sample_rows()), self.skipped, self.rank_contexts(), strict=True)
+        loaders = []
+        for rows, skip, share in passes:
+            start = world * skip if skip < share else len(rows)
+            loaders.append(DataLoader(_Contexts(self.corpus, rows[start:], self.num_tokens), batch_size=batch_size))
+        return loaders

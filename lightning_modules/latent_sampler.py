@@ -6,7 +6,8 @@ Replaces the SAE pipeline's ``generate_interpretation_samples.py``. Two passes o
 (``datamodules.CorpusContextDataModule``): pass 0 counts how often every latent fires; then only the latents with
 ``log_freq_lower < log10(frequency) < log_freq_upper`` are kept, and pass 1 selects their top, quantile, random and
 negative contexts with per-token activations in a ``RunningLatentSamples`` on the device (bounded memory).
-``callbacks.InterpretationSamplesWriter`` writes the result in the format of ``datamodules.interpretation_samples``.
+``callbacks.InterpretationSamplesWriter`` writes the result in the format of ``datamodules.interpretation_samples``,
+and snapshots the progress so that a killed run continues where it stopped (``lightning_modules.sampler_snapshot``).
 
 Activations go LLM hook point -> the checkpoint's ``normalize`` (its ``activation_scale``) -> ``sae.encode``,
 exactly as in training.
@@ -14,11 +15,12 @@ exactly as in training.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from datamodules.hooked_llm import HOOK_POINTS, LAYER_TYPES, HookedLLM
 from lightning_modules.running_samples import RunningLatentSamples
@@ -28,13 +30,15 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 _HOOKPOINT_ARGS = {f"{layer_type}_hookpoint": layer_type for layer_type in LAYER_TYPES}
 
 
-def sae_fingerprint(sae_module) -> str:
-    """A short hash of the SAE's weights and normalisation: stores refuse to mix the interpretations of two SAEs
-    that share an index name (two checkpoints of one run have the same hyperparameters, hence the same name)."""
+def sae_fingerprint(sae_module: nn.Module | Mapping[str, Tensor]) -> str:
+    """A short hash of the SAE's weights and normalisation (of a module or its checkpoint's state dict): stores
+    refuse to mix the interpretations of two SAEs that share an index name (two checkpoints of one run have the
+    same hyperparameters, hence the same name)."""
     import hashlib
 
+    state = sae_module.state_dict() if isinstance(sae_module, nn.Module) else sae_module
     digest = hashlib.sha256()
-    for name, tensor in sorted(sae_module.state_dict().items()):
+    for name, tensor in sorted(state.items()):
         if name.startswith("sae.") or name == "activation_scale":
             digest.update(name.encode())
             digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
@@ -150,11 +154,18 @@ class LatentSampler(pl.LightningModule):
         self.register_buffer("fired", torch.zeros(self.d_sae, dtype=torch.long))
         self.register_buffer("frequency_max", torch.zeros(self.d_sae))
         self.register_buffer("frequency_tokens", torch.zeros((), dtype=torch.long))
+        # Contexts of each pass taken in, a resumed run's included. These buffers count this rank's contexts only;
+        # frequency_totals (over all ranks) choose the band.
+        self.register_buffer("contexts_done", torch.zeros(2, dtype=torch.long))
         self.sae_module = None
         self.hooked_llm: HookedLLM | None = None
         self.samples: RunningLatentSamples | None = None
         self.band: dict | None = None  # the frequency band's outcome, set at the first sampling batch
+        self.frequency_totals: dict[str, Tensor] | None = None  # the counts over all ranks, set with the band
         self._final: tuple[dict[str, Tensor], dict] | None = None
+        self._resume: dict | None = None  # a killed run's progress_state, applied at on_predict_start
+        self._resumed_pass_1: tuple[dict, dict] | None = None  # its band and samples, loaded with the band
+        self._sae_fingerprint: str | None = None
 
     def _resolve_llm_settings(self, trained: dict) -> dict:
         hp = self.hparams
@@ -217,11 +228,17 @@ class LatentSampler(pl.LightningModule):
 
     # --------------------------------------------------------------------------------------------- passes
     def on_predict_start(self) -> None:
-        # A second trainer.predict starts afresh rather than adding to the first run's counts and samples.
-        self.fired.zero_()
-        self.frequency_max.zero_()
-        self.frequency_tokens.zero_()
-        self.samples, self.band, self._final = None, None, None
+        # A second trainer.predict starts afresh rather than adding to the first run's counts and samples, unless
+        # resume_from gave it a killed run's progress to continue.
+        for buffer in (self.fired, self.frequency_max, self.frequency_tokens, self.contexts_done):
+            buffer.zero_()
+        self.samples, self.band, self.frequency_totals, self._final = None, None, None, None
+        state, self._resume, self._resumed_pass_1 = self._resume, None, None
+        if state is not None:
+            for name in ("fired", "frequency_max", "frequency_tokens", "contexts_done"):
+                getattr(self, name).copy_(state[name])
+            if state["samples"] is not None:
+                self._resumed_pass_1 = state["band"], state["samples"]
 
     def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> int:
         """Fold a batch of (B,) corpus rows and (B, T) token ids into the firing counts (pass 0) or the running
@@ -241,33 +258,33 @@ class LatentSampler(pl.LightningModule):
         else:
             self._ensure_samples()
             self.samples.update(latents[..., self.samples.latents], context_rows)
+        self.contexts_done[dataloader_idx] += len(context_rows)
         return len(context_rows)
 
     def _world_size(self) -> int:
         return self._trainer.world_size if self._trainer is not None else 1
 
-    def _reduce_frequency_pass(self) -> None:
-        """Sum the firing counts (max the maxima) over ranks, so every rank keeps the same latents."""
+    def _reduce_frequency_pass(self) -> dict[str, Tensor]:
+        """The firing counts summed (the maxima maxed) over ranks, so every rank keeps the same latents."""
+        counts = {"fired": self.fired, "frequency_max": self.frequency_max, "tokens": self.frequency_tokens}
         if self._world_size() == 1:
-            return
-        gathered = self.all_gather(
-            {"fired": self.fired, "frequency_max": self.frequency_max, "tokens": self.frequency_tokens}
-        )
-        self.fired = gathered["fired"].sum(0)
-        self.frequency_max = gathered["frequency_max"].amax(0)
-        self.frequency_tokens = gathered["tokens"].sum(0)
+            return {name: count.clone() for name, count in counts.items()}
+        gathered = self.all_gather(counts)
+        return {
+            "fired": gathered["fired"].sum(0),
+            "frequency_max": gathered["frequency_max"].amax(0),
+            "tokens": gathered["tokens"].sum(0),
+        }
 
     def _ensure_samples(self) -> None:
         if self.samples is not None:
             return
-        self._reduce_frequency_pass()
-        self.band = frequency_band(
-            self.fired, int(self.frequency_tokens), self.hparams.log_freq_lower, self.hparams.log_freq_upper
-        )
+        totals = self.frequency_totals = self._reduce_frequency_pass()
         hp = self.hparams
+        self.band = frequency_band(totals["fired"], int(totals["tokens"]), hp.log_freq_lower, hp.log_freq_upper)
         self.samples = RunningLatentSamples(
             self.band["latents"].to(self.device),
-            self.frequency_max[self.band["latents"].to(self.device)],
+            totals["frequency_max"][self.band["latents"].to(self.device)],
             num_tokens=self.trainer.datamodule.num_tokens,
             num_top=hp.num_top,
             num_quantiles=hp.num_quantiles,
@@ -276,6 +293,24 @@ class LatentSampler(pl.LightningModule):
             num_negative=hp.num_negative,
             seed=hp.seed,
         )
+        resumed, self._resumed_pass_1 = self._resumed_pass_1, None
+        if resumed is not None:  # the counts of all ranks, reduced again, must give the snapshot's band
+            band, samples = resumed
+            if not torch.equal(band["latents"], self.band["latents"].cpu()):
+                raise RuntimeError("the resumed snapshot kept other latents than its firing counts give")
+            self.samples.load_state_dict(samples)
+
+    # ------------------------------------------------------------------------------------------ resuming
+    def checkpoint_fingerprint(self) -> str:
+        """``sae_fingerprint`` of the checkpoint's weights, hashed once (a progress snapshot records it)."""
+        if self._sae_fingerprint is None:
+            self._sae_fingerprint = sae_fingerprint(load_sae_checkpoint(self.hparams.sae_checkpoint)["state_dict"])
+        return self._sae_fingerprint
+
+    def resume_from(self, state: dict | None) -> None:
+        """Continue at the next ``trainer.predict`` from ``sampler_snapshot.progress_state(self)`` of a killed run
+        (None: start afresh); the datamodule leaves out the contexts it took in (``skip_contexts``)."""
+        self._resume = state
 
     def on_predict_end(self) -> None:
         self.finalize()
@@ -304,9 +339,10 @@ class LatentSampler(pl.LightningModule):
         kinds = ("top", "quantile", "random", "negative")
         corpus_rows = torch.cat([result[f"{kind}_row"].flatten() for kind in kinds])
         unique_rows = corpus_rows[corpus_rows >= 0].unique()  # sorted
+        totals = self.frequency_totals
         tensors = {
             "latents": self.band["latents"].cpu(),
-            "frequency": self.fired.cpu().double() / max(int(self.frequency_tokens), 1),
+            "frequency": totals["fired"].cpu().double() / max(int(totals["tokens"]), 1),
             "max_activation": result["max_activation"].float(),
             "contexts": datamodule.contexts(unique_rows).long(),
             "context_index": unique_rows,
@@ -337,7 +373,7 @@ class LatentSampler(pl.LightningModule):
             "activation_scale": self.activation_scale,
             "dataset_path": str(getattr(datamodule, "dataset_path", "")),
             "num_tokens": datamodule.num_tokens,
-            "frequency_tokens": int(self.frequency_tokens),
+            "frequency_tokens": int(self.frequency_totals["tokens"]),
             "num_samples": int(getattr(datamodule, "num_samples", -1)),
             "log_freq_lower": hp.log_freq_lower,
             "log_freq_upper": hp.log_freq_upper,

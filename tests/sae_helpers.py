@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import lightning.pytorch as pl
+import torch
 
 from callbacks import DeadLatentResampler, SaeCheckpoint
 from datamodules import ActivationDataModule
@@ -72,3 +73,13 @@ def make_trainer(root: Path, max_steps: int, ckpt_every: int = 1000, resample_ev
         log_every_n_steps=5,
     )
     return pl.Trainer(**{**args, **kw})
+
+
+def build_sampler_sae(root: Path, model_dir: Path) -> tuple[Path, Path, Path]:
+    """A tiny TopK SAE (128 -> 256, k=8) on layer 1's mlp_activations of the tiny Llama, trained a few steps, and its
+    corpus of 128 contexts of 16 tokens: ``(root, corpus, checkpoint)``, for the latent sampler's tests."""
+    corpus = build_tiny_corpus(root, model_dir, contexts=128, context_length=16)
+    torch.manual_seed(0)
+    module = make_module(act_vec_size=128, dict_vec_size=256, architecture="topk", k=8)
+    make_trainer(root / "sae", max_steps=4, ckpt_every=100).fit(module, make_datamodule(corpus, model_dir))
+    return root, corpus, root / "sae" / "checkpoints" / "last.ckpt"

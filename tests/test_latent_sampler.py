@@ -17,7 +17,7 @@ from datamodules.corpus_contexts import CorpusContextDataModule
 from datamodules.interpretation_samples import KINDS, InterpretationSamples
 from lightning_modules.latent_sampler import LatentSampler, frequency_band, sae_fingerprint
 from lightning_modules.running_samples import RunningLatentSamples, random_keys
-from tests.sae_helpers import build_tiny_corpus, make_datamodule, make_module, make_trainer
+from tests.sae_helpers import build_sampler_sae, make_module
 
 SIZES = dict(num_top=4, num_quantiles=4, num_per_quantile=2, num_random=3, num_negative=3)
 SEED = 7
@@ -152,13 +152,8 @@ def test_running_samples__merge_of_two_halves_equals_one_pass_and_gather_across_
 # ------------------------------------------------------------------------------------------ end to end
 @pytest.fixture(scope="module")
 def sae_run(tmp_path_factory, tiny_model_dir):
-    """A tiny TopK SAE (64 -> 256, k=8) on layer 1's mlp_activations of the tiny Llama, trained a few steps."""
-    root = tmp_path_factory.mktemp("sampler")
-    corpus = build_tiny_corpus(root, tiny_model_dir, contexts=128, context_length=16)
-    torch.manual_seed(0)
-    module = make_module(act_vec_size=128, dict_vec_size=256, architecture="topk", k=8)
-    make_trainer(root / "sae", max_steps=4, ckpt_every=100).fit(module, make_datamodule(corpus, tiny_model_dir))
-    return root, corpus, root / "sae" / "checkpoints" / "last.ckpt"
+    """A tiny TopK SAE (128 -> 256, k=8) on layer 1's mlp_activations of the tiny Llama, and its corpus."""
+    return build_sampler_sae(tmp_path_factory.mktemp("sampler"), tiny_model_dir)
 
 
 def brute_force_latents(model_dir, checkpoint, input_ids: torch.Tensor, batch_size: int) -> torch.Tensor:
