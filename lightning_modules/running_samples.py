@@ -25,26 +25,19 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor, nn
 
-_MASK32 = 0xFFFFFFFF
+from lightning_modules.counter_hash import mix32
+
 # Hash streams, so that a context's key differs between kinds: otherwise the random context with the smallest key
 # would also be picked first in its quantile bin.
 _STREAMS = {"quantile": 1, "random": 2, "negative": 3}
 
 
-def _mix32(x: Tensor) -> Tensor:
-    """A 32-bit integer hash (the "lowbias32" mixer) on int64 tensors; products stay below 2^59."""
-    x = x & _MASK32
-    x = ((x >> 16) ^ x) * 0x45D9F3B & _MASK32
-    x = ((x >> 16) ^ x) * 0x45D9F3B & _MASK32
-    return (x >> 16) ^ x
-
-
 def random_keys(seed: int, kind: str, rows: Tensor, latents: Tensor) -> Tensor:
     """Uniform keys in [0, 1), (L, B) float64, that depend only on (seed, kind, corpus row, latent index)."""
-    stream = _mix32(torch.tensor(seed * 8 + _STREAMS[kind], dtype=torch.long, device=rows.device))
-    per_row = _mix32(rows.long() ^ stream)
-    per_latent = _mix32(latents.long().to(rows.device) + 0x632BE5AB)
-    return _mix32(per_row[None, :] ^ per_latent[:, None]).double() / 2.0**32
+    stream = mix32(torch.tensor(seed * 8 + _STREAMS[kind], dtype=torch.long, device=rows.device))
+    per_row = mix32(rows.long() ^ stream)
+    per_latent = mix32(latents.long().to(rows.device) + 0x632BE5AB)
+    return mix32(per_row[None, :] ^ per_latent[:, None]).double() / 2.0**32
 
 
 def _select(

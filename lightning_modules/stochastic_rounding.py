@@ -23,6 +23,8 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
+from lightning_modules.counter_hash import MASK32, mix32
+
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 # Elements updated at a time. Bounds the float32 scratch whatever the parameter's size (an 8B model's embedding has
 # 525M elements); the eager chunks are smaller so that their temporaries are reused from the allocator's cache
@@ -31,15 +33,6 @@ _CHUNK_EAGER = 1 << 20
 _CHUNK_FUSED = 1 << 24
 # The eager step costs ~25 ns per element on a CPU core, the compilation ~10-20 s once: compile from this size on.
 _COMPILE_ON_CPU_FROM = 1 << 22
-_MASK32 = 0xFFFFFFFF
-
-
-def _mix32(x: Tensor) -> Tensor:
-    """The "lowbias32" integer hash on int64 tensors holding 32-bit values (products stay below 2^59)."""
-    x = x & _MASK32
-    x = ((x >> 16) ^ x) * 0x45D9F3B & _MASK32
-    x = ((x >> 16) ^ x) * 0x45D9F3B & _MASK32
-    return (x >> 16) ^ x
 
 
 def random_bits(key: Tensor, start: int | Tensor, count: int) -> Tensor:
@@ -47,22 +40,15 @@ def random_bits(key: Tensor, start: int | Tensor, count: int) -> Tensor:
     int64 tensor): a counter-based hash, so the words depend only on (key, element index), not on chunking, device
     or a generator's state, and a compiled step computes them inside its one fused kernel."""
     index = torch.arange(count, device=key.device, dtype=torch.int64) + start
-    return _mix32(_mix32(index) ^ key)
+    return mix32(mix32(index) ^ key)
 
 
 def stream_key(seed: int, step: int, index: int) -> int:
     """The key (a 32-bit int) of parameter ``index``'s random words at optimizer step ``step``."""
-    key = seed & _MASK32
+    key = seed & MASK32
     for word in (step, index):
-        key = _mix32_int(key ^ _mix32_int(word & _MASK32))
+        key = mix32(key ^ mix32(word & MASK32))
     return key
-
-
-def _mix32_int(x: int) -> int:
-    """``_mix32`` on a Python int."""
-    x = ((x >> 16) ^ x) * 0x45D9F3B & _MASK32
-    x = ((x >> 16) ^ x) * 0x45D9F3B & _MASK32
-    return (x >> 16) ^ x
 
 
 def stochastic_round_(target: Tensor, value: Tensor, bits: Tensor) -> Tensor:
