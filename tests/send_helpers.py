@@ -47,12 +47,21 @@ def make_module(model_dir, tmp_path, **kwargs) -> SendModule:
 
 
 def fit(
-    module, datamodule, tmp_path, callbacks, max_epochs: int, ckpt_path=None, checkpoint=None, logger=False, **kwargs
+    module,
+    datamodule,
+    tmp_path,
+    callbacks,
+    max_epochs: int,
+    ckpt_path=None,
+    checkpoint=None,
+    logger=False,
+    devices: int = 1,
+    **kwargs,
 ):
     pl.seed_everything(0, verbose=False)
     trainer = pl.Trainer(
         accelerator="cpu",
-        devices=1,
+        devices=devices,
         max_epochs=max_epochs,
         logger=logger,
         enable_progress_bar=False,
