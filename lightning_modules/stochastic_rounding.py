@@ -31,7 +31,7 @@ _LOW_PRECISION = (torch.bfloat16, torch.float16)
 # (5x faster on CPU than 2^24), the fused ones larger so that an 8B model's step is a few hundred kernels.
 _CHUNK_EAGER = 1 << 20
 _CHUNK_FUSED = 1 << 24
-# The eager step costs ~25 ns per element on a CPU core, the compilation ~10-20 s once: compile from this size on.
+# The eager step costs ~30 ns per element on a CPU thread, the compilation ~10-20 s once: compile from this size on.
 _COMPILE_ON_CPU_FROM = 1 << 22
 
 
@@ -108,10 +108,11 @@ class StochasticRoundingAdamW(torch.optim.Optimizer):
     The state keys are torch's (``step``, ``exp_avg``, ``exp_avg_sq``, moments in the weight's dtype), so code that
     edits Adam moments (``callbacks.SensitiveNeuronDropout``) works on either optimizer.
 
-    ``compile``: run each chunk's update as one fused kernel (``torch.compile``; 0.074 s instead of 0.38 s eager
-    for 16M bf16 weights on one CPU core, torch's bf16 AdamW 0.05 s). None: on CUDA always, on CPU from 4M
-    low-precision elements (below that the one-off compilation, 10-20 s, costs more than it saves). If compiling
-    fails (no C++ compiler for the CPU backend, say), the step runs eagerly, with a warning that says why.
+    ``compile``: run each chunk's update as one fused kernel (``torch.compile``; 54 ms instead of 516 ms eager for
+    16M bf16 weights on one CPU thread, torch's bf16 AdamW 62 ms: ``bench/bf16_adamw.py``). None: on CUDA always,
+    on CPU from 4M low-precision elements (below that the one-off compilation, 10-20 s, costs more than it saves).
+    If compiling fails (no C++ compiler for the CPU backend, say), the step runs eagerly, with a warning that says
+    why.
     """
 
     def __init__(
@@ -138,6 +139,9 @@ class StochasticRoundingAdamW(torch.optim.Optimizer):
         return device.type == "cuda" or low_precision_elements >= _COMPILE_ON_CPU_FROM
 
     def _run_fused(self, *args) -> None:
+        if self.compile is False:  # an earlier compilation failed
+            adamw_chunk_(*args)
+            return
         if self._compiled is None:
             compiled = torch.compile(adamw_chunk_, dynamic=True, fullgraph=True)
             try:
@@ -198,8 +202,8 @@ class StochasticRoundingAdamW(torch.optim.Optimizer):
             # The scalars of every chunk reach the device in two copies per step, not two per parameter.
             ints = _to_device(torch.tensor([words for _, words, _ in chunks], dtype=torch.int64), device)
             floats = _to_device(torch.tensor([hyper for _, _, hyper in chunks], dtype=torch.float32), device)
+            update = self._run_fused if fused else adamw_chunk_
             for row, (chunk, _, _) in enumerate(chunks):
-                update = self._run_fused if fused and self.compile is not False else adamw_chunk_
                 update(*chunk, ints[row, 0], ints[row, 1], floats[row])
         return loss
 
