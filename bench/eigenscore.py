@@ -86,7 +86,13 @@ def main() -> None:
             )
             rel_err = (est.score.item() - exact) / abs(exact)
             worst = max(worst, abs(rel_err))
-            path = f"{est.method}/{est.reason}" + (f" ({est.num_probes}x{est.num_steps})" if est.num_probes else "")
+            path = f"{est.method}/{est.reason}"
+            if est.method == "slq":
+                shallow = est.num_probes - min(est.num_probes, 16)
+                path += f" (16x{est.num_steps}" + (f" + {shallow}x{est.shallow_steps}" if shallow else "") + ")"
+                path += f", {est.deflated} deflated" if est.deflated else ""
+            elif est.num_probes:
+                path += f" ({est.num_probes}x{est.num_steps})"
             print(
                 f"{num_rows:>6}x{d:<5} {family:>15} {exact:>9.4f} {exact_s:>8.2f} {est_s:>7.2f} "
                 f"{exact_s / est_s:>7.2f}x {100 * rel_err:>+7.3f}% {100 * est.std_error / abs(exact):>7.3f}%  {path}",

@@ -10,7 +10,8 @@ EigenScore (INSIDE, Chen et al., ICLR 2024) of the (K, d) matrix Z of K answer e
 
 Sigma is ``np.cov(Z)`` (rows are variables, ddof 1) as in INSIDE's code; the log is natural (INSIDE's code uses
 log10: divide by ln 10 to compare). ``eigenscore`` computes it exactly, ``efficient_eigenscore`` estimates the same
-quantity without a decomposition (ALGORITHMS.md §2)::
+quantity without a decomposition of Sigma (ALGORITHMS.md §2); ``eigenscore_deflation.py`` splits off its outlier
+directions first::
 
     es = eigenscore(z)                                    # z: (K, d)
     est = efficient_eigenscore(z, seed=0, return_info=True)
@@ -40,9 +41,9 @@ __all__ = [
 ]
 
 
-def _lower_gram(a: Tensor, blocks: int = 4) -> Tensor:
+def _lower_gram(a: Tensor, blocks: int = 8) -> Tensor:
     """Lower triangle of a a^T (upper part zero) by row blocks: (blocks + 1) / (2 blocks) of the flops of the full
-    product, 5/8 at 4 blocks (torch has no syrk); Cholesky reads only the lower triangle."""
+    product, 9/16 at 8 blocks (torch has no syrk); Cholesky reads only the lower triangle."""
     size = a.shape[0]
     if size < 1024:
         return a @ a.T
@@ -66,7 +67,8 @@ def eigenscore(embeddings: Tensor, alpha: float = 1e-3) -> Tensor:
     centred = z - z.mean(1, keepdim=True)
     gram = _lower_gram(centred if num_rows <= d else centred.T)
     size = gram.shape[0]
-    shifted = gram / (d - 1) + alpha * torch.eye(size, dtype=z.dtype, device=z.device)
+    shifted = gram.div_(d - 1)
+    shifted.diagonal().add_(alpha)
     factor, info = torch.linalg.cholesky_ex(shifted)
     if info.item() != 0:
         if not torch.isfinite(shifted).all():
@@ -100,11 +102,21 @@ def efficient_eigenscore(
 
     - "auto" (default): stochastic Lanczos quadrature where it is cheaper than ``eigenscore``, else ``eigenscore``.
       SLQ measured better than KPM on every matrix family (ALGORITHMS.md §2). Matrices whose smaller side is below
-      ~1500 go exact at once. Otherwise a pilot of 16 probes runs Lanczos steps until the Gauss and Gauss-Radau
-      rules (whose average is the estimate) bracket it within ``0.2 * rtol`` of the score, and its standard error
-      says how many probes keep 2.5 standard errors within the other ``0.8 * rtol``; as soon as the projected
-      cost exceeds that of the exact score (a flop model with a memory-traffic term), the exact score runs instead.
-      On accelerators the exact score is always cheaper (milliseconds at the paper's sizes) and runs.
+      ~800 (square) to ~1000 (tall) go exact at once. Otherwise:
+
+      1. Deflation: two steps of subspace iteration on 16 directions; those whose Ritz value stands out (>= 2x the
+         subspace's smallest, e.g. the massive-activation dimensions of LLM hidden states) are split off exactly by
+         the Schur complement (a 16 x 16 log-determinant), so that the quadrature sees only the bulk.
+      2. Pilot: 16 probes run Lanczos steps until the quadrature error is within ``0.2 * rtol`` of the score: the
+         Gauss / Gauss-Radau midpoint (the estimate) changed that little over the last 8 steps and their rigorous
+         half-gap is within 5x that, or the half-gap alone is within it.
+      3. Two levels: from the pilot's spreads, the cheapest shallow depth m0 (4-64 steps) and the number of extra
+         probes run that deep such that 2.5 standard errors of E[Q_m0] (many shallow probes) + E[Q_L - Q_m0] (the
+         deep pilot) fit in the other ``0.8 * rtol``.
+
+      As soon as the cost still to pay is projected to exceed that of the exact score (a flop model fitted to
+      2-core timings), the exact score runs instead. On accelerators the exact score is always cheaper
+      (milliseconds at the paper's sizes) and runs.
     - "slq": the same estimator, never replaced by the exact score.
     - "kpm": the kernel polynomial method of the SEND paper done right: spectral bound from 20 Lanczos steps
       (capped by the trace), true Chebyshev T_m by the three-term recurrence, Jackson ``damping``,

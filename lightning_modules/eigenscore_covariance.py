@@ -38,14 +38,15 @@ class _Covariance:
         self.size = min(self.num_rows, d)
         self.null_vector = self.on_features
         self.scale = 1.0 / (d - 1)
-        # Flop-equivalents, only used to choose the cheaper path: 5/8 of a Gram matrix plus a Cholesky for the
-        # exact score; per Lanczos step two passes over Z, which cost like p + 40 probes' flops (memory traffic;
-        # measured at 5000-20000 x 5000 on 2 cores with MKL).
-        self.exact_cost = 1.25 * self.size**2 * max(self.num_rows, d) + self.size**3 / 3
+        # Flop-equivalents, only used to choose the cheaper path, fitted to timings at 5000 x 5000 and 10000 x 5000
+        # on 2 cores with MKL: for the exact score 9/16 of a Gram matrix plus a Cholesky, at 0.87x the speed of the
+        # Lanczos products; per Lanczos step two passes over Z, which cost like p + 24 probes' flops (below ~48
+        # probes the products are bound by memory traffic, not flops).
+        self.exact_cost = (1.125 * self.size**2 * max(self.num_rows, d) + self.size**3 / 3) / 0.87
         self.pass_cost = 4.0 * self.num_rows * d
 
     def step_cost(self, num_probes: int) -> float:
-        return self.pass_cost * (num_probes + 40) if num_probes > 0 else 0.0
+        return self.pass_cost * (num_probes + 24) if num_probes > 0 else 0.0
 
     @functools.cached_property
     def trace(self) -> float:
@@ -98,6 +99,10 @@ class EigenScoreEstimate(NamedTuple):
     """Estimated standard error of ``score`` from the spread of the probes; 0 for exact."""
     quadrature_bound: float
     """SLQ: bound on the quadrature error of ``score`` (half the Gauss / Gauss-Radau gap); 0 for exact; nan for kpm."""
+    shallow_steps: int = 0
+    """SLQ: Lanczos steps of the probes beyond the pilot's (two-level SLQ), ``num_steps`` when all ran as deep."""
+    deflated: int = 0
+    """SLQ: top directions split off exactly before the quadrature (Schur-complement deflation)."""
 
 
 def seeded_generator(seed: int | torch.Generator | None, like: Tensor) -> torch.Generator:
