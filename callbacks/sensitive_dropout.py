@@ -119,7 +119,8 @@ class SensitiveNeuronDropout(pl.Callback):
             track_initial: Also embed the tracking set before the first epoch, so the first identification
                 compares ``identify_every + 1`` checkpoints instead of ``identify_every``.
             log_eigenscore: Log the EigenScore and efficient EigenScore (EES) of the (N_tracking, d) embeddings
-                every epoch.
+                every epoch, and ``send/ees_estimated``: 1 where EES ran its estimate, 0 where the exact score was
+                cheaper (tracking sets below ~800 on their smaller side).
             eigenscore_alpha: The alpha of EigenScore's log(lambda + alpha).
         """
         if not 0 < sensitivity_threshold < 1:
@@ -325,7 +326,10 @@ class SensitiveNeuronDropout(pl.Callback):
             from lightning_modules.metrics import efficient_eigenscore, eigenscore
 
             metrics["send/eigenscore"] = float(eigenscore(embeddings, alpha=self.alpha))
-            metrics["send/ees"] = float(efficient_eigenscore(embeddings, alpha=self.alpha, seed=0))
+            ees = efficient_eigenscore(embeddings, alpha=self.alpha, seed=0, return_info=True)
+            metrics["send/ees"] = float(ees.score)
+            # Which path ran: small tracking sets (below ~800 on the smaller side) get the exact score.
+            metrics["send/ees_estimated"] = float(ees.method != "exact")
         if len(self.history) >= 2:
             scores = sensitivity_scores(self.history, self.num_checkpoints)
             k = max(1, round(self.threshold * len(scores)))

@@ -187,6 +187,7 @@ def test_bf16__window_holds_rows_at_zero_eigenscores_match_and_the_model_reloads
         assert np.isfinite(score) and np.isfinite(ees)
         expected = numpy_eigenscore(embeddings, alpha=1e-3)
         assert score == pytest.approx(expected, rel=1e-5) and ees == pytest.approx(expected, rel=1e-2)
+        assert float(row["send/ees_estimated"]) == 0.0  # a tiny tracking set: the exact score is cheaper
 
     # Saved as trained, so nothing is rounded: bfloat16 for bf16-true, the float32 weights for bf16-mixed.
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "bf16")
