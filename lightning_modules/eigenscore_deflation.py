@@ -51,7 +51,8 @@ class _Deflated:
         self.rank = rank = vectors.shape[1]
         if rank == 0:
             return
-        self.q, self.mq = q @ vectors, sq @ vectors + alpha * (q @ vectors)  # U, M U
+        self.q = q @ vectors  # U
+        self.mq = sq @ vectors + alpha * self.q  # M U
         c = (self.q.T @ self.mq).double()
         factor = torch.linalg.cholesky((c + c.T) / 2)
         c_inverse = torch.cholesky_inverse(factor)
@@ -60,7 +61,6 @@ class _Deflated:
         # tr(S - alpha I) over the complement, in closed form: tr Sigma + alpha k - tr(C^{-1} (MU)^T MU).
         gram = (self.mq.T @ self.mq).double()
         self.trace = op.trace + alpha * rank - (c_inverse * gram).sum().item()
-        self.exact_cost, self.pass_cost = op.exact_cost, op.pass_cost
 
     def _off_null(self, v: Tensor) -> Tensor:
         return v - v.mean(0) if self.null_vector else v

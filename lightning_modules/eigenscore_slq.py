@@ -90,11 +90,7 @@ def _control_variate(per_probe: Tensor, quadratic: Tensor, trace: float) -> Tens
 
 def _combine(per_probe: Tensor, quadratic: Tensor, trace: float) -> tuple[float, float]:
     """Mean and standard error of tr f(Sigma) from per-probe estimates, with v^T Sigma v as a control variate."""
-    corrected = _control_variate(per_probe, quadratic, trace)
-    num_probes = per_probe.numel()
-    dof = max(num_probes - 2, 1) if num_probes > 2 else max(num_probes - 1, 1)
-    std_error = math.sqrt(((corrected - corrected.mean()).square().sum() / dof).item() / num_probes)
-    return corrected.mean().item(), std_error
+    return _two_level(per_probe, quadratic, per_probe.new_zeros(0), trace)
 
 
 def _spread_margin(num_deep: int) -> float:
@@ -105,19 +101,32 @@ def _spread_margin(num_deep: int) -> float:
     return 1 + 2 / math.sqrt(max(num_deep - 1, 1))
 
 
-def _two_level(shallow: Tensor, quadratic: Tensor, correction: Tensor, trace: float) -> tuple[float, float]:
-    """Estimate and standard error of tr f(Sigma) = E[Q_m0] + E[Q_L - Q_m0]: ``shallow`` (P0,) are Q_m0 of all
-    probes, the first ``correction.numel()`` of which are the deep ones with ``correction`` = Q_L - Q_m0. The
-    variance counts the covariance of the two terms, which share the deep probes."""
+def _spreads(
+    shallow: Tensor, quadratic: Tensor, correction: Tensor, trace: float
+) -> tuple[Tensor, float, float, float]:
+    """The control-variate-corrected Q_m0 of all probes, their variance, and over the deep probes (the first
+    ``correction.numel()``) the variance of ``correction`` = Q_L - Q_m0 (with its margin) and its covariance with
+    Q_m0. No deep term (zeros) without at least two deep probes and a nonzero correction."""
     x = _control_variate(shallow, quadratic, trace)
     total, deep = x.numel(), correction.numel()
     dof_x = max(total - 2, 1) if total > 2 else max(total - 1, 1)
-    variance = (x - x.mean()).square().sum().item() / dof_x / total
-    if deep > 1 and correction.abs().max() > 0:
-        y, x_deep = correction - correction.mean(), x[:deep] - x[:deep].mean()
-        var_y = y.square().sum().item() / (deep - 1) * _spread_margin(deep)
-        variance += var_y / deep + 2 * (x_deep * y).sum().item() / (deep - 1) / total
-    return (x.mean() + correction.mean()).item(), math.sqrt(max(variance, 0.0))
+    var_x = (x - x.mean()).square().sum().item() / dof_x
+    if deep <= 1 or correction.abs().max() == 0:
+        return x, var_x, 0.0, 0.0
+    y, x_deep = correction - correction.mean(), x[:deep] - x[:deep].mean()
+    var_y = y.square().sum().item() / (deep - 1) * _spread_margin(deep)
+    return x, var_x, var_y, (x_deep * y).sum().item() / (deep - 1)
+
+
+def _two_level(shallow: Tensor, quadratic: Tensor, correction: Tensor, trace: float) -> tuple[float, float]:
+    """Estimate and standard error of tr f(Sigma) = E[Q_m0] + E[Q_L - Q_m0]: ``shallow`` (P0,) are Q_m0 of all
+    probes, the first ``correction.numel()`` of which are the deep ones with ``correction`` = Q_L - Q_m0 (empty
+    for one level). The variance counts the covariance of the two terms, which share the deep probes."""
+    x, var_x, var_y, cov = _spreads(shallow, quadratic, correction, trace)
+    total, deep = x.numel(), max(correction.numel(), 1)
+    variance = var_x / total + var_y / deep + 2 * cov / total
+    mean_correction = correction.mean().item() if correction.numel() else 0.0
+    return x.mean().item() + mean_correction, math.sqrt(max(variance, 0.0))
 
 
 _CONFIDENCE = 2.5  # z-score on the probes' standard error
@@ -153,12 +162,8 @@ def _quadrature(op: _Covariance, probes: Tensor, steps: int, alpha: float) -> tu
 def _probes_needed(shallow: Tensor, quadratic: Tensor, correction: Tensor, trace: float, goal: float) -> int | None:
     """Shallow probes (a multiple of 8) to add so that the standard error of ``_two_level`` reaches ``goal``, from
     the spreads so far; None when the deep probes' spread of ``correction`` alone takes most of the goal."""
-    x = _control_variate(shallow, quadratic, trace)
+    x, var_x, var_y, cov = _spreads(shallow, quadratic, correction, trace)
     total, deep = x.numel(), correction.numel()
-    var_x = (x - x.mean()).square().sum().item() / max(total - 2, 1)
-    y, x_deep = correction - correction.mean(), x[:deep] - x[:deep].mean()
-    var_y = y.square().sum().item() / max(deep - 1, 1) * _spread_margin(deep)
-    cov = (x_deep * y).sum().item() / max(deep - 1, 1)
     room = goal**2 - var_y / deep
     if room <= 0.25 * goal**2:
         return None
@@ -225,6 +230,13 @@ def _slq(
         return None
     steps = a.shape[1]
     deep, gaps = _midpoints(a, b, weights, alpha, steps)
+    pilot_at = {steps: deep}  # the pilot's Q_m at the depths looked at
+
+    def pilot(m: int) -> Tensor:
+        if m not in pilot_at:
+            pilot_at[m] = _midpoints(a, b, weights, alpha, m)[0]
+        return pilot_at[m]
+
     shallow, quadratic, depth = deep, weights * a[:, 0], steps
     estimate, std_error = _two_level(shallow, quadratic, deep - shallow, trace)
     for round_ in range(0 if num_probes else _MAX_ROUNDS):
@@ -235,16 +247,15 @@ def _slq(
         # keep it and add probes where the first fell short.
         options = [(depth * op.step_cost(op.size), depth, op.size)]
         for m in [m for m in _SHALLOW_DEPTHS if m < steps and not num_steps and round_ == 0] + [depth]:
-            pilot = deep if m == steps else _midpoints(a, b, weights, alpha, m)[0]
-            candidate = shallow if m == depth else pilot
-            extra = _probes_needed(candidate, quadratic, deep - pilot, trace, target)
+            candidate = shallow if m == depth else pilot(m)
+            extra = _probes_needed(candidate, quadratic, deep - pilot(m), trace, target)
             if extra is not None and extra < op.size:
                 options.append((m * op.step_cost(extra), m, extra))
         cost, m, extra = min(options, key=lambda option: (option[0], -option[1]))
         if cost > budget:
             return None
         if m != depth:
-            shallow, depth = _midpoints(a, b, weights, alpha, m)[0], m
+            shallow, depth = pilot(m), m
         gauss, radau, more_quadratic = _quadrature(
             op, op.probes(None if extra == op.size else extra, generator), depth, alpha
         )
