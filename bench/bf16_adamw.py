@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from lightning_modules.stochastic_rounding import StochasticRoundingAdamW  # noqa: E402
+from neurolight.lightning_modules.send.stochastic_rounding import StochasticRoundingAdamW  # noqa: E402
 
 OPTIMIZERS = {
     "torch AdamW, float32 weights": (torch.float32, lambda p: torch.optim.AdamW([p], lr=1e-4)),

@@ -35,7 +35,7 @@ MISSING=(
 PINNED=(transformers lightning protobuf)
 # Required by carried packages but never imported on the paths above (pip installs with --no-deps): SAELens's
 # plotting, text and env helpers and transformer-lens's type checkers. elasticsearch stays behind too: only
-# callbacks/elasticsearch_store.py imports it, lazily, and its tests need a noida-db server.
+# callbacks/interpret/stores/elasticsearch.py imports it, lazily, and its tests need a noida-db server.
 LEFT_BEHIND=(plotly plotly-express babe nltk python-dotenv tenacity beartype typeguard fancy-einsum
     transformers-stream-generator cwevals)
 
@@ -84,7 +84,7 @@ download() {
 
     # Config and tokenizer of SmolLM2-135M-Instruct, no weights: --model $KIT/smollm2-config --random-weights.
     local model
-    model=$(.venv/bin/python -c 'from lightning_modules.llm import embedded_model_dir; print(embedded_model_dir())')
+    model=$(.venv/bin/python -c 'from neurolight.datamodules.llm.models import embedded_model_dir; print(embedded_model_dir())')
     rm -rf "$KIT/smollm2-config" && mkdir -p "$KIT/smollm2-config"
     find "$model" -maxdepth 1 -type f \( -name '*.json' -o -name '*.jinja' \) ! -name neurolight_source.json \
         -exec cp {} "$KIT/smollm2-config/" \;
@@ -178,7 +178,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 torch.manual_seed(0)
 AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(sys.argv[1])).save_pretrained(sys.argv[2])
 AutoTokenizer.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2])' "$model" /tmp/smollm2-random
-            step 05_send_deepspeed 420 python3 -m lightning_modules fit --config configs/send/demo.yaml \
+            step 05_send_deepspeed 420 python3 -m neurolight fit --config configs/send/demo.yaml \
                 --config configs/trainer/deepspeed.yaml \
                 --model.init_args.model_name /tmp/smollm2-random --data.init_args.model_name /tmp/smollm2-random \
                 --model.init_args.output_dir /tmp/send_deepspeed --trainer.default_root_dir /tmp/send_deepspeed \

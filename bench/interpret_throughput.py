@@ -35,10 +35,10 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from datamodules.interpretation import InterpretationDataModule  # noqa: E402
-from datamodules.interpretation_samples import save_interpretation_samples  # noqa: E402
-from lightning_modules.interpreter import LatentInterpreter  # noqa: E402
-from lightning_modules.simulation import pearson  # noqa: E402
+from neurolight.datamodules.interpret.samples import save_interpretation_samples  # noqa: E402
+from neurolight.datamodules.interpret.tasks import InterpretationDataModule  # noqa: E402
+from neurolight.lightning_modules.interpret.interpreter import LatentInterpreter  # noqa: E402
+from neurolight.lightning_modules.interpret.simulation import pearson  # noqa: E402
 
 CONFIG = ROOT / "configs" / "interpret" / "demo.yaml"
 DEMO_SAMPLES = ROOT / "runs" / "demo" / "interpret" / "samples"
@@ -50,10 +50,10 @@ def build_samples(target: Path, contexts: int, latents: int, device: str, seed: 
     """Brute-force samples of the demo SAE: every activation of ``contexts`` corpus contexts is computed, then per
     latent in the frequency band 1e-4..1e-1 the top 12 contexts by max activation, 6 across the activation
     quantiles of the contexts where it fires, 8 random ones and 8 where it never fires."""
-    from datamodules.hooked_llm import HookedLLM
-    from datamodules.tokenized_corpus import TokenizedCorpus
-    from lightning_modules.llm import load_causal_lm
-    from lightning_modules.sae_module import SparseAutoencoderModule
+    from neurolight.datamodules.llm.hooked import HookedLLM
+    from neurolight.datamodules.llm.models import load_causal_lm
+    from neurolight.datamodules.sae.tokenized_corpus import TokenizedCorpus
+    from neurolight.lightning_modules.sae.module import SparseAutoencoderModule
 
     checkpoint = torch.load(DEMO_SAE, map_location="cpu", weights_only=False)
     sae_args = {k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")}

@@ -73,7 +73,7 @@ def load_recipe(path: str) -> dict:
 
 def prepare_corpus(recipe: dict, corpus: str | None, model_dir: str, workdir: Path) -> str:
     """The corpus to train on: --corpus, else the config's, else one built from pydoc into ``workdir``."""
-    from datamodules.tokenized_corpus import METADATA_FILE, build_tokenized_corpus
+    from neurolight.datamodules.sae.tokenized_corpus import METADATA_FILE, build_tokenized_corpus
 
     path = Path(corpus or recipe["data"]["dataset_path"])
     if not path.is_absolute():
@@ -99,7 +99,7 @@ def prepare_corpus(recipe: dict, corpus: str | None, model_dir: str, workdir: Pa
 
 def prepare_model(model: str | None, recipe: dict, random_weights: bool, workdir: Path) -> str:
     """A local Hugging Face directory both sides load (SAELens needs a path or hub id, not a short name)."""
-    from lightning_modules.llm import resolve_model
+    from neurolight.datamodules.llm.models import resolve_model
 
     path = resolve_model(model or recipe["data"]["model_name"])
     if not random_weights:
@@ -117,7 +117,7 @@ def prepare_model(model: str | None, recipe: dict, random_weights: bool, workdir
 
 def train_contexts(corpus_dir: str, recipe: dict) -> tuple[int, int]:
     """(number of training contexts, stored context length), as ActivationDataModule splits the corpus."""
-    from datamodules.tokenized_corpus import TokenizedCorpus
+    from neurolight.datamodules.sae.tokenized_corpus import TokenizedCorpus
 
     corpus = TokenizedCorpus(corpus_dir)
     return len(corpus) - int(recipe["data"].get("val_contexts", 64)), corpus.context_length
@@ -245,9 +245,9 @@ def run_neurolight(args, recipe: dict) -> dict:
     import lightning.pytorch as pl
     import torch
 
-    from datamodules import ActivationDataModule
-    from datamodules.hooked_llm import HookedLLM
-    from lightning_modules import SparseAutoencoderModule
+    from neurolight.datamodules import ActivationDataModule
+    from neurolight.datamodules.llm.hooked import HookedLLM
+    from neurolight.lightning_modules import SparseAutoencoderModule
 
     t_setup = time.perf_counter()
     data, model = recipe["data"], recipe["model"]
@@ -317,8 +317,8 @@ def run_saelens(args, recipe: dict) -> dict:
     import datasets
     import torch
 
-    from datamodules.hooked_llm import HOOK_POINTS
-    from datamodules.tokenized_corpus import TokenizedCorpus
+    from neurolight.datamodules.llm.hooked import HOOK_POINTS
+    from neurolight.datamodules.sae.tokenized_corpus import TokenizedCorpus
 
     logging.getLogger("sae_lens").setLevel(logging.ERROR)
     datasets.disable_progress_bars()

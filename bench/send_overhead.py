@@ -37,9 +37,9 @@ import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from callbacks.sensitive_dropout import SensitiveNeuronDropout  # noqa: E402
-from datamodules.qa import QADataModule  # noqa: E402
-from lightning_modules.send_module import SendModule  # noqa: E402
+from neurolight.callbacks.send.sensitive_dropout import SensitiveNeuronDropout  # noqa: E402
+from neurolight.datamodules.send.qa import QADataModule  # noqa: E402
+from neurolight.lightning_modules.send.module import SendModule  # noqa: E402
 
 
 class EpochTimer(pl.Callback):

@@ -1,18 +1,27 @@
-"""Data that flows into the models: text -> tokens -> activations."""
+"""The lowest floor: data and the frozen LLM, one subpackage per pipeline (``sae/``, ``send/``, ``interpret/``)
+plus ``llm/`` (model loading, hooking, DeepSpeed ZeRO access), which every pipeline shares.
 
-from lightning_modules.lazy_exports import lazy_exports
+text -> tokens -> activations (SAE); QA records -> prompts and labels (SEND); samples -> explain/score tasks.
+"""
 
-# Lazy, so that the tokenizer's worker processes (which import datamodules.tokenized_corpus) do not pay for
+from neurolight._lazy import lazy_exports
+
+# Lazy, so that the tokenizer's worker processes (which import datamodules.sae.tokenized_corpus) do not pay for
 # importing Lightning.
 _EXPORTS = {
-    "ActivationDataModule": "datamodules.activations",
-    "CorpusContextDataModule": "datamodules.corpus_contexts",
-    "InterpretationDataModule": "datamodules.interpretation",
-    "InterpretationSamples": "datamodules.interpretation_samples",
-    "save_interpretation_samples": "datamodules.interpretation_samples",
-    "QADataModule": "datamodules.qa",
-    "QARecord": "datamodules.qa_records",
-    "load_qa_records": "datamodules.qa_records",
+    "ActivationDataModule": "neurolight.datamodules.sae.activations",
+    "CorpusContextDataModule": "neurolight.datamodules.interpret.corpus_contexts",
+    "InterpretationDataModule": "neurolight.datamodules.interpret.tasks",
+    "InterpretationSamples": "neurolight.datamodules.interpret.samples",
+    "save_interpretation_samples": "neurolight.datamodules.interpret.samples",
+    "QADataModule": "neurolight.datamodules.send.qa",
+    "QARecord": "neurolight.datamodules.send.qa_records",
+    "load_qa_records": "neurolight.datamodules.send.qa_records",
+    "HookedLLM": "neurolight.datamodules.llm.hooked",
+    "MODELS": "neurolight.datamodules.llm.models",
+    "load_causal_lm": "neurolight.datamodules.llm.models",
+    "load_tokenizer": "neurolight.datamodules.llm.models",
+    "resolve_model": "neurolight.datamodules.llm.models",
 }
 
 __all__ = list(_EXPORTS)

@@ -1,20 +1,20 @@
-"""Models that learn from the tensors the datamodules produce."""
+"""What learns or predicts, one subpackage per pipeline: ``sae/``, ``send/``, ``interpret/``.
 
-from lightning_modules.lazy_exports import lazy_exports
+Plain ``nn.Module``s and tensor math sit beside the thin LightningModules that use them. Configs name the classes
+by these exports (``neurolight.lightning_modules.SendModule``), so a file can move without breaking a recipe.
+"""
 
-# Lazy, so that light users (the tokenizer's worker processes need only llm.py) do not import Lightning.
+from neurolight._lazy import lazy_exports
+
+# Lazy: importing one export does not import Lightning for the others.
 _EXPORTS = {
-    "MODELS": "lightning_modules.llm",
-    "load_causal_lm": "lightning_modules.llm",
-    "load_tokenizer": "lightning_modules.llm",
-    "resolve_model": "lightning_modules.llm",
-    "SparseAutoencoder": "lightning_modules.sparse_autoencoder",
-    "SparseAutoencoderModule": "lightning_modules.sae_module",
-    "SendModule": "lightning_modules.send_module",
-    "AnswerGenerator": "lightning_modules.answer_generator",
-    "LatentInterpreter": "lightning_modules.interpreter",
-    "LatentSampler": "lightning_modules.latent_sampler",
-    "RunningLatentSamples": "lightning_modules.running_samples",
+    "SparseAutoencoder": "neurolight.lightning_modules.sae.sparse_autoencoder",
+    "SparseAutoencoderModule": "neurolight.lightning_modules.sae.module",
+    "SendModule": "neurolight.lightning_modules.send.module",
+    "AnswerGenerator": "neurolight.lightning_modules.send.answer_generator",
+    "LatentInterpreter": "neurolight.lightning_modules.interpret.interpreter",
+    "LatentSampler": "neurolight.lightning_modules.interpret.latent_sampler",
+    "RunningLatentSamples": "neurolight.lightning_modules.interpret.running_samples",
 }
 
 __all__ = list(_EXPORTS)

@@ -90,8 +90,8 @@ def tiny_model(tiny_model_dir):
 
 @pytest.fixture
 def records_path(tmp_path):
-    """48 TriviaQA-schema questions of 3-9 words (``tests.send_helpers.write_records``), for SEND runs."""
-    from tests.send_helpers import write_records
+    """48 TriviaQA-schema questions of 3-9 words (``tests.helpers.send.write_records``), for SEND runs."""
+    from tests.helpers.send import write_records
 
     return write_records(tmp_path / "tqa.jsonl")
 
@@ -138,7 +138,7 @@ def one_torch_thread():
 @pytest.fixture(scope="module")
 def es_address(tmp_path_factory):
     """Address (``http://127.0.0.1:PORT``) of a noida-db server that serves the test module using it, then stops."""
-    from tests.noida import noida_elasticsearch
+    from tests.helpers.noida import noida_elasticsearch
 
     with noida_elasticsearch(tmp_path_factory.mktemp("noida")) as address:
         yield address

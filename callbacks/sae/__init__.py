@@ -1,0 +1,1 @@
+"""Beside SAE training: dead-latent resampling and step checkpoints."""

@@ -1,0 +1,148 @@
+"""DeadLatentResampler: give latents that stopped firing a new direction, on a fixed step schedule.
+
+Needs a LightningModule with ``sae`` (a SparseAutoencoder), ``normalize(batch)``, and a ``training_step`` that
+returns ``fired`` (per-latent firing counts of the step, summed over ranks), as SparseAutoencoderModule does.
+"""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+
+from neurolight.datamodules.llm import zero
+
+METHODS = ("replacement", "anthropic")
+
+
+class DeadLatentResampler(pl.Callback):
+    def __init__(
+        self,
+        method: str = "anthropic",
+        neuron_resampling_interval: int = 25_000,
+        num_resampling_inputs: int = 8192,
+        encoder_scale: float = 0.2,
+        last_resampling_step: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        """
+        Args:
+            method: ``replacement``: dead latents get random unit directions, encoder rows at the mean norm of
+                the live ones. ``anthropic`` (Towards Monosemanticity, appendix): directions are training inputs
+                drawn with probability proportional to their squared reconstruction loss, encoder rows at
+                ``encoder_scale`` x the mean live encoder norm. Both zero the encoder bias and Adam moments of
+                the touched rows.
+            neuron_resampling_interval: Steps between resamplings; a latent that did not fire in the whole
+                interval is dead.
+            num_resampling_inputs: Most recent training inputs kept for ``anthropic`` loss sampling.
+            encoder_scale: Encoder norm factor of ``anthropic`` resampling (0.2 in the paper).
+            last_resampling_step: No resampling after this step (the paper stops before the end of training).
+            seed: Seed of the resampler's own generator (checkpointed).
+        """
+        if method not in METHODS:
+            raise ValueError(f"unknown resampling method '{method}'; choose one of {', '.join(METHODS)}")
+        if neuron_resampling_interval < 1:
+            raise ValueError(f"neuron_resampling_interval must be >= 1, got {neuron_resampling_interval}")
+        self.method = method
+        self.interval = neuron_resampling_interval
+        self.num_inputs = num_resampling_inputs
+        self.encoder_scale = encoder_scale
+        self.last_step = last_resampling_step
+        self.generator = torch.Generator().manual_seed(seed)
+        self.fired: Tensor | None = None
+        self.inputs: Tensor | None = None  # ring buffer of recent normalised inputs (anthropic)
+        self.inputs_seen = 0
+        self.history: list[dict] = []
+
+    @property
+    def state_key(self) -> str:
+        return f"DeadLatentResampler[{self.method},{self.interval}]"
+
+    # ------------------------------------------------------------------------------------------ tracking
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        fired = outputs["fired"].detach()
+        self.fired = fired.clone() if self.fired is None else self.fired.to(fired.device) + fired
+        if self.method == "anthropic":
+            self._remember(pl_module.normalize(batch).detach())
+        step = trainer.global_step
+        if step % self.interval == 0 and (self.last_step is None or step <= self.last_step):
+            self.resample(trainer, pl_module)
+
+    def _remember(self, x: Tensor) -> None:
+        if self.inputs is None:
+            self.inputs = torch.zeros(self.num_inputs, x.shape[1], dtype=x.dtype, device=x.device)
+        x = x[-self.num_inputs :]
+        slots = (self.inputs_seen + torch.arange(len(x))) % self.num_inputs
+        self.inputs[slots.to(self.inputs.device)] = x.to(self.inputs.device)
+        self.inputs_seen += len(x)
+
+    # ------------------------------------------------------------------------------------------ resampling
+    @torch.no_grad()
+    def resample(self, trainer, pl_module) -> int:
+        """Resample the latents that did not fire since the last resampling; returns how many."""
+        dead = self.fired == 0  # counts over all ranks (the module reduces them), so ranks agree
+        self.fired.zero_()
+        num_dead = int(dead.sum())
+        self.history.append({"step": trainer.global_step, "dead": num_dead})
+        pl_module.log("train/resampled", float(num_dead))
+        if num_dead == 0:
+            return 0
+        sae = pl_module.sae
+        w_enc, w_dec, b_dec = (zero.full_param(p).clone() for p in (sae.W_enc, sae.W_dec, sae.b_dec))
+        live = ~dead
+        enc_norm = w_enc[live].norm(dim=1).mean() if live.any() else torch.tensor(1.0, device=w_enc.device)
+        if self.method == "replacement":
+            directions = torch.randn(num_dead, w_dec.shape[1], generator=self.generator).to(w_dec)
+            enc_scale = enc_norm
+        else:
+            directions = self._loss_weighted_inputs(sae, num_dead, b_dec)
+            enc_scale = self.encoder_scale * enc_norm
+        # Ranks drew from the same generator; rank 0's inputs are the ones used everywhere.
+        directions = trainer.strategy.broadcast(directions.cpu(), src=0).to(w_dec)
+        directions = directions / directions.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        dec_scale = w_dec[live].norm(dim=1).mean() if (live.any() and not sae.normalize_decoder) else 1.0
+        w_dec[dead] = directions * dec_scale
+        w_enc[dead] = directions * enc_scale
+        zero.set_param(sae.W_dec, w_dec)
+        zero.set_param(sae.W_enc, w_enc)
+        zero.update_param(sae.b_enc, lambda b: b.masked_fill(dead.to(b.device), 0.0))
+        touched = [sae.W_enc, sae.W_dec, sae.b_enc]
+        if hasattr(sae, "log_threshold"):
+            init = torch.log(torch.tensor(sae.jumprelu_init_threshold))
+            zero.update_param(sae.log_threshold, lambda t: t.masked_fill(dead.to(t.device), init.item()))
+            touched.append(sae.log_threshold)
+        optimizer = trainer.optimizers[0]
+        for param in touched:
+            zero.zero_adam_rows(optimizer, param, dead)
+        if hasattr(pl_module, "tokens_since_fired"):
+            pl_module.tokens_since_fired[dead.to(pl_module.tokens_since_fired.device)] = 0
+        return num_dead
+
+    def _loss_weighted_inputs(self, sae, n: int, b_dec: Tensor) -> Tensor:
+        available = min(self.inputs_seen, self.num_inputs)
+        if available == 0:
+            raise RuntimeError("anthropic resampling needs training inputs, but none were seen in this interval")
+        inputs = self.inputs[:available].to(b_dec.device, sae.W_enc.dtype)
+        x_hat = sae(inputs).x_hat
+        weights = (inputs - x_hat).float().pow(2).sum(1).pow(2)  # loss squared (Towards Monosemanticity)
+        if weights.sum() <= 0:
+            weights = torch.ones_like(weights)
+        picks = torch.multinomial(weights.cpu(), n, replacement=n > available, generator=self.generator)
+        return inputs[picks.to(inputs.device)] - b_dec.to(inputs)
+
+    # ------------------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        return {
+            "generator": self.generator.get_state(),
+            "fired": None if self.fired is None else self.fired.cpu(),
+            "inputs": None if self.inputs is None else self.inputs.cpu(),
+            "inputs_seen": self.inputs_seen,
+            "history": list(self.history),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.fired = state["fired"]
+        self.inputs = state["inputs"]
+        self.inputs_seen = state["inputs_seen"]
+        self.history = list(state["history"])

@@ -1,0 +1,1 @@
+"""Beside SEND: the sensitive-neuron dropout schedule and the QA prediction writer."""

@@ -1,0 +1,1 @@
+"""Corpus contexts for sampling latents; the samples format; explain/score tasks."""

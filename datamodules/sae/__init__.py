@@ -1,0 +1,1 @@
+"""Text -> tokens -> activations of a frozen LLM, for SAE training."""

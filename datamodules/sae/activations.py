@@ -1,0 +1,264 @@
+"""ActivationDataModule: tokenized corpus -> frozen LLM -> mixing buffer -> SAE batches.
+
+Training batches are (batch_size_autoencoder, d_in) raw activations (the SAE module applies its normalisation
+scalar); validation batches are (batch, num_tokens) token ids, so the module can splice its reconstruction back
+into the LLM (``hooked_llm``) and measure the downstream loss.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset
+
+from neurolight.datamodules.llm.hooked import HOOK_POINTS, HookedLLM
+from neurolight.datamodules.sae.activation_buffer import ActivationBuffer
+from neurolight.datamodules.sae.tokenized_corpus import TokenizedCorpus
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class _Stream(IterableDataset):
+    """Endless placeholders; ``on_before_batch_transfer`` swaps each for a buffer batch when it is consumed."""
+
+    def __iter__(self):
+        while True:
+            yield _PLACEHOLDER
+
+
+# Lightning fetches one batch ahead; served at fetch time, the batch after the last step could trigger a whole
+# buffer refill (LLM forwards) that is never trained on.
+_PLACEHOLDER = torch.empty(0)
+
+
+class ActivationDataModule(pl.LightningDataModule):
+    def __init__(
+        self,
+        dataset_path: str,
+        model_name: str = "smollm2-135m",
+        layer_id: int = 15,
+        layer_type: str = "mlp_activations",
+        num_tokens: int = 64,
+        batch_size_llm: int = 16,
+        batch_size_autoencoder: int = 1024,
+        num_batches_preload: int = 64,
+        device_llm: str | None = None,
+        llm_dtype: str = "float32",
+        compile_llm: bool = False,
+        llm_compile_mode: str | None = None,
+        buffer_device: str | None = None,
+        buffer_dtype: str = "float32",
+        exclude_first_position: bool = True,
+        mlp_activations_hookpoint: str = HOOK_POINTS["mlp_activations"],
+        mlp_sublayer_hookpoint: str = HOOK_POINTS["mlp_sublayer"],
+        attn_sublayer_hookpoint: str = HOOK_POINTS["attn_sublayer"],
+        val_contexts: int = 64,
+        val_batch_size: int = 8,
+        checkpoint_buffer: bool = True,
+        seed: int = 0,
+    ) -> None:
+        """
+        Args:
+            dataset_path: Directory written by ``neurolight-tokenize`` (the tokenized corpus).
+            model_name: LLM whose activations are harvested: a short name (see ``neurolight.datamodules.MODELS``),
+                a Hugging Face id, or a local directory.
+            layer_id: Decoder layer to hook.
+            layer_type: ``attn_sublayer`` (attention output), ``mlp_sublayer`` (MLP output) or ``mlp_activations``
+                (input of the MLP down projection).
+            num_tokens: Tokens per context fed to the LLM (the first ``num_tokens`` of each stored context).
+            batch_size_llm: Contexts per LLM forward pass.
+            batch_size_autoencoder: Activation vectors per SAE training batch.
+            num_batches_preload: Buffer size in SAE batches; half of it is served between refills. Larger mixes
+                better and costs ``num_batches_preload * batch_size_autoencoder * d_in`` values of memory.
+            device_llm: Device of the LLM, e.g. ``cuda:1``; default: the trainer's device for this rank.
+            llm_dtype: ``float32``, ``bfloat16`` or ``float16`` weights for the LLM.
+            compile_llm: ``torch.compile`` the LLM forward up to the hooked layer (``dynamic=False``: the shapes are
+                fixed). Off by default: on CPU it gained nothing measurable (the forward is matrix products) and
+                compiling took ~2 min on 2 cores; meant for GPUs, where the small forward is launch-bound. The first
+                training and the first validation batch each pay the compilation.
+            llm_compile_mode: ``torch.compile`` mode for ``compile_llm``; default ``reduce-overhead`` (CUDA graphs)
+                on CUDA, inductor's default elsewhere; ``max-autotune-no-cudagraphs`` is the alternative without
+                graphs.
+            buffer_device: Device of the buffer; default: the LLM's device.
+            buffer_dtype: Storage dtype of the buffer (``bfloat16`` halves its memory).
+            exclude_first_position: Skip position 0 (BOS / attention sink), whose activations are huge outliers.
+            mlp_activations_hookpoint: Module whose INPUT is the MLP activation (``{}`` = layer index).
+            mlp_sublayer_hookpoint: Module whose output is the MLP sublayer output.
+            attn_sublayer_hookpoint: Module whose output (element 0) is the attention sublayer output.
+            val_contexts: Contexts held out at the end of the corpus for validation (never trained on).
+            val_batch_size: Contexts per validation batch.
+            checkpoint_buffer: Save the buffer contents in checkpoints so a resumed run continues exactly;
+                off saves memory and disk, and a resume then refills the buffer from the corpus position.
+            seed: Seed of corpus order and buffer mixing.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.hook_points = {
+            "mlp_activations": mlp_activations_hookpoint,
+            "mlp_sublayer": mlp_sublayer_hookpoint,
+            "attn_sublayer": attn_sublayer_hookpoint,
+        }
+        self.hooked_llm: HookedLLM | None = None
+        self.buffer: ActivationBuffer | None = None
+        self.corpus: TokenizedCorpus | None = None
+        self._pass, self._position = 0, 0  # corpus pass and position within this rank's order
+        self._order: Tensor | None = None
+        self._served, self._consumed = 0, 0
+        self._recent: deque[Tensor] = deque(maxlen=16)
+        self._replay: deque[Tensor] = deque()
+
+    # ----------------------------------------------------------------------------------------------- setup
+    def setup(self, stage: str) -> None:
+        if self.hooked_llm is not None:
+            return
+        from neurolight.datamodules.llm.models import load_causal_lm
+
+        hp = self.hparams
+        self.corpus = TokenizedCorpus(hp.dataset_path)
+        if hp.num_tokens > self.corpus.context_length:
+            raise ValueError(
+                f"num_tokens={hp.num_tokens} exceeds the corpus context length {self.corpus.context_length} "
+                f"({hp.dataset_path}); rebuild the corpus with a longer context_length or lower num_tokens"
+            )
+        min_train = hp.batch_size_llm
+        if len(self.corpus) < hp.val_contexts + min_train:
+            raise ValueError(
+                f"corpus {hp.dataset_path} has {len(self.corpus)} contexts: too few for {hp.val_contexts} "
+                f"validation contexts plus one LLM batch of {hp.batch_size_llm}"
+            )
+        device = torch.device(hp.device_llm) if hp.device_llm else self._trainer_device()
+        if hp.llm_dtype not in _DTYPES:
+            raise ValueError(f"unknown llm_dtype '{hp.llm_dtype}'; choose one of {', '.join(_DTYPES)}")
+        model = load_causal_lm(hp.model_name, dtype=_DTYPES[hp.llm_dtype], device=device)
+        self.hooked_llm = HookedLLM(
+            model,
+            hp.layer_type,
+            hp.layer_id,
+            self.hook_points,
+            compile=hp.compile_llm,
+            compile_mode=hp.llm_compile_mode,
+        )
+        self.buffer = ActivationBuffer(
+            capacity=hp.num_batches_preload * hp.batch_size_autoencoder,
+            batch_size=hp.batch_size_autoencoder,
+            produce=self._produce,
+            seed=hp.seed + 7919 * self._rank()[0],
+            device=hp.buffer_device or device,
+            dtype=_DTYPES[hp.buffer_dtype],
+        )
+
+    def _trainer_device(self) -> torch.device:
+        return self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+
+    def _rank(self) -> tuple[int, int]:
+        if self.trainer is None:
+            return 0, 1
+        return self.trainer.global_rank, self.trainer.world_size
+
+    @property
+    def d_in(self) -> int:
+        return self.hooked_llm.d_in
+
+    @property
+    def num_train_contexts(self) -> int:
+        return len(self.corpus) - self.hparams.val_contexts
+
+    # ------------------------------------------------------------------------------------------ producing
+    def _next_contexts(self) -> Tensor:
+        """The next batch_size_llm training contexts of this rank; each pass over the corpus reshuffles."""
+        rank, world = self._rank()
+        picked: list[Tensor] = []
+        need = self.hparams.batch_size_llm
+        while need:
+            if self._order is None:
+                g = torch.Generator().manual_seed(self.hparams.seed * 1_000_003 + self._pass)
+                # DDP ranks read disjoint contexts of the same permutation.
+                self._order = torch.randperm(self.num_train_contexts, generator=g)[rank::world]
+            take = self._order[self._position : self._position + need]
+            picked.append(take)
+            self._position += len(take)
+            need -= len(take)
+            if self._position >= len(self._order):
+                self._pass, self._position, self._order = self._pass + 1, 0, None
+        ids = self.corpus.batch(torch.cat(picked).numpy())
+        return ids[:, : self.hparams.num_tokens]
+
+    def _produce(self) -> Tensor:
+        acts = self.hooked_llm.harvest(self._next_contexts())
+        if self.hparams.exclude_first_position:
+            acts = acts[:, 1:]
+        return acts.reshape(-1, acts.shape[-1])
+
+    def _next_train_batch(self) -> Tensor:
+        batch = self._replay.popleft() if self._replay else self.buffer.next_batch()
+        self._served += 1
+        self._recent.append(batch)
+        return batch
+
+    def mean_activation_norm(self) -> float:
+        """Mean L2 norm of the activations in the (filled) buffer; these rows are still served afterwards."""
+        return self.buffer.peek().float().norm(dim=1).mean().item()
+
+    # -------------------------------------------------------------------------------------------- loaders
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(_Stream(), batch_size=None, num_workers=0)
+
+    def val_dataloader(self) -> DataLoader:
+        # Map-style: under DDP Lightning's DistributedSampler splits these contexts across ranks.
+        contexts = self.corpus.batch(range(self.num_train_contexts, len(self.corpus)))[:, : self.hparams.num_tokens]
+        return DataLoader(contexts, batch_size=self.hparams.val_batch_size, shuffle=False)
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        if self.trainer is not None and self.trainer.training:
+            # Counting the consumed batches tells state_dict which are in flight (none since they are served here;
+            # checkpoints of earlier versions can still hold some).
+            self._consumed += 1
+            if batch.numel() == 0:  # the placeholder (a precision plugin may have converted it: no identity test)
+                batch = self._next_train_batch()
+        return batch
+
+    # ------------------------------------------------------------------------------------------ resuming
+    def state_dict(self) -> dict:
+        """Corpus position, buffer and in-flight batches of EVERY rank (collective under DDP: each rank mixes
+        its own activations, and only rank 0 writes the checkpoint)."""
+        in_flight = self._served - self._consumed
+        recent = list(self._recent)
+        local = {
+            "pass": self._pass,
+            "position": self._position,
+            "in_flight": [b.cpu() for b in recent[len(recent) - in_flight :]] if in_flight > 0 else [],
+            "buffer": None
+            if self.buffer is None
+            else self.buffer.state_dict(include_storage=self.hparams.checkpoint_buffer),
+        }
+        _, world = self._rank()
+        ranks = [local]
+        if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            ranks = [None] * world
+            torch.distributed.all_gather_object(ranks, local)
+        return {"world_size": len(ranks), "ranks": ranks}
+
+    def load_state_dict(self, state: dict) -> None:
+        rank, world = self._rank()
+        if state["world_size"] != world:
+            # Each rank's order is a slice of the pass permutation, so positions do not carry over to another
+            # world size: start the next pass with empty buffers rather than repeat or skip data silently.
+            rank_zero_warn(
+                f"checkpoint was written by {state['world_size']} ranks, this run has {world}: the activation "
+                "buffers start empty at the next pass over the corpus"
+            )
+            self._pass, self._position, self._order = max(r["pass"] for r in state["ranks"]) + 1, 0, None
+            return
+        local = state["ranks"][rank]
+        self._pass, self._position, self._order = local["pass"], local["position"], None
+        self._replay = deque(local["in_flight"])
+        self._served = self._consumed = 0
+        self._recent.clear()
+        if local["buffer"] is not None:
+            if self.buffer is None:
+                raise RuntimeError("load_state_dict before setup: the buffer does not exist yet")
+            self.buffer.load_state_dict(local["buffer"])

@@ -1,0 +1,1 @@
+"""QA records -> prompts and labels, for SEND fine-tuning and answer generation."""

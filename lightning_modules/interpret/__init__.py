@@ -1,0 +1,1 @@
+"""Interpretation: sampling latent activations, explaining them with an LLM and scoring the explanations."""

@@ -1,0 +1,1 @@
+"""Sparse autoencoders: the nn.Module and its LightningModule."""

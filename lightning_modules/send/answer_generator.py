@@ -1,0 +1,305 @@
+"""AnswerGenerator: one-line answers to QA prompts from any causal LM, optionally with EigenScore per question.
+
+    neurolight predict --config configs/send/generate.yaml
+    neurolight predict --config configs/send/generate.yaml \\
+        --model.init_args.model_name runs/demo/send/smollm2-135m_fanoutqa_SEND \\
+        --data.init_args.model_name runs/demo/send/smollm2-135m_fanoutqa_SEND
+
+The prompts come from ``QADataModule.predict_dataloader`` (exactly the training prompt up to the first answer
+token, left padded). Generation stops at the end of the answer line: at EOS, or at the first token holding a
+newline once the answer has visible text (blank lines before it are skipped); the answer is that line, stripped.
+``neurolight.callbacks.QAPredictionWriter`` scores the answers and writes them.
+
+Hallucination detection (INSIDE, Chen et al., ICLR 2024; ALGORITHMS.md §2): with ``num_generations`` = K >= 2,
+K more answers are sampled per question (INSIDE: K = 10, temperature 0.5, top_p 0.99, top_k 10), each embedded as
+the hidden state of ``embedding_layer`` (default: the middle layer) at its last answer token, and the question
+gets the EigenScore of those K embeddings: high = the answers disagree = likely hallucination.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import NamedTuple
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from neurolight.datamodules.llm.models import load_causal_lm, load_tokenizer, resolve_model
+from neurolight.lightning_modules.send.qa_metrics import eigenscore
+
+
+class StopTokens(NamedTuple):
+    """Per vocabulary id, what its text means for the end of an answer line; (vocab,) bool tensors."""
+
+    eos: Tensor
+    """End-of-sequence tokens (the tokenizer's and the generation config's)."""
+    newline: Tensor
+    """Tokens whose text holds a newline: "\\n", ".\\n", "\\n\\n", "\\nThe"."""
+    text_before_newline: Tensor
+    """Tokens with visible text before their first newline (".\\n")."""
+    blank: Tensor
+    """Tokens whose text is only white space (or empty)."""
+
+
+def stop_tokens(tokenizer, eos_ids: Iterable[int], vocab_size: int | None = None) -> StopTokens:
+    """Classify every token id of ``tokenizer`` (``vocab_size``: the model's, if its embedding has spare rows)."""
+    size = max(len(tokenizer), vocab_size or 0)
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    texts += ["\ufffd"] * (size - len(texts))  # unused rows of a padded embedding: ordinary text
+    eos = torch.zeros(size, dtype=torch.bool)
+    eos[[i for i in eos_ids if i is not None and 0 <= i < size]] = True
+    return StopTokens(
+        eos=eos,
+        newline=torch.tensor(["\n" in text for text in texts]),
+        text_before_newline=torch.tensor([bool(text.split("\n", 1)[0].strip()) for text in texts]),
+        blank=torch.tensor([not text.strip() for text in texts]),
+    )
+
+
+def first_stop(generated: Tensor, stops: StopTokens) -> tuple[Tensor, Tensor]:
+    """Where each answer line of ``generated`` (rows, new_tokens), the tokens after the prompt, ends.
+
+    A row ends at its first EOS, or at its first newline token once the answer has visible text (white space and
+    empty lines before the answer are skipped: "Answer:\\n Paris\\n" answers "Paris").
+
+    Returns:
+        ``position`` (rows,): index of the stop token (``new_tokens`` when none came) and ``stopped`` (rows,) bool.
+    """
+    flags = [flag.to(generated.device)[generated] for flag in stops]
+    eos, newline, text_before_newline, blank = flags
+    seen_text = (~blank).long().cumsum(1) - (~blank).long() > 0  # visible text strictly before this token
+    is_stop = eos | (newline & (seen_text | text_before_newline))
+    stopped = is_stop.any(1)
+    position = torch.where(stopped, is_stop.int().argmax(1), generated.shape[1])
+    return position, stopped
+
+
+class AnswerLineStop(StoppingCriteria):
+    """Stops generating a row at the end of its answer line (``first_stop``); ``prompt_width`` tokens precede."""
+
+    def __init__(self, stops: StopTokens, prompt_width: int) -> None:
+        self.stops, self.prompt_width = stops, prompt_width
+
+    def __call__(self, input_ids: Tensor, scores: Tensor, **kwargs) -> Tensor:
+        return first_stop(input_ids[:, self.prompt_width :], self.stops)[1]
+
+
+class Answers(NamedTuple):
+    """Answers cut at their stop token, from ``cut_answers``."""
+
+    texts: list[str]
+    """Per row: the first non-empty line of the answer, stripped."""
+    num_tokens: Tensor
+    """(rows,) answer tokens before the stop token (all generated tokens when no stop token came)."""
+    stopped: Tensor
+    """(rows,) bool: a stop token (newline or EOS) ended the row, rather than ``max_new_tokens``."""
+
+
+def cut_answers(generated: Tensor, stops: StopTokens, tokenizer) -> Answers:
+    """Cut each row of ``generated`` (rows, new_tokens), the tokens after the prompt, at the end of its answer line.
+
+    The stop token is decoded with the answer and the text cut at its newline, so a token like ".\\n" keeps its
+    "."; anything after the stop token (more lines, padding) is ignored.
+    """
+    position, stopped = first_stop(generated, stops)
+    texts = []
+    for row, n in enumerate(position.tolist()):
+        text = tokenizer.decode(generated[row, : n + 1].tolist(), skip_special_tokens=True)
+        texts.append(next((line.strip() for line in text.split("\n") if line.strip()), ""))
+    return Answers(texts, position.cpu(), stopped.cpu())
+
+
+def _position_ids(attention_mask: Tensor) -> Tensor:
+    # What generate() uses under left padding; models with absolute positions need it, RoPE is indifferent.
+    return (attention_mask.cumsum(-1) - 1).clamp_min(0)
+
+
+class AnswerGenerator(pl.LightningModule):
+    def __init__(
+        self,
+        model_name: str = "smollm2-135m",
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        num_generations: int = 0,
+        hd_temperature: float = 0.5,
+        hd_top_p: float = 0.99,
+        hd_top_k: int = 10,
+        embedding_layer: int | None = None,
+        alpha: float = 1e-3,
+    ) -> None:
+        """
+        Args:
+            model_name: Model that answers: a short name (``neurolight.datamodules.MODELS``), a Hugging Face id, or a
+                local directory such as a SEND run's ``{output_dir}/{model}_{dataset}_SEND``. The data module's
+                ``model_name`` must tokenize the same way (pass the same model to both).
+            max_new_tokens: Longest answer in tokens; generation stops earlier at a newline or EOS.
+            temperature: Sampling temperature of the answer that is scored; 0 = greedy decoding.
+            top_p: Nucleus sampling of the scored answer (1.0 = off); used only when ``temperature`` > 0.
+            top_k: Top-k sampling of the scored answer (0 = off); used only when ``temperature`` > 0.
+            num_generations: K, the answers sampled per question for EigenScore hallucination detection; 0 = off.
+                EigenScore measures the spread of K answers, so K must be at least 2 (INSIDE used 10).
+            hd_temperature: Temperature of the K sampled answers (INSIDE: 0.5).
+            hd_top_p: Nucleus sampling of the K sampled answers (INSIDE: 0.99).
+            hd_top_k: Top-k sampling of the K sampled answers (INSIDE: 10; 0 = off).
+            embedding_layer: Hidden state that embeds a sampled answer, indexed as Hugging Face's
+                ``hidden_states`` (0 = token embeddings, L = the last of L layers); default: L // 2, the middle.
+            alpha: Regulariser of EigenScore's log-determinant, log(lambda_i + alpha) (INSIDE: 1e-3).
+        """
+        super().__init__()
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
+        if temperature < 0 or hd_temperature <= 0:
+            raise ValueError(
+                f"temperature={temperature} must be >= 0 (0 = greedy) and hd_temperature={hd_temperature} > 0"
+            )
+        for name, value in (("top_p", top_p), ("hd_top_p", hd_top_p)):
+            if not 0 < value <= 1:
+                raise ValueError(f"{name}={value} must be in (0, 1]; 1.0 turns nucleus sampling off")
+        for name, value in (("top_k", top_k), ("hd_top_k", hd_top_k)):
+            if value < 0:
+                raise ValueError(f"{name}={value} must be >= 0; 0 turns top-k sampling off")
+        if num_generations == 1 or num_generations < 0:
+            raise ValueError(
+                f"num_generations={num_generations}: EigenScore measures how K sampled answers spread, which "
+                "needs K >= 2 (INSIDE used 10); pass num_generations=0 to turn hallucination detection off"
+            )
+        if alpha <= 0:
+            raise ValueError(f"alpha={alpha} must be positive: it keeps log(lambda + alpha) finite")
+        self.save_hyperparameters()
+        self.model = None
+        self.tokenizer = None
+        self.layer: int | None = None
+        self.stops: StopTokens | None = None
+        self.eos_ids: list[int] = []
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        hp = self.hparams
+        self.tokenizer = load_tokenizer(hp.model_name)
+        # The default dtype is the Trainer's: "bf16-true" / "16-true" precision set it around this hook.
+        self.model = load_causal_lm(hp.model_name, dtype=torch.get_default_dtype()).eval()
+        self.model.requires_grad_(False)
+        num_layers = self.model.config.num_hidden_layers
+        self.layer = num_layers // 2 if hp.embedding_layer is None else hp.embedding_layer
+        if not 0 <= self.layer <= num_layers:
+            raise ValueError(
+                f"embedding_layer={hp.embedding_layer} is out of range: {hp.model_name} has {num_layers} layers, "
+                f"so hidden states 0 (token embeddings) to {num_layers} (last layer)"
+            )
+        eos = self.model.generation_config.eos_token_id
+        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        self.eos_ids = sorted({*eos, self.tokenizer.eos_token_id} - {None})
+        self.stops = stop_tokens(self.tokenizer, self.eos_ids, self.model.config.vocab_size)
+
+    @property
+    def model_path(self) -> str:
+        """Where the weights came from (the short name resolved to its Hugging Face id or local directory)."""
+        return resolve_model(self.hparams.model_name)
+
+    def on_predict_start(self) -> None:
+        self.stops = StopTokens(*(flags.to(self.device) for flags in self.stops))  # read at every generated token
+        data_tokenizer = getattr(self.trainer.datamodule, "tokenizer", None)
+        if data_tokenizer is not None and data_tokenizer.get_vocab() != self.tokenizer.get_vocab():
+            data_model = getattr(self.trainer.datamodule.hparams, "model_name", "?")
+            raise ValueError(
+                f"the data module tokenizes with '{data_model}', whose vocabulary differs from that of "
+                f"model_name '{self.hparams.model_name}'; pass the same model as data.model_name"
+            )
+
+    # ------------------------------------------------------------------------------------------------ generation
+    def generate(
+        self, input_ids: Tensor, attention_mask: Tensor, sample: bool, num_return_sequences: int = 1
+    ) -> Tensor:
+        """Answer tokens after the prompt, (batch * num_return_sequences, <= max_new_tokens); rows of one prompt
+        are consecutive. ``sample`` picks the K-answer settings (hd_*) instead of the scored answer's."""
+        hp = self.hparams
+        if sample:
+            settings = {"do_sample": True, "temperature": hp.hd_temperature, "top_p": hp.hd_top_p, "top_k": hp.hd_top_k}
+        elif hp.temperature > 0:
+            settings = {"do_sample": True, "temperature": hp.temperature, "top_p": hp.top_p, "top_k": hp.top_k}
+        else:
+            settings = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        sequences = self.model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            max_new_tokens=hp.max_new_tokens,
+            eos_token_id=self.eos_ids,
+            stopping_criteria=StoppingCriteriaList([AnswerLineStop(self.stops, input_ids.shape[1])]),
+            pad_token_id=self.tokenizer.pad_token_id,
+            num_return_sequences=num_return_sequences,
+            **settings,
+        )
+        return sequences[:, input_ids.shape[1] :]
+
+    def answer_embeddings(
+        self, input_ids: Tensor, attention_mask: Tensor, generated: Tensor, answers: Answers
+    ) -> Tensor:
+        """(rows, d) float32: hidden state ``self.layer`` at each answer's last token (the position whose output
+        ended the answer, as INSIDE reads it from generate; the last prompt token for an empty answer).
+
+        ``input_ids`` / ``attention_mask`` (rows, prompt) are the left-padded prompts repeated per row of
+        ``generated`` (rows, new). Positions after the read one are masked out and cut, so they change nothing.
+        """
+        width = input_ids.shape[1]
+        num_tokens = answers.num_tokens.to(generated.device)
+        answer_mask = torch.arange(generated.shape[1], device=generated.device) < num_tokens[:, None]
+        sequences = torch.cat([input_ids, generated], 1)
+        mask = torch.cat([attention_mask, answer_mask.long()], 1)
+        read_at = width + num_tokens - 1
+        end = int(read_at.max()) + 1
+        sequences, mask = sequences[:, :end], mask[:, :end]
+        out = self.model(
+            input_ids=sequences, attention_mask=mask, position_ids=_position_ids(mask), output_hidden_states=True
+        )
+        rows = torch.arange(len(sequences), device=sequences.device)
+        return out.hidden_states[self.layer][rows, read_at].float()
+
+    def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
+        """One dict per question: ``question_id``, ``question``, ``reference_answer`` (the training target),
+        ``answers`` (every gold answer), ``prompt``, ``generated_response``, TruthfulQA's ``correct_answers`` /
+        ``incorrect_answers`` where the record has them, ``index`` (position in the test split); with
+        ``num_generations`` >= 2 also ``sampled_responses`` (K texts) and ``eigenscore``."""
+        input_ids, attention_mask, records = batch["input_ids"], batch["attention_mask"], batch["records"]
+        answers = cut_answers(self.generate(input_ids, attention_mask, sample=False), self.stops, self.tokenizer)
+        rows = []
+        for row, record in enumerate(records):
+            prompt = input_ids[row][attention_mask[row].bool()].tolist()
+            result = {
+                "index": int(batch["index"][row]),
+                "question_id": record.id,
+                "question": record.question,
+                "reference_answer": record.answer,
+                "answers": list(record.answers),
+                "prompt": self.tokenizer.decode(prompt, skip_special_tokens=False),
+                "generated_response": answers.texts[row],
+            }
+            if record.correct_answers and record.incorrect_answers:
+                result["correct_answers"] = list(record.correct_answers)
+                result["incorrect_answers"] = list(record.incorrect_answers)
+            rows.append(result)
+        k = self.hparams.num_generations
+        if k >= 2:
+            for row, (texts, score) in enumerate(self.sample_eigenscores(input_ids, attention_mask, k)):
+                rows[row]["sampled_responses"] = texts
+                rows[row]["eigenscore"] = score
+        return rows
+
+    def sample_eigenscores(
+        self, input_ids: Tensor, attention_mask: Tensor, k: int
+    ) -> Iterable[tuple[list[str], float]]:
+        """Per prompt: K sampled answer texts and the EigenScore of their embeddings."""
+        generated = self.generate(input_ids, attention_mask, sample=True, num_return_sequences=k)
+        sampled = cut_answers(generated, self.stops, self.tokenizer)
+        for row in range(len(input_ids)):
+            # One question at a time: the hidden states of all layers for B * K sequences can be large.
+            rows = slice(row * k, (row + 1) * k)
+            part = Answers(sampled.texts[rows], sampled.num_tokens[rows], sampled.stopped[rows])
+            prompt_ids = input_ids[row : row + 1].expand(k, -1)
+            prompt_mask = attention_mask[row : row + 1].expand(k, -1)
+            embeddings = self.answer_embeddings(prompt_ids, prompt_mask, generated[rows], part)
+            yield part.texts, float(eigenscore(embeddings, alpha=self.hparams.alpha))

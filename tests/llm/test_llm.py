@@ -1,0 +1,23 @@
+import pytest
+import torch
+
+from neurolight.datamodules.llm.models import MODELS, load_causal_lm, load_tokenizer, resolve_model
+
+
+def test_resolve_model__names_ids_and_dirs(tiny_model_dir):
+    assert resolve_model("llama3.1-8b") == MODELS["llama3.1-8b"]
+    assert resolve_model("org/some-model") == "org/some-model"
+    assert resolve_model(str(tiny_model_dir)) == str(tiny_model_dir)
+
+
+def test_resolve_model__unknown_name_lists_choices():
+    with pytest.raises(ValueError, match="llama2-7b"):
+        resolve_model("not-a-model")
+
+
+def test_load_from_local_dir__same_logits_as_saved(tiny_model_dir, tiny_model):
+    model = load_causal_lm(str(tiny_model_dir))
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    ids = tokenizer("the cat runs", return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, tiny_model(ids).logits)
