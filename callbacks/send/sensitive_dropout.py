@@ -19,6 +19,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from neurolight.datamodules.llm import zero
+from neurolight.datamodules.llm.hooked import StopForward
+from neurolight.datamodules.llm.padding import pad_right
 from neurolight.lightning_modules.send.module import (
     decoder_layers,
     penultimate_layer,
@@ -60,18 +62,6 @@ def drop_schedule(epoch: int, identify_every: int = 2, drop_epochs: int = 3) -> 
     return DropPhase(drop=position >= identify_every, identify=position == identify_every - 1)
 
 
-def _pad_right(sequences: list[Tensor], device: torch.device) -> tuple[Tensor, Tensor]:
-    """(batch, longest) input ids and attention mask; the pad id is irrelevant (masked, and causal attention
-    never lets a real token see a later pad)."""
-    width = max(len(s) for s in sequences)
-    input_ids = torch.zeros(len(sequences), width, dtype=torch.long)
-    attention_mask = torch.zeros(len(sequences), width, dtype=torch.long)
-    for row, ids in enumerate(sequences):
-        input_ids[row, : len(ids)] = ids
-        attention_mask[row, : len(ids)] = 1
-    return input_ids.to(device), attention_mask.to(device)
-
-
 def _frozen_prefix(model: nn.Module) -> int:
     """k: how many leading decoder layers, below the penultimate one, compute a fixed function of the input ids
     (they, the embeddings and every other parameter of the decoder but its final norm are frozen)."""
@@ -85,10 +75,6 @@ def _frozen_prefix(model: nn.Module) -> int:
     while k < len(layers) - 2 and not any(p.requires_grad for p in layers[k].parameters()):
         k += 1
     return k
-
-
-class _StopForward(Exception):
-    """Raised by the tracking hook once the penultimate layer ran: the last layer and the LM head are not needed."""
 
 
 class SensitiveNeuronDropout(pl.Callback):
@@ -245,14 +231,14 @@ class SensitiveNeuronDropout(pl.Callback):
         layers = decoder_layers(model)
         layer = layers[-2]
         # Under ZeRO-3 every module must run (parameters are fetched in a fixed order); elsewhere stop early.
-        zero3 = any(hasattr(p, "ds_id") for p in layer.parameters())
+        zero3 = any(zero.zero_stage(p) == 3 for p in layer.parameters())
         first_live = 0 if zero3 else _frozen_prefix(model)
         captured: list[Tensor] = []
 
         def capture(module, args, output):
             captured.append(output[0] if isinstance(output, tuple) else output)
-            if not zero3:
-                raise _StopForward
+            if not zero3:  # the penultimate layer ran: the last layer and the LM head are not needed
+                raise StopForward
 
         loader = trainer.datamodule.tracking_dataloader()
         sequences = [ids[mask.bool()] for b in loader for ids, mask in zip(b["input_ids"], b["attention_mask"])]
@@ -277,7 +263,8 @@ class SensitiveNeuronDropout(pl.Callback):
                 handles.append(live.register_forward_pre_hook(keep_inputs(index), with_kwargs=True))
         try:
             for index, chunk in enumerate(chunks):
-                input_ids, attention_mask = _pad_right([sequences[i] for i in chunk], pl_module.device)
+                # Pad id 0: padded positions are masked, and causal attention never lets a real token see a later pad.
+                input_ids, attention_mask = pad_right([sequences[i] for i in chunk], 0, pl_module.device)
                 captured.clear()
                 with trainer.precision_plugin.forward_context():
                     try:
@@ -293,7 +280,7 @@ class SensitiveNeuronDropout(pl.Callback):
                                 hidden = hidden[0] if isinstance(hidden, tuple) else hidden
                         else:
                             model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-                    except _StopForward:
+                    except StopForward:
                         pass
                 parts.append(sentence_embeddings(captured[0], attention_mask).cpu())
         finally:
@@ -368,7 +355,7 @@ class SensitiveNeuronDropout(pl.Callback):
     def _zero_rows(self, pl_module) -> None:
         rows = self.sensitive
         for param in self._writer_params(pl_module):
-            if hasattr(param, "ds_id") or hasattr(param, "_hp_mapping"):  # ZeRO: the fp32 master copy too
+            if zero.zero_stage(param):  # ZeRO: the fp32 master copy too
                 zero.update_param(param, lambda w: w.index_fill(0, rows.to(w.device), 0))
             else:
                 with torch.no_grad():

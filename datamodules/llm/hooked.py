@@ -45,8 +45,9 @@ class HookPoint(NamedTuple):
     """True: the activation is the module's (first) input; False: its output (element 0 of a tuple)."""
 
 
-class _StopForward(Exception):
-    """Raised by the capture hook so that layers after the hooked one never run."""
+class StopForward(Exception):
+    """Raised by a capture hook once it has what it needs, so that the layers after it never run; the caller
+    catches it around the forward (and removes the hook in ``finally``)."""
 
 
 def num_layers(model: nn.Module) -> int | None:
@@ -225,7 +226,7 @@ class HookedLLM:
 
         def capture(value) -> None:
             captured.append(_first(value).detach())
-            raise _StopForward
+            raise StopForward
 
         module = self.hook_point.module
         if self.hook_point.reads_input:
@@ -234,7 +235,7 @@ class HookedLLM:
             handle = module.register_forward_hook(lambda _m, _args, output: capture(output))
         try:
             self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        except _StopForward:
+        except StopForward:
             pass
         finally:
             handle.remove()

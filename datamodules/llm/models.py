@@ -107,12 +107,36 @@ def load_tokenizer(name_or_path: str):
     return tokenizer
 
 
-def load_causal_lm(name_or_path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """Load a causal LM for inference or fine-tuning (no gradient settings are changed here)."""
+def load_causal_lm(
+    name_or_path: str,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = "cpu",
+    strategy=None,
+):
+    """Load a causal LM for inference or fine-tuning (no gradient settings are changed here).
+
+    ``strategy``: the Lightning strategy when called from ``configure_model``; under DeepSpeed ZeRO stage 3 the
+    weights then load straight into the partitioned parameters. ``device=None`` leaves the model where it loads
+    (the strategy moves it).
+    """
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(resolve_model(name_or_path), dtype=dtype)
-    return model.to(device)
+    from neurolight.datamodules.llm.zero import hf_zero3_loading
+
+    with hf_zero3_loading(strategy):
+        model = AutoModelForCausalLM.from_pretrained(resolve_model(name_or_path), dtype=dtype)
+    return model if device is None else model.to(device)
+
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""The dtype names a recipe may give (``llm_dtype``, ``buffer_dtype``, ``explainer_dtype``, ...)."""
+
+
+def dtype_from_name(name: str, setting: str) -> torch.dtype:
+    """``DTYPES[name]``, or a ValueError that names the ``setting`` and the valid names."""
+    if name not in DTYPES:
+        raise ValueError(f"unknown {setting} '{name}'; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
 
 
 def native_bfloat16(device: str | torch.device) -> bool:

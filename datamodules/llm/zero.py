@@ -8,13 +8,15 @@ Collective under DeepSpeed: every rank must call them.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
 
 
-def _zero_stage(param: nn.Parameter) -> int:
+def zero_stage(param: nn.Parameter) -> int:
+    """3 or 2 where DeepSpeed ZeRO partitions ``param`` at that stage, else 0."""
     if hasattr(param, "ds_id"):
         return 3
     if hasattr(param, "_hp_mapping"):
@@ -22,9 +24,32 @@ def _zero_stage(param: nn.Parameter) -> int:
     return 0
 
 
+def strategy_is_zero3(strategy) -> bool:
+    """Whether a Lightning strategy (or None) runs DeepSpeed ZeRO stage 3."""
+    return bool(getattr(strategy, "zero_stage_3", False))
+
+
+@contextmanager
+def hf_zero3_loading(strategy) -> Iterator[None]:
+    """Around ``from_pretrained`` inside ``configure_model``: under ZeRO stage 3 Lightning has opened
+    ``zero.Init``, and Hugging Face loads weights into the partitioned parameters only while it knows the
+    DeepSpeed config. Elsewhere a no-op."""
+    if not strategy_is_zero3(strategy):
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    hf_ds_config = HfDeepSpeedConfig(strategy.config)  # noqa: F841 (kept alive: HF holds only a weak reference)
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+
+
 def full_param(param: nn.Parameter) -> Tensor:
     """The whole parameter (the fp32 master copy under ZeRO)."""
-    if _zero_stage(param):
+    if zero_stage(param):
         from deepspeed.utils import safe_get_full_fp32_param
 
         return safe_get_full_fp32_param(param)
@@ -32,7 +57,7 @@ def full_param(param: nn.Parameter) -> Tensor:
 
 
 def set_param(param: nn.Parameter, value: Tensor) -> None:
-    stage = _zero_stage(param)
+    stage = zero_stage(param)
     if not stage:
         with torch.no_grad():
             param.copy_(value)
@@ -58,7 +83,7 @@ def update_param(param: nn.Parameter, fn: Callable[[Tensor], Tensor]) -> None:
 def update_grad(param: nn.Parameter, fn: Callable[[Tensor, Tensor], Tensor]) -> None:
     """Replace the gradient g by ``fn(g, param)``; a no-op where the parameter has no gradient yet."""
     with torch.no_grad():
-        if not _zero_stage(param):
+        if not zero_stage(param):
             if param.grad is not None:
                 param.grad.copy_(fn(param.grad, param.detach()))
             return
@@ -72,7 +97,7 @@ def update_grad(param: nn.Parameter, fn: Callable[[Tensor, Tensor], Tensor]) -> 
 def zero_adam_rows(optimizer: torch.optim.Optimizer, param: nn.Parameter, rows: Tensor) -> None:
     """Zero the Adam moments (exp_avg, exp_avg_sq) of ``param`` at ``rows`` (a bool mask or indices)."""
     with torch.no_grad():
-        if _zero_stage(param):
+        if zero_stage(param):
             from deepspeed.utils import safe_get_full_optimizer_state, safe_set_full_optimizer_state
 
             for key in ("exp_avg", "exp_avg_sq"):

@@ -19,8 +19,6 @@ from neurolight.datamodules.llm.hooked import HOOK_POINTS, HookedLLM
 from neurolight.datamodules.sae.activation_buffer import ActivationBuffer
 from neurolight.datamodules.sae.tokenized_corpus import TokenizedCorpus
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 class _Stream(IterableDataset):
     """Endless placeholders; ``on_before_batch_transfer`` swaps each for a buffer batch when it is consumed."""
@@ -115,7 +113,7 @@ class ActivationDataModule(pl.LightningDataModule):
     def setup(self, stage: str) -> None:
         if self.hooked_llm is not None:
             return
-        from neurolight.datamodules.llm.models import load_causal_lm
+        from neurolight.datamodules.llm.models import dtype_from_name, load_causal_lm
 
         hp = self.hparams
         self.corpus = TokenizedCorpus(hp.dataset_path)
@@ -131,9 +129,7 @@ class ActivationDataModule(pl.LightningDataModule):
                 f"validation contexts plus one LLM batch of {hp.batch_size_llm}"
             )
         device = torch.device(hp.device_llm) if hp.device_llm else self._trainer_device()
-        if hp.llm_dtype not in _DTYPES:
-            raise ValueError(f"unknown llm_dtype '{hp.llm_dtype}'; choose one of {', '.join(_DTYPES)}")
-        model = load_causal_lm(hp.model_name, dtype=_DTYPES[hp.llm_dtype], device=device)
+        model = load_causal_lm(hp.model_name, dtype=dtype_from_name(hp.llm_dtype, "llm_dtype"), device=device)
         self.hooked_llm = HookedLLM(
             model,
             hp.layer_type,
@@ -148,7 +144,7 @@ class ActivationDataModule(pl.LightningDataModule):
             produce=self._produce,
             seed=hp.seed + 7919 * self._rank()[0],
             device=hp.buffer_device or device,
-            dtype=_DTYPES[hp.buffer_dtype],
+            dtype=dtype_from_name(hp.buffer_dtype, "buffer_dtype"),
         )
 
     def _trainer_device(self) -> torch.device:

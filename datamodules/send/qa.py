@@ -20,6 +20,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from neurolight.datamodules.llm.padding import pad_labels, pad_left, pad_right
 from neurolight.datamodules.send.qa_records import QARecord, dataset_spec, download_qa_split, load_qa_records
 
 DEFAULT_PROMPT = "Question: {question}\nAnswer: {answer}"
@@ -92,14 +93,8 @@ class _PadRight:
         self.pad_id = pad_id
 
     def __call__(self, batch: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
-        width = max(len(ids) for ids, _ in batch)
-        input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(batch), width), -100, dtype=torch.long)
-        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, (ids, target) in enumerate(batch):
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            labels[row, : len(ids)] = torch.tensor(target)
-            attention_mask[row, : len(ids)] = 1
+        input_ids, attention_mask = pad_right([ids for ids, _ in batch], self.pad_id)
+        labels = pad_labels([target for _, target in batch], input_ids.shape[1])
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
@@ -110,12 +105,7 @@ class _PadLeftPrompts:
         self.pad_id = pad_id
 
     def __call__(self, batch: list[tuple[int, list[int], QARecord]]) -> dict:
-        width = max(len(ids) for _, ids, _ in batch)
-        input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, (_, ids, _) in enumerate(batch):
-            input_ids[row, width - len(ids) :] = torch.tensor(ids)
-            attention_mask[row, width - len(ids) :] = 1
+        input_ids, attention_mask = pad_left([ids for _, ids, _ in batch], self.pad_id)
         index = torch.tensor([i for i, _, _ in batch])
         records = [record for _, _, record in batch]
         return {"input_ids": input_ids, "attention_mask": attention_mask, "index": index, "records": records}

@@ -24,7 +24,8 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from neurolight.datamodules.llm.models import MODELS, resolve_model
+from neurolight.datamodules.llm import zero
+from neurolight.datamodules.llm.models import MODELS, load_causal_lm, resolve_model
 
 TRAINING_CONFIG = "training_config.json"
 
@@ -178,26 +179,10 @@ class SendModule(pl.LightningModule):
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def _load_model(self) -> nn.Module:
-        from transformers import AutoModelForCausalLM
-
         # Inside configure_model Lightning has set the default dtype to the trainer's precision (bf16-true ->
-        # bfloat16) and, under DeepSpeed stage 3, opened zero.Init; Hugging Face loads weights into partitioned
-        # parameters only when it knows the DeepSpeed config, so hand it over for the duration of the load.
-        hf_ds_config = None
+        # bfloat16) and, under DeepSpeed stage 3, opened zero.Init.
         strategy = self._trainer.strategy if self._trainer is not None else None
-        if getattr(strategy, "zero_stage_3", False):
-            from transformers.integrations import HfDeepSpeedConfig
-
-            hf_ds_config = HfDeepSpeedConfig(strategy.config)  # kept alive: HF holds only a weak reference
-        try:
-            return AutoModelForCausalLM.from_pretrained(
-                resolve_model(self.hparams.model_name), dtype=torch.get_default_dtype()
-            )
-        finally:
-            if hf_ds_config is not None:
-                from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
-                unset_hf_deepspeed_config()
+        return load_causal_lm(self.hparams.model_name, dtype=torch.get_default_dtype(), device=None, strategy=strategy)
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -288,7 +273,7 @@ class SendModule(pl.LightningModule):
         """Whole tensors on CPU (rank 0's copy; under ZeRO-3 each parameter is gathered in turn)."""
         state = self.model.state_dict()
         params = dict(self.model.named_parameters(remove_duplicate=False))  # tied weights under both names
-        if not any(hasattr(p, "ds_id") for p in params.values()):
+        if not any(zero.zero_stage(p) == 3 for p in params.values()):
             return {name: value.detach().cpu() for name, value in state.items()}
         import deepspeed
 

@@ -140,7 +140,7 @@ def test_deepspeed_overlay__trains_resamples_and_keeps_unit_decoder_under_zero(
 
     # The run really was ZeRO at this stage, so zero_access took its DeepSpeed branch.
     assert trainer.strategy.deepspeed_engine.zero_optimization_stage() == stage
-    assert zero._zero_stage(module.sae.W_dec) == stage
+    assert zero.zero_stage(module.sae.W_dec) == stage
     assert trainer.precision == precision
 
     # Gradients were reachable before every optimizer step and lost their component along the decoder rows.
