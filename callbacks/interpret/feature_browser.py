@@ -57,7 +57,7 @@ def write_feature_browser(
     Args:
         samples: The interpretation samples of the SAE (contexts, activations, frequencies).
         documents: Stored interpretations (one dict per latent, as ``neurolight.callbacks.interpret.stores.base``
-        returns them);
+            returns them);
             sampled latents without one are listed as "not interpreted".
         tokenizer: Hugging Face tokenizer of the sampled model, to show token ids as text.
         path: HTML file to write (its folder is created).

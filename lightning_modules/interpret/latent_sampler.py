@@ -113,9 +113,8 @@ class LatentSampler(pl.LightningModule):
         """
         Args:
             sae_checkpoint: Checkpoint of a ``SparseAutoencoderModule`` written by
-            ``neurolight.callbacks.SaeCheckpoint``
-                (``.../checkpoints/last.ckpt``). It records the LLM and hook point of its training run, which are
-                the defaults of the arguments below.
+                ``neurolight.callbacks.SaeCheckpoint`` (``.../checkpoints/last.ckpt``). It records the LLM and hook
+                point of its training run, which are the defaults of the arguments below.
             model_name: LLM whose activations the SAE encodes; default: the one it was trained on.
             layer_id: Decoder layer of the hook point; default: the training run's.
             layer_type: ``attn_sublayer``, ``mlp_sublayer`` or ``mlp_activations``; default: the training run's.
