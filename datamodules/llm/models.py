@@ -82,15 +82,32 @@ def embedded_model_dir() -> Path:
     return target
 
 
+def _looks_like_path(name: str) -> bool:
+    """A Hugging Face id is exactly ``org/name``; anything else with a separator, or whose first part is a local
+    folder (``runs/demo``), names a local path and must never be sent to a hub."""
+    if name.startswith((".", "/", "~")) or name.endswith("/") or "\\" in name:
+        return True
+    if name.count("/") != 1:
+        return "/" in name
+    return Path(name.split("/")[0]).expanduser().is_dir()
+
+
 def resolve_model(name_or_path: str) -> str:
     """Turn a short name, Hugging Face id or local directory into what ``from_pretrained`` loads."""
     if name_or_path == EMBEDDED_DEFAULT:
         return str(embedded_model_dir())
     if name_or_path in MODELS:
         return MODELS[name_or_path]
-    if Path(name_or_path).expanduser().exists():
-        return str(Path(name_or_path).expanduser())
-    if "/" in name_or_path and not name_or_path.startswith((".", "/", "~")):
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return str(path)
+    if _looks_like_path(name_or_path):
+        parent = next((p for p in path.absolute().parents if p.is_dir()), None)
+        raise FileNotFoundError(
+            f"model directory '{name_or_path}' does not exist (nearest existing folder: {parent}); give an existing "
+            f"directory, a known short name ({', '.join(MODELS)}) or a Hugging Face id 'org/name'"
+        )
+    if "/" in name_or_path:
         return name_or_path  # a Hugging Face id
     raise ValueError(
         f"model '{name_or_path}' is neither a known name ({', '.join(MODELS)}), "

@@ -21,3 +21,24 @@ def test_load_from_local_dir__same_logits_as_saved(tiny_model_dir, tiny_model):
     ids = tokenizer("the cat runs", return_tensors="pt").input_ids
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, tiny_model(ids).logits)
+
+
+@pytest.mark.parametrize("name", ["runs/demo/send/missing_SEND", "./missing", "~/no/such/model", "{tmp}/missing"])
+def test_resolve_model__a_missing_local_path_fails_at_once_and_never_reaches_a_hub(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("a hub was contacted for a local path")
+
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", no_hub)
+    with pytest.raises(FileNotFoundError, match=r"does not exist .*smollm2-135m.*'org/name'"):
+        load_causal_lm(name.format(tmp=tmp_path))
+
+
+def test_resolve_model__org_name_is_a_hub_id_unless_org_is_a_local_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert resolve_model("runs/model") == "runs/model"  # no folder 'runs' here: a Hugging Face id
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(FileNotFoundError, match="'runs/model' does not exist"):
+        resolve_model("runs/model")
