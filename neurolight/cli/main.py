@@ -9,12 +9,15 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from argparse import ArgumentError
 
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
+from neurolight.cli.errors import config_error_line, debug_requested, exit_with
 
-def run(args: list[str] | None = None) -> LightningCLI:
+
+def run(args: list[str] | None = None, exit_on_error: bool = True) -> LightningCLI:
     # Quiet the tokenizers fork warning: the datamodule forks worker processes after tokenizing.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Lightning 2.6's own pytree helper trips a deprecation of torch >= 2.10 on every fit and predict; nothing the
@@ -35,19 +38,29 @@ def run(args: list[str] | None = None) -> LightningCLI:
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={"exit_on_error": exit_on_error},
         args=args,
     )
 
 
 def main(args: list[str] | None = None) -> None:
-    """Console entry point (returns nothing, so the script prints nothing extra at exit). A store's refusal (wrong
-    key, unreachable server, an index of another SAE) is a one-line message that says what to do, not a traceback."""
+    """Console entry point (returns nothing, so the script prints nothing extra at exit). A user error (a bad
+    setting, a missing file, a store's refusal) is one line that names the cause and the fix, not a traceback;
+    ``--debug`` or ``NEUROLIGHT_DEBUG=1`` shows the trace."""
     from neurolight.callbacks.interpret.stores import LatentStoreError
 
+    argv = sys.argv[1:] if args is None else list(args)
+    debug, argv = debug_requested(argv)
+    if args is None:
+        sys.argv[1:] = argv  # LightningCLI reads sys.argv itself (it warns when given both)
     try:
-        run(args)
-    except LatentStoreError as error:
-        sys.exit(f"neurolight: {error}")
+        run(None if args is None else argv, exit_on_error=debug)
+    except ArgumentError as error:
+        subcommand = next((arg for arg in argv if not arg.startswith("-")), None)
+        print(f"neurolight: error: {config_error_line(str(error), subcommand)}", file=sys.stderr)
+        sys.exit(2)
+    except (LatentStoreError, ValueError, OSError) as error:
+        exit_with(error, debug)
 
 
 if __name__ == "__main__":
