@@ -1,21 +1,21 @@
 """What runs beside training and prediction, one subpackage per pipeline: schedules (sensitive-neuron dropout,
-dead-latent resampling), checkpoint images, prediction writers and the latent stores they write to."""
+dead-latent resampling), checkpoints, prediction writers and the latent stores they write to."""
 
-from neurolight.callbacks.interpret.interpretation_writer import InterpretationWriter
-from neurolight.callbacks.interpret.samples_writer import InterpretationSamplesWriter
-from neurolight.callbacks.interpret.stores import ElasticsearchStore, SQLiteStore
-from neurolight.callbacks.sae.checkpoint import SaeCheckpoint
-from neurolight.callbacks.sae.resampling import DeadLatentResampler
-from neurolight.callbacks.send.qa_prediction_writer import QAPredictionWriter
-from neurolight.callbacks.send.sensitive_dropout import SensitiveNeuronDropout
+from neurolight._lazy import lazy_exports
 
-__all__ = [
-    "DeadLatentResampler",
-    "ElasticsearchStore",
-    "InterpretationSamplesWriter",
-    "InterpretationWriter",
-    "QAPredictionWriter",
-    "SQLiteStore",
-    "SaeCheckpoint",
-    "SensitiveNeuronDropout",
-]
+# Lazy, like the other two folders, so that ``import neurolight`` stays cheap.
+_EXPORTS = {
+    "DeadLatentResampler": "neurolight.callbacks.sae.resampling",
+    "SaeCheckpoint": "neurolight.callbacks.sae.checkpoint",
+    "QAPredictionWriter": "neurolight.callbacks.send.qa_prediction_writer",
+    "SensitiveNeuronDropout": "neurolight.callbacks.send.sensitive_dropout",
+    "InterpretationSamplesWriter": "neurolight.callbacks.interpret.samples_writer",
+    "InterpretationWriter": "neurolight.callbacks.interpret.interpretation_writer",
+    "ElasticsearchStore": "neurolight.callbacks.interpret.stores",
+    "SQLiteStore": "neurolight.callbacks.interpret.stores",
+    "ResumableCheckpoint": "neurolight.callbacks.resumable_checkpoint",
+}
+
+__all__ = list(_EXPORTS)
+
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -1,0 +1,82 @@
+"""A SEND fit that crashes leaves a checkpoint: ResumableCheckpoint writes last.ckpt at every epoch end (resuming
+from it is bit-identical through a drop window) and mid_epoch.ckpt when the run stops; every recipe uses it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import yaml
+
+from neurolight.callbacks import ResumableCheckpoint, SensitiveNeuronDropout
+from tests.helpers.send import fit, make_datamodule, make_module
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+RECIPES = sorted((Path(__file__).parents[2] / "configs" / "send").glob("*.yaml"))
+
+
+class Crash(pl.Callback):
+    """Stands for a crash: raises at one (epoch, batch)."""
+
+    def __init__(self, epoch: int, batch: int) -> None:
+        self.at = (epoch, batch)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if (trainer.current_epoch, batch_idx) == self.at:
+            raise RuntimeError("simulated crash")
+
+
+def _send():
+    return SensitiveNeuronDropout(sensitivity_threshold=0.25, identify_every=1, drop_epochs=2, log_eigenscore=False)
+
+
+def test_crash_in_epoch_2__resumes_from_last_ckpt_to_the_weights_of_an_uninterrupted_run(
+    tiny_model_dir, records_path, tmp_path
+):
+    straight_module = make_module(tiny_model_dir, tmp_path)
+    straight = _send()
+    fit(straight_module, make_datamodule(tiny_model_dir, records_path), tmp_path / "a", [straight], 3)
+
+    folder = tmp_path / "b" / "checkpoints"
+    crashed = make_module(tiny_model_dir, tmp_path)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fit(crashed, make_datamodule(tiny_model_dir, records_path), tmp_path / "b", [_send(), Crash(2, 1)], 3,
+            checkpoint=ResumableCheckpoint(dirpath=str(folder)))  # fmt: skip
+    assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt", "mid_epoch.ckpt"]  # no temporary file left
+    assert torch.load(folder / "last.ckpt", weights_only=False)["epoch"] == 1  # the end of epoch 2 (0-based 1)
+
+    resumed_module = make_module(tiny_model_dir, tmp_path)
+    resumed = _send()
+    fit(resumed_module, make_datamodule(tiny_model_dir, records_path), tmp_path / "b", [resumed], 3,
+        ckpt_path=str(folder / "last.ckpt"), checkpoint=ResumableCheckpoint(dirpath=str(folder)))  # fmt: skip
+    assert resumed.selections == straight.selections and torch.equal(resumed.sensitive, straight.sensitive)
+    for (name, a), b in zip(straight_module.model.state_dict().items(), resumed_module.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt"]  # the finished epoch replaced mid_epoch.ckpt
+
+
+def test_every_n_train_steps__writes_mid_epoch_checkpoints(tiny_model_dir, records_path, tmp_path):
+    folder = tmp_path / "checkpoints"
+    saved_steps = []
+
+    class Watch(pl.Callback):
+        def on_train_batch_end(self, trainer, *args) -> None:
+            if (folder / "mid_epoch.ckpt").is_file():
+                saved_steps.append(torch.load(folder / "mid_epoch.ckpt", weights_only=False)["global_step"])
+
+    checkpoint = ResumableCheckpoint(dirpath=str(folder), every_n_train_steps=2)
+    fit(make_module(tiny_model_dir, tmp_path), make_datamodule(tiny_model_dir, records_path), tmp_path, [Watch()], 1,
+        checkpoint=checkpoint)  # fmt: skip
+    assert saved_steps and all(step % 2 == 0 for step in saved_steps)
+    assert (folder / "last.ckpt").is_file() and not (folder / "mid_epoch.ckpt").exists()
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_send_recipes__fit_with_a_resumable_checkpoint(recipe):
+    config = yaml.safe_load(recipe.read_text())
+    if "trainer" not in config or "callbacks" not in config["trainer"]:
+        pytest.skip(f"{recipe.name} is not a fit recipe")
+    paths = [c["class_path"] for c in config["trainer"]["callbacks"]]
+    assert "neurolight.callbacks.ResumableCheckpoint" in paths or "QAPredictionWriter" in " ".join(paths)
