@@ -28,7 +28,8 @@ architecture registry and the interpretation-scorer registry, issue 12). The lea
 after merging those branches and empties this set; ``test_pending__lists_only_files_that_still_need_the_fix`` fails
 for every entry that no longer needs to be here."""
 
-# ALGORITHMS.md and its folder; a relative path that climbs out of the repository ("../shared"; not ".../x").
+# The algorithm notes kept outside the repository and their folder; a relative path that climbs out of the
+# repository ("../shared"; not ".../x").
 _OUTSIDE = re.compile(r"ALGORITHMS\.md|shared/reference|/work/shared|(?<![.\w])\.\./")
 _CITATION = re.compile(r"docs/([A-Za-z0-9_-]+)\.md(?:, )?")
 _TEXT_SUFFIXES = {".py", ".md", ".yaml", ".yml", ".toml", ".sh", ".html", ".cfg", ".txt"}
