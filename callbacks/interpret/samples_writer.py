@@ -26,8 +26,7 @@ class InterpretationSamplesWriter(BasePredictionWriter):
     def __init__(self, save_path: str, overwrite: bool = False, snapshot_every: int | None = 4096) -> None:
         """
         Args:
-            save_path: Directory to write ``metadata.json`` and ``samples.safetensors`` to (the original script's
-                ``--save_path``).
+            save_path: Directory to write ``metadata.json`` and ``samples.safetensors`` to.
             overwrite: Replace the samples in an existing, non-empty ``save_path``, and discard the progress
                 snapshot of a killed run with other settings; without it either is refused before any work is
                 done. A directory that holds only a killed run's snapshot is not refused: the run continues.

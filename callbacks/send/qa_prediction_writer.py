@@ -4,8 +4,8 @@ Works with any ``predict_step`` that returns, per question, a dict with ``index`
 ``reference_answer``, ``answers`` (gold answers), ``prompt`` and ``generated_response``, optionally
 ``correct_answers`` / ``incorrect_answers`` (TruthfulQA) and ``eigenscore``
 (``neurolight.lightning_modules.AnswerGenerator``).
-The file keeps the schema of the extended SEND ``generate_responses.py`` (``model_path``, ``dataset``,
-``generation_params``, ``results``) and adds per-answer and mean scores::
+The file holds ``model_path``, ``dataset``, ``generation_params`` and ``results``, with per-answer and mean scores
+(docs/send.md, QA scores)::
 
     {"model_path": ..., "dataset": ..., "generation_params": {...}, "data": {...},
      "aggregate": {"num_questions", "exact_match", "f1", ["truthfulqa_closer_to_correct"],

@@ -49,7 +49,7 @@ def drop_schedule(epoch: int, identify_every: int = 2, drop_epochs: int = 3) -> 
     last of them the sensitive neurons are identified, and the following ``drop_epochs`` epochs train with them
     dropped. Windows never overlap, and each one drops the neurons identified right before it. With the defaults
     (2, 3), counting epochs from 1: identify after epoch 2, drop in epochs 3-5, identify after epoch 7, drop in
-    8-10, ...; so the user's default of 4 epochs drops in epochs 3 and 4.
+    8-10, ...; so a 4-epoch run drops in epochs 3 and 4 (docs/send.md, Schedule).
 
     Returns:
         ``DropPhase(drop, identify)`` for ``epoch``.
@@ -102,7 +102,8 @@ class SensitiveNeuronDropout(pl.Callback):
                 weights (and biases) that write the dropped dimensions are zeroed at the start of the window and
                 held at zero through it (their gradients and Adam moments masked, re-zeroed after every step);
                 afterwards they train again from zero. ``activations``: those dimensions of the penultimate layer's
-                output are zeroed in training forward passes (a forward hook, removed when the window ends).
+                output are zeroed in training forward passes (a forward hook, removed when the window ends). See
+                docs/send.md, Drop modes.
             track_initial: Also embed the tracking set before the first epoch, so the first identification
                 compares ``identify_every + 1`` checkpoints instead of ``identify_every``.
             log_eigenscore: Log the EigenScore and efficient EigenScore (EES) of the (N_tracking, d) embeddings

@@ -53,8 +53,7 @@ class CorpusContextDataModule(pl.LightningDataModule):
             dataset_path: Directory written by ``neurolight-tokenize`` (the tokenized corpus).
             frequency_tokens: Tokens read by the frequency pass (rounded up to whole contexts); the firing
                 frequency of every latent is counted over them.
-            num_samples: Contexts scanned by the sampling pass, from which each kept latent's contexts are chosen
-                (the original script's positional ``num_samples``).
+            num_samples: Contexts scanned by the sampling pass, from which each kept latent's contexts are chosen.
             num_tokens: Tokens per context (the first ``num_tokens`` of each stored context); default: the corpus's
                 context length.
             batch_size: Contexts per LLM forward pass.

@@ -1,11 +1,11 @@
 """Reading and replacing one activation site of a frozen language model.
 
-The three sites of a Llama-style decoder layer (ALGORITHMS.md §3):
+The three sites of a Llama-style decoder layer (docs/sae.md, Sites):
 
 - ``attn_sublayer``: the output of ``model.layers.{}.self_attn`` (a tuple; element 0 is what enters the residual).
 - ``mlp_sublayer``: the output of ``model.layers.{}.mlp``.
 - ``mlp_activations``: the INPUT of ``model.layers.{}.mlp.down_proj``, i.e. ``act_fn(gate_proj x) * up_proj x``.
-  Hooking ``mlp.act_fn`` (the original scripts' example) would miss the ``up_proj`` product.
+  Hooking ``mlp.act_fn`` would miss the ``up_proj`` product.
 
 Harvesting runs only what the site needs: the embedding, the decoder layers before the hooked one, and of the
 hooked layer its attention (plus its MLP for the two MLP sites), calling the model's own modules in the order its

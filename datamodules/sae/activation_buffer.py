@@ -4,7 +4,7 @@ Activations of consecutive tokens are strongly correlated; SAE training wants i.
 ``capacity`` rows; each cycle it draws a random permutation, serves the rows of its first half in batches, then
 writes fresh activations into exactly those slots. Every harvested row is served exactly once (the rows kept
 for later cycles are served later), and rows that overflow a refill wait in ``pending``: nothing computed is
-ever thrown away (the original scripts dropped the batch that overflowed the buffer).
+ever thrown away (docs/sae.md, Activation buffer).
 """
 
 from __future__ import annotations

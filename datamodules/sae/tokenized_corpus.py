@@ -3,8 +3,8 @@
     neurolight-tokenize --output_dir runs/demo/corpus --tokenizer smollm2-135m --dataset pydoc \\
         --min_tokens 64 --context_length 64 --num_files 2 --num_samples_per_file 768 --num_processes 2 --overwrite
 
-Replaces the SAE pipeline's ``generate_tokenized_dataset.py``, whose parallel processes all produced the same
-samples (ALGORITHMS.md §6): here worker ``w`` tokenizes only the documents with ``index % num_processes == w``.
+Parallel workers split the documents, so none produces another's samples: worker ``w`` tokenizes only the
+documents with ``index % num_processes == w``.
 An output directory holds ``shard_00000.npy``, ... (each ``(num_samples_per_file, context_length)``, one context
 per row) and ``metadata.json``, written last: a directory without it is an unfinished build.
 """

@@ -2,9 +2,8 @@
 
     neurolight predict --config configs/interpret/sample.yaml
 
-Replaces the SAE pipeline's ``generate_interpretation_samples.py``. Two passes over a tokenized corpus
-(``neurolight.datamodules.CorpusContextDataModule``): pass 0 counts how often every latent fires; then only the
-latents with
+Two passes over a tokenized corpus (``neurolight.datamodules.CorpusContextDataModule``; docs/interpret.md,
+Sampling): pass 0 counts how often every latent fires; then only the latents with
 ``log_freq_lower < log10(frequency) < log_freq_upper`` are kept, and pass 1 selects their top, quantile, random and
 negative contexts with per-token activations in a ``RunningLatentSamples`` on the device (bounded memory).
 ``neurolight.callbacks.InterpretationSamplesWriter`` writes the result in the format of

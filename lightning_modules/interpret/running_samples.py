@@ -1,8 +1,8 @@
 """Running per-latent selection of the contexts shown to an explainer: pure tensors, bounded memory, mergeable.
 
 For each of L kept latents, ``RunningLatentSamples`` keeps a fixed number of context slots of four kinds
-(``neurolight.datamodules.interpret.samples.KINDS``), each slot holding a context's corpus row and the latent's (T,)
-activations there, never more:
+(``neurolight.datamodules.interpret.samples.KINDS``; docs/interpret.md, Sample kinds), each slot holding a context's
+corpus row and the latent's (T,) activations there, never more:
 
 - ``top``: the contexts with the highest MAX activation, in descending order (ties: lower corpus row first).
 - ``quantile``: ``num_quantiles`` bins of the contexts where the latent fires, bin q holding those whose max lies in

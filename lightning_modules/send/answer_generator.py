@@ -10,10 +10,11 @@ token, left padded). Generation stops at the end of the answer line: at EOS, or 
 newline once the answer has visible text (blank lines before it are skipped); the answer is that line, stripped.
 ``neurolight.callbacks.QAPredictionWriter`` scores the answers and writes them.
 
-Hallucination detection (INSIDE, Chen et al., ICLR 2024; ALGORITHMS.md §2): with ``num_generations`` = K >= 2,
-K more answers are sampled per question (INSIDE: K = 10, temperature 0.5, top_p 0.99, top_k 10), each embedded as
-the hidden state of ``embedding_layer`` (default: the middle layer) at its last answer token, and the question
-gets the EigenScore of those K embeddings: high = the answers disagree = likely hallucination.
+Hallucination detection (INSIDE, Chen et al., ICLR 2024, section 3.1; docs/send.md, Hallucination detection):
+with ``num_generations`` = K >= 2, K more answers are sampled per question (INSIDE: K = 10, temperature 0.5,
+top_p 0.99, top_k 10), each embedded as the hidden state of ``embedding_layer`` (default: the middle layer) at its
+last answer token, and the question gets the EigenScore of those K embeddings: high = the answers disagree =
+likely hallucination.
 """
 
 from __future__ import annotations

@@ -72,7 +72,7 @@ def sentence_embeddings(hidden: Tensor, attention_mask: Tensor) -> Tensor:
 
 
 def sensitivity_scores(history: Tensor, num_checkpoints: int = 3) -> Tensor:
-    """Per-dimension sensitivity of the tracking embeddings (SEND paper Def. 3.2-3.3).
+    """Per-dimension sensitivity of the tracking embeddings (SEND paper Def. 3.2-3.3; docs/send.md, Sensitivity).
 
     For every tracking sample n and dimension j: V[n, j] = Var_t(E[t, n, j]) (over all T checkpoints, population
     variance) * sum of |E[t, n, j] - E[t-1, n, j]| over the last ``num_checkpoints`` net changes (all of them when
@@ -130,7 +130,7 @@ class SendModule(pl.LightningModule):
             learning_rate: AdamW learning rate.
             weight_decay: AdamW (decoupled) weight decay.
             adam_betas: AdamW betas.
-            freeze_layers: Freeze the first N decoder layers (the reference froze 13 of Llama's 32); 0: none.
+            freeze_layers: Freeze the first N decoder layers; 0: none.
             freeze_embeddings: Also freeze the input embeddings (with tied embeddings, the LM head too); with
                 ``freeze_layers`` this skips the backward pass through the frozen layers altogether.
             gradient_checkpointing: Recompute activations in the backward pass (less memory, ~30% more time).

@@ -1,4 +1,4 @@
-"""Hallucination and QA metrics: EigenScore (exact and efficient, from ``lightning_modules/eigenscore.py``) as
+"""Hallucination and QA metrics: EigenScore (exact and efficient, from ``lightning_modules/send/eigenscore/``) as
 functions and torchmetrics ``Metric``s for logging, SQuAD exact match and token F1, TruthfulQA closer-to-correct,
 AUROC. Lightning is not needed.
 """
@@ -88,7 +88,7 @@ class EfficientEigenScore(EigenScore):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# QA scores (ALGORITHMS.md §5). torchmetrics' SQuAD normalises exactly as SQuAD v1.1's script does (lower-case,
+# QA scores (docs/send.md, QA scores). torchmetrics' SQuAD normalises exactly as SQuAD v1.1's script does (lower-case,
 # drop punctuation, drop the articles a/an/the, collapse white space) and takes the max over gold answers.
 
 

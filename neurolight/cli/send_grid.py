@@ -5,8 +5,7 @@
     neurolight-send-grid --models smollm2-135m --datasets fanoutqa --output_dir runs/grid --trainer.precision bf16-true
     neurolight-send-grid --datasets coqa --fit_config configs/send/coqa.yaml configs/trainer/deepspeed.yaml
 
-Replaces the extended SEND ``run_send_batch.py``, which stopped to ask for keyboard input (ALGORITHMS.md §6). This
-runner never reads stdin (its children get /dev/null), goes on past a failed run, prints a table of every pair
+The runner never reads stdin (its children get /dev/null), goes on past a failed run, prints a table of every pair
 (status, wall time, EM / F1 from the prediction JSON) and exits with 1 if any run failed (130 if interrupted).
 
 Per pair it runs
@@ -49,12 +48,12 @@ DATA_FLAGS = {
     "max_length": "--data.init_args.max_length",
     "batch_size": "--data.init_args.batch_size",
 }
-"""Options of ``run_send_batch.py`` that set the data module: given to fit AND predict (same split)."""
+"""Grid options that set the data module: given to fit AND predict (same split)."""
 FIT_FLAGS = {
     "num_epochs": "--trainer.max_epochs",
     "learning_rate": "--model.init_args.learning_rate",
 }
-"""Options of ``run_send_batch.py`` given to fit only (``sensitivity_threshold``: see ``sensitivity_callbacks``)."""
+"""Grid options given to fit only (``sensitivity_threshold``: see ``sensitivity_callbacks``)."""
 PREDICT_FLAGS = {
     "num_samples": "--data.init_args.num_samples",
     "max_new_tokens": "--model.init_args.max_new_tokens",
@@ -62,7 +61,7 @@ PREDICT_FLAGS = {
     "top_p": "--model.init_args.top_p",
     "num_generations": "--model.init_args.num_generations",
 }
-"""Options of ``generate_responses.py`` given to predict only."""
+"""Grid options given to predict only."""
 ACCELERATORS = {"auto": "auto", "cuda": "gpu", "gpu": "gpu", "cpu": "cpu", "mps": "mps"}
 
 
@@ -104,7 +103,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     )
     grid.add_argument("--predict_args", default="", help="extra options for predict only, as one quoted string")
 
-    train = parser.add_argument_group("training (run_send_batch.py / extended_send_multi_dataset.py)")
+    train = parser.add_argument_group("training (passed to fit)")
     train.add_argument("--max_samples", type=int, help="questions used per data set (fit and predict split)")
     train.add_argument("--num_epochs", type=int, help="training epochs (trainer.max_epochs)")
     train.add_argument("--learning_rate", type=float, help="AdamW learning rate")
@@ -115,9 +114,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     train.add_argument("--use_wandb", action="store_true", help="log fit runs to Weights & Biases")
     train.add_argument("--wandb_project", default="neurolight-send", help="W&B project with --use_wandb")
 
-    generate = parser.add_argument_group("generation (generate_responses.py)")
+    generate = parser.add_argument_group("generation (passed to predict)")
     generate.add_argument("--num_samples", type=int, help="test questions answered per pair")
-    generate.add_argument("--max_new_tokens", type=int, help="longest answer in tokens (its --max_length)")
+    generate.add_argument("--max_new_tokens", type=int, help="longest answer in tokens")
     generate.add_argument("--temperature", type=float, help="0 = greedy")
     generate.add_argument("--top_p", type=float, help="nucleus sampling of the answer")
     generate.add_argument("--num_generations", type=int, help="K sampled answers for EigenScore (0 = off, K >= 2)")

@@ -2,7 +2,7 @@
 
 ``score.py`` holds the public functions and chooses among the estimators; ``slq.py`` and ``kpm.py`` are the
 estimators, ``deflation.py`` splits off outlier directions, ``covariance.py`` is the operator they share. The
-maths, the error control and the measured accuracy are in docs/send.md.
+maths, the error control and the measured accuracy: docs/send.md, Efficient EigenScore.
 """
 
 from neurolight.lightning_modules.send.eigenscore.score import (

@@ -1,6 +1,6 @@
-"""What every EigenScore path shares (``lightning_modules/eigenscore.py`` is the public entry): the input check,
-the covariance Sigma of the (K, d) embeddings as a matrix-free operator with its probe vectors and cost model, the
-seeded probe generator, and the ``EigenScoreEstimate`` that ``efficient_eigenscore`` returns."""
+"""What every EigenScore path shares (``score.py`` is the public entry): the input check, the covariance Sigma of
+the (K, d) embeddings as a matrix-free operator with its probe vectors and cost model (docs/send.md, The operator),
+the seeded probe generator, and the ``EigenScoreEstimate`` that ``efficient_eigenscore`` returns."""
 
 from __future__ import annotations
 

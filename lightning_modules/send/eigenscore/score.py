@@ -1,18 +1,18 @@
 """EigenScore, exact and efficient: pure tensor math, importable without Lightning or torchmetrics (the public
 names are re-exported by ``neurolight.lightning_modules.send.qa_metrics``, beside the torchmetrics ``Metric``s and QA
-scores). The
-estimators live in ``eigenscore_slq.py`` and ``eigenscore_kpm.py``, the operator they share in
-``eigenscore_covariance.py``; this module chooses among them.
+scores). The estimators live in ``slq.py`` and ``kpm.py``, the operator they share in ``covariance.py``; this module
+chooses among them.
 
-EigenScore (INSIDE, Chen et al., ICLR 2024) of the (K, d) matrix Z of K answer embeddings, one per row::
+EigenScore (INSIDE, Chen et al., ICLR 2024, section 3.1; docs/send.md, EigenScore) of the (K, d) matrix Z of K
+answer embeddings, one per row::
 
     Sigma = Z J_d Z^T / (d - 1)      (K x K; J_d = I_d - 1 1^T / d centres each embedding over its d features)
     ES    = (1/K) logdet(Sigma + alpha I) = (1/K) sum_i log(lambda_i(Sigma) + alpha)
 
 Sigma is ``np.cov(Z)`` (rows are variables, ddof 1) as in INSIDE's code; the log is natural (INSIDE's code uses
 log10: divide by ln 10 to compare). ``eigenscore`` computes it exactly, ``efficient_eigenscore`` estimates the same
-quantity without a decomposition of Sigma (ALGORITHMS.md §2); ``eigenscore_deflation.py`` splits off its outlier
-directions first::
+quantity without a decomposition of Sigma (docs/send.md, Efficient EigenScore); ``deflation.py`` splits off its
+outlier directions first::
 
     es = eigenscore(z)                                    # z: (K, d)
     est = efficient_eigenscore(z, seed=0, return_info=True)
@@ -112,12 +112,12 @@ def efficient_eigenscore(
     ``method``:
 
     - "auto" (default): stochastic Lanczos quadrature where it is cheaper than ``eigenscore``, else ``eigenscore``.
-      SLQ measured better than KPM on every matrix family (ALGORITHMS.md §2). Matrices whose smaller side is below
-      ~800 (square) to ~1000 (tall) go exact at once. Otherwise:
+      SLQ measured better than KPM on every matrix family (docs/send.md, Kernel polynomial method). Matrices whose
+      smaller side is below ~800 (square) to ~1000 (tall) go exact at once. Otherwise:
 
       1. Deflation: two steps of subspace iteration on 16 directions; those whose Ritz value stands out (>= 2x the
          subspace's smallest, e.g. the massive-activation dimensions of LLM hidden states) are split off exactly by
-         the Schur complement (a 16 x 16 log-determinant), so that the quadrature sees only the bulk.
+         the Schur complement (a k x k log-determinant, k <= 16), so that the quadrature sees only the bulk.
       2. Pilot: 16 probes run Lanczos steps until the quadrature error is within ``0.2 * rtol`` of the score: the
          Gauss / Gauss-Radau midpoint (the estimate) changed that little over the last 8 steps and their rigorous
          half-gap is within 5x that, or the half-gap alone is within it.

@@ -1,7 +1,7 @@
 """Stochastic Lanczos quadrature for EigenScore (Ubaru, Chen & Saad 2017, SIAM J. Matrix Anal. Appl. 38(4)):
 batched Lanczos on the (deflated) covariance operator, Gauss and Gauss-Radau bounds on each probe's quadratic form
 (Golub & Meurant, "Matrices, Moments and Quadrature with Applications" (2010), ch. 6), and the adaptive two-level
-estimator ``_slq`` behind ``efficient_eigenscore(method="slq")``.
+estimator ``_slq`` behind ``efficient_eigenscore(method="slq")``; its error control: docs/send.md, Error control.
 
 Two levels (multilevel Monte Carlo, Giles, Acta Numerica 24 (2015), with the Lanczos depth as the level): the
 probes' spread is set by the spectrum (~2% of the score per probe on square Marchenko-Pastur matrices) and needs
