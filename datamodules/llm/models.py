@@ -92,15 +92,14 @@ def _looks_like_path(name: str) -> bool:
     return Path(name.split("/")[0]).expanduser().is_dir()
 
 
-def resolve_model(name_or_path: str) -> str:
-    """Turn a short name, Hugging Face id or local directory into what ``from_pretrained`` loads."""
-    if name_or_path == EMBEDDED_DEFAULT:
-        return str(embedded_model_dir())
+def check_model_name(name_or_path: str) -> str:
+    """Raise, in one line that names the fix, unless the name can be loaded: a known short name, an existing local
+    directory, or a Hugging Face id ``org/name``. Nothing is converted or downloaded; returns the kind."""
     if name_or_path in MODELS:
-        return MODELS[name_or_path]
+        return "short name"
     path = Path(name_or_path).expanduser()
     if path.exists():
-        return str(path)
+        return "local directory"
     if _looks_like_path(name_or_path):
         parent = next((p for p in path.absolute().parents if p.is_dir()), None)
         raise FileNotFoundError(
@@ -108,11 +107,21 @@ def resolve_model(name_or_path: str) -> str:
             f"directory, a known short name ({', '.join(MODELS)}) or a Hugging Face id 'org/name'"
         )
     if "/" in name_or_path:
-        return name_or_path  # a Hugging Face id
+        return "Hugging Face id"
     raise ValueError(
         f"model '{name_or_path}' is neither a known name ({', '.join(MODELS)}), "
         "an existing local directory, nor a Hugging Face id of the form 'org/name'"
     )
+
+
+def resolve_model(name_or_path: str) -> str:
+    """Turn a short name, Hugging Face id or local directory into what ``from_pretrained`` loads."""
+    kind = check_model_name(name_or_path)
+    if name_or_path == EMBEDDED_DEFAULT:
+        return str(embedded_model_dir())
+    if kind == "short name":
+        return MODELS[name_or_path]
+    return str(Path(name_or_path).expanduser()) if kind == "local directory" else name_or_path
 
 
 def load_tokenizer(name_or_path: str):

@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from neurolight.cli.send_grid_recipes import find_config, fit_configs, logger_args, sensitivity_callbacks
+from neurolight.datamodules.llm.models import check_model_name
 
 DEFAULT_MODELS = ["llama2-7b", "llama3.1-8b", "vicuna-7b"]
 DEFAULT_DATASETS = ["triviaqa", "truthfulqa", "coqa", "tydiqa"]
@@ -324,6 +325,11 @@ def summary_table(runs: list[Run]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args, passthrough = parse_args(argv)
+    for model in args.models:  # a dry run checks them too: a typo should not wait for the real run to surface
+        try:
+            check_model_name(model)
+        except (ValueError, OSError) as error:
+            raise SystemExit(f"neurolight-send-grid: error: --models: {error}") from None
     runs = [Run(model, dataset) for model in args.models for dataset in args.datasets]
     plans = [(run, build_commands(args, passthrough, run)) for run in runs]
     if args.dry_run:

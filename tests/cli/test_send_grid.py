@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from neurolight.cli.main import main as neurolight_main
+from neurolight.cli.send_grid import main as grid_main
 
 ROOT = Path(__file__).parents[2]
 
@@ -314,20 +315,24 @@ def test_grid__a_failed_run_does_not_stop_the_others_and_the_summary_marks_it(tm
     fake = tmp_path / "fake_neurolight.py"
     fake.write_text(FAKE_NEUROLIGHT)
     out = tmp_path / "grid"
+    # Local model folders (the grid refuses names that are neither folders, short names nor hub ids).
+    names = {name: str(tmp_path / name) for name in ("bad-model", "good", "slow-model")}
+    for folder in names.values():
+        Path(folder).mkdir()
     result = run_grid(
-        "--models", "bad-model", "good", "slow-model", "--datasets", "d1", "d2", "--output_dir", str(out),
+        "--models", *names.values(), "--datasets", "d1", "d2", "--output_dir", str(out),
         "--fit_config", "configs/send/demo.yaml",
         "--neurolight_cmd", f"{shlex.quote(sys.executable)} {shlex.quote(str(fake))}", "--timeout_s", "3", "--quiet",
     )  # fmt: skip
     assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-2000:]
     table = result.stdout[result.stdout.index("pair") :]
     rows = {line.split("  ")[0]: line for line in table.splitlines()[2:] if " x " in line.split("  ")[0]}
-    assert set(rows) == {f"{m} x {d}" for m in ("bad-model", "good", "slow-model") for d in ("d1", "d2")}
+    assert set(rows) == {f"{m} x {d}" for m in names.values() for d in ("d1", "d2")}
     for dataset in ("d1", "d2"):
-        assert "FAILED (fit, exit 3)" in rows[f"bad-model x {dataset}"]
-        cells = rows[f"good x {dataset}"].split()  # pair (3 words), status, wall time (2), EM, F1, AUROC
+        assert "FAILED (fit, exit 3)" in rows[f"{names['bad-model']} x {dataset}"]
+        cells = rows[f"{names['good']} x {dataset}"].split()  # pair (3 words), status, wall time (2), EM, F1, AUROC
         assert cells[3] == "ok" and cells[5] == "s" and cells[-3:] == ["0.250", "0.500", "-"]
-        assert "FAILED (fit, timeout after 3 s)" in rows[f"slow-model x {dataset}"]
+        assert "FAILED (fit, timeout after 3 s)" in rows[f"{names['slow-model']} x {dataset}"]
         assert (out / f"predictions_good_{dataset}.json").is_file()
         assert not (out / f"predictions_bad-model_{dataset}.json").exists()  # no predict after a failed fit
     assert "model 'bad-model' not found" in result.stdout  # --quiet shows the failed run's log tail
@@ -337,3 +342,13 @@ def test_grid__a_failed_run_does_not_stop_the_others_and_the_summary_marks_it(tm
     ] * 2
     assert summary[2]["aggregate"]["f1"] == 0.5
     assert (out / "logs" / "bad-model_d1_fit.log").read_text().startswith("$ ")
+
+
+@pytest.mark.parametrize("model", ["llama9", "runs/missing/model_SEND"])
+def test_dry_run__refuses_an_unknown_model_in_one_line(model, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        grid_main(["--dry_run", "--models", model, "--datasets", "fanoutqa"])
+    message = str(exit_info.value.code)
+    assert message.startswith("neurolight-send-grid: error: --models: ") and model in message and "\n" not in message
