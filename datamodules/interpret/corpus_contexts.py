@@ -78,6 +78,7 @@ class CorpusContextDataModule(pl.LightningDataModule):
             return
         hp = self.hparams
         corpus = TokenizedCorpus(hp.dataset_path)
+        corpus.validate()  # against the tokenizer's vocabulary; the sampler reads the corpus with that model
         if hp.num_tokens is not None and hp.num_tokens > corpus.context_length:
             raise ValueError(
                 f"num_tokens={hp.num_tokens} exceeds the context length {corpus.context_length} of {hp.dataset_path}; "

@@ -130,6 +130,7 @@ class ActivationDataModule(pl.LightningDataModule):
             )
         device = torch.device(hp.device_llm) if hp.device_llm else self._trainer_device()
         model = load_causal_lm(hp.model_name, dtype=dtype_from_name(hp.llm_dtype, "llm_dtype"), device=device)
+        self.corpus.validate(model.get_input_embeddings().num_embeddings)
         self.hooked_llm = HookedLLM(
             model,
             hp.layer_type,

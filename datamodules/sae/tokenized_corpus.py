@@ -95,11 +95,22 @@ def _batched(items: Iterable[str], size: int) -> Iterator[list[str]]:
 
 
 def _save_atomic(path: Path, array: np.ndarray) -> None:
-    # Write beside the target and rename, so a killed run never leaves half a shard under the real name.
+    # Write beside the target and rename, so a killed run never leaves half a shard under the real name; on a
+    # failure (a full disk) the partial file goes too.
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as file:
-        np.save(file, array)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as file:
+            np.save(file, array)
+        os.replace(tmp, path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise OSError(
+            f"could not write shard {path} ({error.strerror or error}); free space on {path.parent} (it needs "
+            f"{array.nbytes:,} bytes a shard) and run neurolight-tokenize again"
+        ) from error
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 @dataclass(frozen=True)
@@ -338,15 +349,37 @@ class TokenizedCorpus:
         self._open()
 
     def _open(self) -> None:
+        rebuild = f"rebuild the corpus with: neurolight-tokenize --output_dir {self.path} --overwrite"
         self._shards = []
         for name in self.metadata["shards"]:
             file = self.path / name
             if not file.is_file():
                 raise FileNotFoundError(f"shard {file} listed in {METADATA_FILE} is missing; rebuild the corpus")
-            shard = np.load(file, mmap_mode="r")
-            if shard.shape != (self._rows, self.context_length):
-                raise ValueError(f"shard {file} has shape {shard.shape}, expected {(self._rows, self.context_length)}")
+            try:
+                shard = np.load(file, mmap_mode="r")
+            except ValueError as error:  # numpy's "mmap length is greater than file size": a truncated file
+                raise ValueError(
+                    f"shard {file} is truncated or corrupted ({file.stat().st_size:,} bytes: {error}); {rebuild}"
+                ) from None
+            if shard.shape != (self._rows, self.context_length) or not np.issubdtype(shard.dtype, np.integer):
+                raise ValueError(
+                    f"shard {file} holds {shard.dtype} {shard.shape}, expected integer token ids of shape "
+                    f"{(self._rows, self.context_length)}; {rebuild}"
+                )
             self._shards.append(shard)
+
+    def validate(self, vocab_size: int | None = None) -> None:
+        """Check every token id against the vocabulary (of the metadata, or of the model that reads the corpus):
+        a corrupted shard fails here, naming the file, not as an embedding's IndexError deep in training."""
+        limit = min(v for v in (vocab_size, self.metadata.get("vocab_size")) if v is not None)
+        for name, shard in zip(self.metadata["shards"], self._shards):
+            low, high = int(shard.min()), int(shard.max())
+            if low < 0 or high >= limit:
+                raise ValueError(
+                    f"shard {self.path / name} holds token ids in [{low}, {high}], outside the vocabulary of "
+                    f"{limit} ids; the file is corrupted or was written for another tokenizer; rebuild the corpus "
+                    f"with: neurolight-tokenize --output_dir {self.path} --overwrite"
+                )
 
     # Pickling a memmap copies its whole contents; DataLoader workers reopen the files instead.
     def __getstate__(self) -> dict:

@@ -185,3 +185,42 @@ def test_main__config_file_bare_overwrite_flag_and_documented_help(tmp_path, tin
     for field in ("min_tokens", "context_length", "prepend_bos", "num_processes", "text_field", "overwrite"):
         assert f"--{field}" in help_text
     assert "index % num_processes == w" in help_text and "Documents with fewer tokens are skipped" in help_text
+
+
+def _corpus(tmp_path, tiny_model_dir):
+    return build_tokenized_corpus(
+        output_dir=str(tmp_path / "corpus"), tokenizer=str(tiny_model_dir), dataset="pydoc", min_tokens=16,
+        context_length=16, num_files=2, num_samples_per_file=8, num_processes=1,
+    )  # fmt: skip
+
+
+def test_open__a_truncated_shard_is_named_with_the_fix(tmp_path, tiny_model_dir):
+    path = _corpus(tmp_path, tiny_model_dir)
+    shard = path / "shard_00001.npy"
+    shard.write_bytes(shard.read_bytes()[:200])
+    with pytest.raises(ValueError, match=r"shard .*shard_00001\.npy is truncated or corrupted .*neurolight-tokenize"):
+        TokenizedCorpus(path)
+
+
+def test_validate__token_ids_outside_the_vocabulary_name_the_shard(tmp_path, tiny_model_dir):
+    path = _corpus(tmp_path, tiny_model_dir)
+    corpus = TokenizedCorpus(path)
+    corpus.validate(vocab_size=10**6)  # a clean corpus passes
+    shard = np.load(path / "shard_00000.npy")
+    shard[3, 5] = corpus.metadata["vocab_size"] + 7
+    np.save(path / "shard_00000.npy", shard)
+    with pytest.raises(ValueError, match=r"shard .*shard_00000\.npy holds token ids in \[\d+, \d+\], outside"):
+        TokenizedCorpus(path).validate()
+
+
+def test_save__a_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    from neurolight.datamodules.sae import tokenized_corpus
+
+    def full_disk(file, array):
+        file.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tokenized_corpus.np, "save", full_disk)
+    with pytest.raises(OSError, match=r"could not write shard .*No space left on device.*free space"):
+        tokenized_corpus._save_atomic(tmp_path / "shard_00000.npy", np.zeros((2, 4), dtype=np.int32))
+    assert list(tmp_path.iterdir()) == []
