@@ -21,11 +21,13 @@ from pathlib import Path
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 
+from neurolight.callbacks.run_folder import FolderHolder, refuse_other_runs_checkpoints
+
 LAST = "last.ckpt"
 MID_EPOCH = "mid_epoch.ckpt"
 
 
-class ResumableCheckpoint(ModelCheckpoint):
+class ResumableCheckpoint(FolderHolder, ModelCheckpoint):
     def __init__(
         self, dirpath: str | None = None, every_n_train_steps: int | None = None, save_on_exception: bool = True
     ) -> None:
@@ -44,6 +46,16 @@ class ResumableCheckpoint(ModelCheckpoint):
     @property
     def state_key(self) -> str:
         return f"ResumableCheckpoint[{self.every_n_steps}]"
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)  # resolves dirpath: the run's own folder
+        if stage == "fit" and trainer.is_global_zero:
+            self.hold(self.dirpath, "neurolight fit")
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        # Here, not in setup: Lightning knows the checkpoint a resumed run starts from only by now.
+        if trainer.is_global_zero:
+            refuse_other_runs_checkpoints(Path(self.dirpath), trainer)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         step = trainer.global_step
@@ -64,6 +76,12 @@ class ResumableCheckpoint(ModelCheckpoint):
             self._save_as(trainer, LAST)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        try:
+            self._save_on_exception(trainer, exception)
+        finally:
+            self.release_folder()
+
+    def _save_on_exception(self, trainer, exception: BaseException) -> None:
         if not self._should_save_on_exception(trainer):
             return
         path = self._save_as(trainer, MID_EPOCH)

@@ -19,10 +19,11 @@ from pathlib import Path
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from neurolight.callbacks.interpret.sampler_snapshot import FOLDER, SamplerSnapshots, fingerprint, progress_state
+from neurolight.callbacks.run_folder import LOCK_FILE, FolderHolder
 from neurolight.datamodules.interpret.samples import save_interpretation_samples
 
 
-class InterpretationSamplesWriter(BasePredictionWriter):
+class InterpretationSamplesWriter(FolderHolder, BasePredictionWriter):
     def __init__(self, save_path: str, overwrite: bool = False, snapshot_every: int | None = 4096) -> None:
         """
         Args:
@@ -53,6 +54,8 @@ class InterpretationSamplesWriter(BasePredictionWriter):
             )
         if self.save_path.exists() and not self.save_path.is_dir():
             raise FileExistsError(f"save_path {self.save_path} is a file; choose a directory path")
+        if trainer.is_global_zero:  # a live run's folder (and its .resume/) is never touched, overwrite or not
+            self.hold(self.save_path, "neurolight predict: interpretation samples")
         contents = [p for p in self.save_path.iterdir() if not _leftover(p.name)] if self.save_path.is_dir() else []
         if contents and not self.overwrite:
             raise FileExistsError(
@@ -124,7 +127,7 @@ class InterpretationSamplesWriter(BasePredictionWriter):
 
 def _leftover(name: str) -> bool:
     """A killed run leaves its snapshot, and perhaps the hidden temporary files of an unfinished write: no samples."""
-    return name == FOLDER or (name.startswith(".") and name.endswith(".tmp"))
+    return name in (FOLDER, LOCK_FILE) or (name.startswith(".") and name.endswith(".tmp"))
 
 
 def summary(metadata: dict, path: Path) -> str:

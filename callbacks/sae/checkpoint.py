@@ -14,11 +14,13 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
+from neurolight.callbacks.run_folder import FolderHolder, refuse_other_runs_checkpoints, run_directory
+
 # Firing frequencies of dead latents are drawn at this log10 value, left of every live one.
 _DEAD_LOG_FREQ = -10.0
 
 
-class SaeCheckpoint(pl.Callback):
+class SaeCheckpoint(FolderHolder, pl.Callback):
     def __init__(self, batches_between_ckpt: int = 5000, dirpath: str | None = None, save_final: bool = True) -> None:
         """
         Args:
@@ -43,7 +45,16 @@ class SaeCheckpoint(pl.Callback):
     def directory(self, trainer) -> Path:
         if self.dirpath:
             return Path(self.dirpath)
-        return Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints"
+        return run_directory(trainer) / "checkpoints"
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage == "fit" and trainer.is_global_zero:
+            self.hold(self.directory(trainer), "neurolight fit")
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        # Here, not in setup: Lightning knows the checkpoint a resumed run starts from only by now.
+        if trainer.is_global_zero:
+            refuse_other_runs_checkpoints(self.directory(trainer), trainer)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         fired = outputs["fired"].detach()

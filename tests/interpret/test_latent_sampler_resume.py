@@ -114,7 +114,7 @@ def test_resume__killed_in_each_pass_continues_without_recomputing_and_writes_wh
     path = tmp_path / "samples"
     with pytest.raises(Killed):  # in the frequency pass, after 5 batches: snapshots at 16 and 32 contexts
         run(sae_run, path, kill_after=5)
-    assert sorted(p.name for p in path.iterdir()) == [".resume"]
+    assert sorted(p.name for p in path.iterdir()) == [".neurolight.lock", ".resume"]  # the lock of the killed run
     state = snapshot(path)
     assert state["pass"] == 0 and state["contexts_done"].tolist() == [32, 0] and state["samples"] is None
     assert int(state["frequency_tokens"]) == 32 * 15  # position 0 excluded
