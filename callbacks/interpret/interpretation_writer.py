@@ -6,9 +6,8 @@ batch, a list of interpretation dicts (``latent``, ``explanation``, the scorers'
 datamodule with ``.samples`` (``InterpretationSamples``) and ``skip_latents(latents)``
 (``neurolight.datamodules.InterpretationDataModule``).
 
-- Schema: the scorers go into the SAE's stored metadata; the store adds their fields to its columns (mapping), and
-  the summary and the browser show a column per scorer of the store.
-
+- Schema: the module's scorers go into the SAE's stored metadata; the store adds their fields to its columns
+  (mapping), and the summary and the browser show a column per scorer of the store.
 - Resume: in ``setup`` rank 0 lists the latents already in the store and every rank tells the datamodule to skip
   them, so a rerun (or a run after a kill) only interprets what is missing.
 - Nothing computed is lost: a batch is upserted right after it is computed; a batch the store refuses (server
