@@ -7,10 +7,10 @@ Both simulators run in the same process on the same explainer (``configs/interpr
 Instruct, its dtype, forward batch size, sample counts and latents per predict step), for the same latents, the
 same explanations and the same held-out records. Latents go in the config's batches, as ``LatentInterpreter.
 predict_step`` takes them; per batch the order of the two simulators alternates, so that load from other processes
-hits both alike. Timed per batch: the explanations (shared), each simulator, and the detection pass (shared, when
-the config turns it on). Printed: latents per hour of the whole explain + simulate (+ detect) pipeline with each
-simulator, the simulation alone, their ratios, and the mean score of each simulator (the logit one should not score
-worse).
+hits both alike. Timed per batch: the explanations (shared), the simulation scorer with each simulator, and the
+config's other scorers (shared: detection, fuzzing). Printed: latents per hour of the whole explain + simulate (+
+other scorers) pipeline with each simulator, the simulation alone, their ratios, and the mean score of each
+simulator (the logit one should not score worse).
 
 Samples: ``runs/demo/interpret/samples`` when it exists (``neurolight predict --config
 configs/interpret/sample.yaml``); otherwise they are built in a temporary directory by brute force from the demo
@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 from neurolight.datamodules.interpret.samples import save_interpretation_samples  # noqa: E402
 from neurolight.datamodules.interpret.tasks import InterpretationDataModule  # noqa: E402
 from neurolight.lightning_modules.interpret.interpreter import LatentInterpreter  # noqa: E402
-from neurolight.lightning_modules.interpret.simulation import pearson  # noqa: E402
+from neurolight.lightning_modules.interpret.scorers import SimulationScorer  # noqa: E402
 
 CONFIG = ROOT / "configs" / "interpret" / "demo.yaml"
 DEMO_SAMPLES = ROOT / "runs" / "demo" / "interpret" / "samples"
@@ -142,6 +142,8 @@ def run(args: argparse.Namespace) -> dict:
     interpreter = LatentInterpreter(**model_args).to(args.device)
     interpreter.configure_model()
     interpreter.model.to(args.device)
+    simulation = SimulationScorer()
+    others = [scorer for scorer in interpreter.scorers if scorer.name != simulation.name]
     rows = []
     latents = data.pending_latents()
     size = data.hparams.batch_size  # latents per predict step, as the demo runs them (explanations batched)
@@ -153,16 +155,11 @@ def run(args: argparse.Namespace) -> dict:
             seconds, scores = {}, {}
             for side in sides:
                 interpreter.hparams.simulator = side
-                values, seconds[side] = timed(args.device, interpreter.simulate, tasks, explanations)
-                scores[side] = [
-                    pearson(torch.cat([r.activations for r in task.simulation]), torch.cat(simulated))
-                    for task, simulated in zip(tasks, values, strict=True)
-                ]
-            t_detect = 0.0
-            if model_args.get("detection", True):
-                _, t_detect = timed(args.device, interpreter.detect, tasks, explanations)
+                results, seconds[side] = timed(args.device, interpreter.score, simulation, tasks, explanations)
+                scores[side] = [result["score"] for result in results]
+            t_others = sum(timed(args.device, interpreter.score, scorer, tasks, explanations)[1] for scorer in others)
             row = {"latents": [t.latent for t in tasks], "explanations": explanations}
-            row |= {"explain_s": t_explain, "detect_s": t_detect}
+            row |= {"explain_s": t_explain, "other_scorers_s": t_others}
             row |= {f"{side}_s": seconds[side] for side in sides} | {f"{side}_scores": scores[side] for side in sides}
             rows.append(row)
             for k, task in enumerate(tasks):
@@ -172,15 +169,16 @@ def run(args: argparse.Namespace) -> dict:
                 )
             print(
                 f"  {len(tasks)} latents: explain {t_explain:5.1f} s  logits {seconds['logits']:5.1f} s  "
-                f"generate {seconds['generate']:6.1f} s  detect {t_detect:4.1f} s",
+                f"generate {seconds['generate']:6.1f} s  {', '.join(s.name for s in others) or 'no other scorer'} "
+                f"{t_others:4.1f} s",
                 flush=True,
             )
-    return summarize(rows, samples)
+    return summarize(rows, samples, [scorer.name for scorer in others])
 
 
-def summarize(rows: list[dict], samples: Path) -> dict:
-    total = {key: sum(r[key] for r in rows) for key in ("explain_s", "detect_s", "logits_s", "generate_s")}
-    shared = total["explain_s"] + total["detect_s"]
+def summarize(rows: list[dict], samples: Path, others: list[str]) -> dict:
+    total = {key: sum(r[key] for r in rows) for key in ("explain_s", "other_scorers_s", "logits_s", "generate_s")}
+    shared = total["explain_s"] + total["other_scorers_s"]
     n = sum(len(r["latents"]) for r in rows)
     rate = {side: 3600 * n / (shared + total[f"{side}_s"]) for side in ("logits", "generate")}
     sim_rate = {side: 3600 * n / total[f"{side}_s"] for side in ("logits", "generate")}
@@ -192,6 +190,7 @@ def summarize(rows: list[dict], samples: Path) -> dict:
     summary = {
         "latents": n,
         "samples": str(samples),
+        "other_scorers": others,
         "seconds": total,
         "latents_per_hour": rate,
         "ratio": rate["logits"] / rate["generate"],
@@ -200,7 +199,10 @@ def summarize(rows: list[dict], samples: Path) -> dict:
         "mean_score": {side: mean_score(side) for side in ("logits", "generate")},
         "rows": rows,
     }
-    print(f"\n{n} latents; explain {total['explain_s']:.0f} s, detect {total['detect_s']:.0f} s (shared)")
+    print(
+        f"\n{n} latents; explain {total['explain_s']:.0f} s, {', '.join(others) or 'no other scorer'} "
+        f"{total['other_scorers_s']:.0f} s (shared)"
+    )
     print(
         f"pipeline latents/hour: logits {rate['logits']:.0f}, generate {rate['generate']:.0f}, "
         f"ratio {summary['ratio']:.1f}x"

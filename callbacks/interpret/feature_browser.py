@@ -2,17 +2,20 @@
 
     neurolight-browser --samples runs/demo/interpret/samples --sqlite runs/demo/interpret/interpretations.sqlite \\
         --output runs/demo/interpret/feature_browser.html
+    neurolight-browser --samples ... --elasticsearch https://es.example.org:9200 --output ...   # key: $ES_API_KEY
 
 The page needs no server and no network (inline CSS and JS; it works from ``file://``). It lists every sampled
-latent, sortable by score, detection score or frequency and filtered by a search box over explanations and context
-text, 50 per page; each latent shows its explanation, scores, firing frequency, max activation and its top
-contexts with every token shaded by ``activation / max activation`` (hover for the value); quantile and random
-contexts sit in a collapsed section. The data is one JSON blob in a ``<script type="application/json">`` element
+latent, sortable by each score (a column per scorer of the store: ``score``, ``detection``, ``fuzzing``, ...),
+frequency or max activation and filtered by a search box over explanations and context text, 50 per page; each
+latent shows its explanation, scores, firing frequency, max activation and its top contexts with every token
+shaded by ``activation / max activation`` (hover for the value); quantile and random contexts sit in a collapsed
+section. The data is one JSON blob in a ``<script type="application/json">`` element
 (every ``<`` escaped, so token text cannot end the element), rendered by a small script. The view is kept in the
 URL hash (``#q=paris&sort=frequency&page=2``), so a search can be bookmarked or opened directly.
 
 The page's markup, style and script are ``feature_browser_template.html`` in this package; this module prepares
-the data and fills the template's ``@TITLE@``, ``@HEADER@``, ``@SORTS@`` and ``@DATA@`` placeholders.
+the data (with the score columns: document field and sort key) and fills the template's ``@TITLE@``, ``@HEADER@``,
+``@LEGEND@``, ``@SORTS@`` and ``@DATA@`` placeholders.
 """
 
 from __future__ import annotations
@@ -21,20 +24,21 @@ import html
 import json
 import math
 import re
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
 
+from neurolight.callbacks.interpret.stores.base import LEGACY_SCORERS
 from neurolight.datamodules.interpret.samples import InterpretationSamples
+from neurolight.lightning_modules.interpret.scorers import ScoreField, score_fields
 
 # Control characters would be invisible (a newline would even reflow the context): show their Unicode pictures.
 _VISIBLE = str.maketrans({**{chr(c): chr(0x2400 + c) for c in range(32)}, "\n": "⏎", "\t": "⇥", "\x7f": "␡"})
 _SIGNIFICANT_DIGITS = 6  # float32 holds ~7: the tooltips stay exact enough while the JSON stays small
 _TEMPLATE = "feature_browser_template.html"
-_PLACEHOLDER = re.compile(r"@(TITLE|HEADER|SORTS|DATA)@")
-_SORTS = {
-    "score": "score ↓",
-    "detection": "detection score ↓",
+_PLACEHOLDER = re.compile(r"@(TITLE|HEADER|LEGEND|SORTS|DATA)@")
+_SORTS = {  # after a sort per score column
     "frequency": "frequency ↓ (densest first)",
     "rarity": "frequency ↑ (rarest first)",
     "max_activation": "max activation ↓",
@@ -51,39 +55,52 @@ def write_feature_browser(
     num_top: int = 5,
     num_other: int = 2,
     page_size: int = 50,
+    scorers: Sequence[str] = LEGACY_SCORERS,
 ) -> Path:
     """Write the feature browser of one SAE and return its path.
 
     Args:
         samples: The interpretation samples of the SAE (contexts, activations, frequencies).
-        documents: Stored interpretations (one dict per latent, as ``neurolight.callbacks.interpret.stores.base``
-            returns them);
-            sampled latents without one are listed as "not interpreted".
+        documents: Stored interpretations (one dict per latent, as a ``LatentStore`` returns them); sampled latents
+            without one are listed as "not interpreted".
         tokenizer: Hugging Face tokenizer of the sampled model, to show token ids as text.
         path: HTML file to write (its folder is created).
         title: Page title; default: model, layer and SAE sizes from the samples' metadata.
         num_top: Top contexts shown per latent.
         num_other: Quantile and random contexts (each) in the collapsed section of a latent.
         page_size: Latents per page.
+        scorers: The scorers whose fields are the page's score columns and sort keys, in order (the first is the
+            default sort): a store's ``scorers``.
     """
     if num_top < 1 or num_other < 0 or page_size < 1:
         raise ValueError(
             f"need num_top >= 1, num_other >= 0 and page_size >= 1; got {num_top}, {num_other} and {page_size}"
         )
     meta = samples.metadata
+    columns = score_fields(scorers)
+    clash = [c.key for c in columns if c.key in _SORTS]
+    if clash:
+        raise ValueError(f"score keys {clash} are taken by the browser's own sorts ({', '.join(_SORTS)})")
     docs = _documents_by_latent(documents, meta, samples.path)
     rows = {int(latent): row for row, latent in enumerate(samples.latents.tolist())}
     token_ids: set[int] = set()
     entries = [
-        _entry(latent, samples, rows.get(latent), docs.get(latent), num_top, num_other, token_ids)
+        _entry(latent, samples, rows.get(latent), docs.get(latent), columns, num_top, num_other, token_ids)
         for latent in sorted(set(rows) | set(docs))
     ]
-    data = {"page_size": page_size, "vocab": _token_strings(tokenizer, sorted(token_ids)), "latents": entries}
+    data = {
+        "page_size": page_size,
+        "columns": [{"field": c.name, "key": c.key} for c in columns],
+        "vocab": _token_strings(tokenizer, sorted(token_ids)),
+        "latents": entries,
+    }
     blob = json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False).replace("<", "\\u003c")
+    sorts = {c.key: f"{c.title} ↓" for c in columns} | _SORTS
     fields = {
         "TITLE": html.escape(title or _default_title(meta)),
-        "HEADER": _header(meta, docs, len(rows)),
-        "SORTS": "".join(f'<option value="{key}">{label}</option>' for key, label in _SORTS.items()),
+        "HEADER": _header(meta, docs, len(rows), columns),
+        "LEGEND": "".join(f"{html.escape(c.key)}: {html.escape(c.legend)} · " for c in columns),
+        "SORTS": "".join(f'<option value="{key}">{html.escape(label)}</option>' for key, label in sorts.items()),
         "DATA": blob,
     }
     # One pass over the template: a title, header or token text that happens to spell a placeholder stays as is.
@@ -116,7 +133,7 @@ def _documents_by_latent(documents: list[dict], meta: dict, source: Path) -> dic
     return by_latent
 
 
-def _entry(latent, samples, row, doc, num_top, num_other, token_ids: set[int]) -> dict:
+def _entry(latent, samples, row, doc, columns: list[ScoreField], num_top, num_other, token_ids: set[int]) -> dict:
     contexts = {}
     for kind, limit in (("top", num_top), ("quantile", num_other), ("random", num_other)):
         records = samples.records(latent, kind)[:limit] if row is not None else []
@@ -132,8 +149,7 @@ def _entry(latent, samples, row, doc, num_top, num_other, token_ids: set[int]) -
     return {
         "latent": latent,
         "explanation": None if doc is None else str(doc["explanation"]),
-        "score": None if doc is None else _finite(doc.get("score")),
-        "detection_score": None if doc is None else _finite(doc.get("detection_score")),
+        **{c.name: None if doc is None else _finite(doc.get(c.name)) for c in columns},
         "frequency": _number(frequency),
         "max_activation": _number(max_activation),
         "top_tokens": [] if doc is None else [_visible(t) for t in doc.get("top_tokens") or []],
@@ -175,8 +191,11 @@ def _default_title(meta: dict) -> str:
     )
 
 
-def _header(meta: dict, docs: dict[int, dict], num_sampled: int) -> str:
-    scores = [d["score"] for d in docs.values() if _finite(d.get("score")) is not None]
+def _header(meta: dict, docs: dict[int, dict], num_sampled: int, columns: list[ScoreField]) -> str:
+    means = ""
+    for column in columns:
+        scores = [d[column.name] for d in docs.values() if _finite(d.get(column.name)) is not None]
+        means += f" · mean {column.title} {sum(scores) / len(scores):.3f}" if scores else ""
     explainers = sorted({str(d["explainer"]) for d in docs.values() if d.get("explainer")})
     band = ""
     if "log_freq_lower" in meta and "log_freq_upper" in meta:
@@ -197,8 +216,7 @@ def _header(meta: dict, docs: dict[int, dict], num_sampled: int) -> str:
         ("frequency band", band or None),
         (
             "latents",
-            f"{len(docs):,} interpreted of {num_sampled:,} sampled"
-            + (f" · mean score {sum(scores) / len(scores):.3f}" if scores else ""),
+            f"{len(docs):,} interpreted of {num_sampled:,} sampled{means}",
         ),
         ("explainer", ", ".join(explainers) or None),
         ("written", datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")),

@@ -1,10 +1,13 @@
 """InterpretationWriter: stores each batch of interpreted latents as soon as it is done, and writes the browser.
 
-Works with any ``predict_step`` that returns, per batch, a list of interpretation dicts (``latent``,
-``explanation``, ``score``, ``detection_score``, ``frequency``, ``max_activation``, ``top_tokens``, ``explainer``;
-the interpreter LightningModule) and a datamodule with ``.samples`` (``InterpretationSamples``) and
-``skip_latents(latents)`` (``neurolight.datamodules.InterpretationDataModule``).
+Works with any LightningModule that names its scorers (``scorer_names``) and whose ``predict_step`` returns, per
+batch, a list of interpretation dicts (``latent``, ``explanation``, the scorers' fields, ``frequency``,
+``max_activation``, ``top_tokens``, ``explainer``; ``neurolight.lightning_modules.LatentInterpreter``), and a
+datamodule with ``.samples`` (``InterpretationSamples``) and ``skip_latents(latents)``
+(``neurolight.datamodules.InterpretationDataModule``).
 
+- Schema: the module's scorers go into the SAE's stored metadata; the store adds their fields to its columns
+  (mapping), and the summary and the browser show a column per scorer of the store.
 - Resume: in ``setup`` rank 0 lists the latents already in the store and every rank tells the datamodule to skip
   them, so a rerun (or a run after a kill) only interprets what is missing.
 - Nothing computed is lost: a batch is upserted right after it is computed; a batch the store refuses (server
@@ -25,6 +28,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
 from neurolight.callbacks.interpret.stores.base import LatentStore, LatentStoreError, sae_index_name, to_document
+from neurolight.lightning_modules.interpret.scorers import score_fields
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +77,14 @@ class InterpretationWriter(BasePredictionWriter):
                 f"InterpretationWriter needs a datamodule with .samples and skip_latents(); got "
                 f"{type(trainer.datamodule).__name__}: use neurolight.datamodules.InterpretationDataModule"
             )
-        self.metadata = samples.metadata
+        scorers = getattr(pl_module, "scorer_names", None)
+        if scorers is None:
+            raise TypeError(
+                "InterpretationWriter needs the LightningModule's scorer_names (the scorers whose fields its "
+                f"predictions carry); got {type(pl_module).__name__}: use "
+                "neurolight.lightning_modules.LatentInterpreter"
+            )
+        self.metadata = {**samples.metadata, "scorers": list(scorers)}
         self.index = self.index_name or sae_index_name(self.metadata)
         self.written, self.unstored, self.browser = [], [], None
         # Rank 0 alone reads the store and broadcasts what it found: ranks that read on their own could see
@@ -151,13 +162,16 @@ class InterpretationWriter(BasePredictionWriter):
         except LatentStoreError as error:
             print(f"{message} already stored; reading the store back failed, so no summary or browser: {error}")
             return
-        scores = [doc["score"] for doc in documents if doc["score"] is not None and math.isfinite(doc["score"])]
-        mean = f"{sum(scores) / len(scores):.3f}" if scores else "n/a"
+        means = []
+        for field in score_fields(self.store.scorers):
+            scores = [doc[field.name] for doc in documents if _finite(doc[field.name])]
+            mean = f"{sum(scores) / len(scores):.3f}" if scores else "n/a"
+            means.append(f", mean {field.title} {mean} ({len(scores)} scored)")
         if self.browser_path:
             self.browser = self._write_browser(trainer, documents)
         print(
-            f"{message} already stored; {self.store.describe()} holds {len(documents)} latents, mean score {mean} "
-            f"({len(scores)} scored)" + (f"; feature browser: {self.browser}" if self.browser else "")
+            f"{message} already stored; {self.store.describe()} holds {len(documents)} latents{''.join(means)}"
+            + (f"; feature browser: {self.browser}" if self.browser else "")
         )
 
     def _write_browser(self, trainer, documents: list[dict]) -> Path:
@@ -165,7 +179,9 @@ class InterpretationWriter(BasePredictionWriter):
         from neurolight.datamodules.llm.models import load_tokenizer
 
         tokenizer = load_tokenizer(str(self.metadata["model_name"]))
-        return write_feature_browser(trainer.datamodule.samples, documents, tokenizer, Path(self.browser_path))
+        samples = trainer.datamodule.samples
+        path = Path(self.browser_path)
+        return write_feature_browser(samples, documents, tokenizer, path, scorers=self.store.scorers)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         self._nothing_to_do = False
@@ -176,3 +192,7 @@ class InterpretationWriter(BasePredictionWriter):
             self._report(trainer, 0, 0)
         self._nothing_to_do = False
         self.store.close()
+
+
+def _finite(value) -> bool:
+    return value is not None and math.isfinite(value)

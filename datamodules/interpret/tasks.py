@@ -11,7 +11,12 @@ the same text. Per latent it splits the records, deterministically given ``seed`
   records, half from the random ones (the other side fills in when one runs short), never a context shown in the
   explanation prompt;
 - detection contexts: up to ``num_detection_samples`` held-out top/quantile contexts (activating) and as many
-  ``negative`` ones (contexts where the latent never fires).
+  ``negative`` ones (contexts where the latent never fires);
+- fuzzing contexts: up to ``num_fuzzing_samples`` held-out top/quantile contexts, each once with its activating
+  tokens marked and once with as many tokens where the latent does not fire marked instead (``fuzzing_marks``).
+
+The scorers (``neurolight.lightning_modules.interpret.scorers``) read these record sets; a set whose
+``num_*_samples`` is 0 stays empty.
 
 Ranks: the latents to run are fixed on rank 0 (after ``skip_latents``) and broadcast; rank r takes every
 world-th one from r, so each latent runs on exactly one rank. Ranks with fewer latents get padding tasks (a copy
@@ -48,6 +53,22 @@ class TokenRecord(NamedTuple):
     """(T,) float32 true activation of the latent at every token."""
 
 
+MARK_FRACTION = 0.3
+"""A fuzzing context marks the tokens whose activation exceeds this fraction of the context's peak (delphi's
+threshold; "Automatically interpreting millions of features in LLMs", Paiva et al. 2024)."""
+
+
+class MarkedRecord(NamedTuple):
+    """A context with some tokens marked, for the fuzzing score."""
+
+    record: TokenRecord
+    """The context."""
+    marked: list[bool]
+    """(T,) True for the tokens shown between the marks."""
+    correct: bool
+    """True: the marks are where the latent fires; False: on as many tokens where it does not."""
+
+
 class LatentTask(NamedTuple):
     """Everything the interpreter needs for one latent."""
 
@@ -65,6 +86,8 @@ class LatentTask(NamedTuple):
     """Held-out activating contexts followed by non-activating (``negative``) ones."""
     detection_labels: list[bool]
     """Per detection context: True = the latent fires in it."""
+    fuzzing: list[MarkedRecord]
+    """Held-out activating contexts with correct marks, then the same contexts with wrong ones."""
     top_tokens: list[str]
     """Up to 10 distinct token strings with the highest activations in the top records."""
     padding: bool = False
@@ -83,6 +106,22 @@ def token_strings(tokenizer, ids: list[int]) -> list[str]:
             strings.append(tokenizer.decode(ids[end - 1 : end]))
         previous = text
     return strings
+
+
+def fuzzing_marks(record: TokenRecord, rng: random.Random) -> tuple[list[bool], list[bool]] | None:
+    """Correct and wrong marks of an activating context, or None when it has none of one kind.
+
+    Correct: the tokens above ``MARK_FRACTION`` of the context's peak. Wrong: as many tokens (fewer when the context
+    has fewer) drawn from those where the latent does not fire and whose text is not blank, since a mark around
+    nothing visible would give the answer away (delphi marks non-activating tokens at the same count)."""
+    activations = record.activations
+    peak = float(activations.max()) if activations.numel() else 0.0
+    silent = [i for i, (a, token) in enumerate(zip(activations.tolist(), record.tokens)) if a <= 0 and token.strip()]
+    if peak <= 0 or not silent:
+        return None
+    correct = (activations > MARK_FRACTION * peak).tolist()
+    wrong = set(rng.sample(silent, min(sum(correct), len(silent))))
+    return correct, [i in wrong for i in range(len(correct))]
 
 
 class _Tasks(Dataset):
@@ -107,6 +146,7 @@ class InterpretationDataModule(pl.LightningDataModule):
         num_interpretation_samples: int = 5,
         num_simulation_samples: int = 10,
         num_detection_samples: int = 8,
+        num_fuzzing_samples: int = 8,
         max_latents: int | None = None,
         batch_size: int = 1,
         seed: int = 0,
@@ -119,6 +159,8 @@ class InterpretationDataModule(pl.LightningDataModule):
             num_simulation_samples: Held-out records simulated and scored, half top/quantile and half random (the
                 original's ``--num_simulation_samples``).
             num_detection_samples: Activating and, as many, non-activating contexts of the detection score; 0 = none.
+            num_fuzzing_samples: Activating contexts of the fuzzing score, each shown once with its activating tokens
+                marked and once with as many other tokens marked; 0 = none.
             max_latents: Interpret only the first this many sampled latents (ascending index; a resumed run picks
                 the same ones); None = all.
             batch_size: Latents per predict step (their explanations are generated together).
@@ -133,8 +175,12 @@ class InterpretationDataModule(pl.LightningDataModule):
         ):
             if value < 1:
                 raise ValueError(f"{name}={value} must be at least 1")
-        if num_detection_samples < 0:
-            raise ValueError(f"num_detection_samples={num_detection_samples} must be >= 0 (0 = no detection score)")
+        for name, value in (
+            ("num_detection_samples", num_detection_samples),
+            ("num_fuzzing_samples", num_fuzzing_samples),
+        ):
+            if value < 0:
+                raise ValueError(f"{name}={value} must be >= 0 (0 = no records for that score)")
         if max_latents is not None and max_latents < 1:
             raise ValueError(f"max_latents={max_latents} must be at least 1, or null for every sampled latent")
         self.save_hyperparameters()
@@ -194,6 +240,14 @@ class InterpretationDataModule(pl.LightningDataModule):
         simulation = rng.sample(activating, n_activating) + rng.sample(randoms, n_random)
         positive = rng.sample(activating, min(len(activating), hp.num_detection_samples))
         negative = fresh(records["negative"], set(shown))[: hp.num_detection_samples]
+        fuzzing = []
+        for record in rng.sample(activating, len(activating)):  # a seeded order; fuzzing_marks may skip some
+            if len(fuzzing) == hp.num_fuzzing_samples:
+                break
+            token_record = self._token_record(record)
+            marks = fuzzing_marks(token_record, rng)
+            if marks is not None:
+                fuzzing.append((token_record, *marks))
         row = int((self.samples.latents == latent).nonzero()[0, 0])
         return LatentTask(
             latent=int(latent),
@@ -203,6 +257,8 @@ class InterpretationDataModule(pl.LightningDataModule):
             simulation=[self._token_record(r) for r in simulation],
             detection=[self._token_record(r) for r in positive + negative],
             detection_labels=[True] * len(positive) + [False] * len(negative),
+            fuzzing=[MarkedRecord(record, right, True) for record, right, _ in fuzzing]
+            + [MarkedRecord(record, wrong, False) for record, _, wrong in fuzzing],
             top_tokens=self._top_tokens([self._token_record(r) for r in records["top"]]),
         )
 

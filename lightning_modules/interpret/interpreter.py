@@ -10,9 +10,12 @@ Per latent (a ``LatentTask`` from ``InterpretationDataModule``; ALGORITHMS.md §
 2. simulate: for every held-out record, the expected value 0-10 at each token, from the value tokens'
    probabilities in one forward pass (``simulator="logits"``) or parsed from generated lines (``"generate"``, the
    original's method, for comparison);
-3. score: Pearson correlation of simulated and true activations over all token positions of the held-out records,
-   position by position; with ``detection``, the balanced accuracy of Yes/No answers on activating against
-   non-activating contexts.
+3. score: each of ``scorers`` (``neurolight.lightning_modules.interpret.scorers``; docs/interpret.md, Scorers)
+   builds its prompts, the explainer's probabilities at them are read in batches (the expected value at every value
+   slot, or P(Yes) of a Yes/No answer), and the scorer turns them into its fields: ``simulation`` the Pearson
+   correlation of simulated and true activations over all token positions of the held-out records, ``detection``
+   the balanced accuracy of Yes/No answers on activating against non-activating contexts, ``fuzzing`` that of
+   correctly against wrongly marked tokens in activating contexts.
 
 ``predict_step`` returns one dict per latent; ``neurolight.callbacks.InterpretationWriter`` stores them.
 
@@ -24,10 +27,11 @@ passes through the same modules.
 
 from __future__ import annotations
 
-import math
+from collections.abc import Sequence
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 from neurolight.datamodules.interpret.tasks import LatentTask
 from neurolight.datamodules.llm.models import load_tokenizer, native_bfloat16, resolve_model
@@ -37,11 +41,11 @@ from neurolight.lightning_modules.interpret.prompts import (
     clean_explanation,
     single_token_values,
 )
+from neurolight.lightning_modules.interpret.scorers import DEFAULT_SCORERS, Scorer, build_scorers
+from neurolight.lightning_modules.interpret.scorers.base import VALUES, YES_NO, yes_no_prompt
 from neurolight.lightning_modules.interpret.simulation import (
-    balanced_accuracy,
     discretize,
     pad_left,
-    pearson,
     read_logits,
     simulate_generate,
     simulate_logits,
@@ -57,7 +61,7 @@ class LatentInterpreter(pl.LightningModule):
         self,
         explainer_model: str = "smollm2-135m",
         max_explanation_tokens: int = 48,
-        detection: bool = True,
+        scorers: Sequence[str] = DEFAULT_SCORERS,
         simulator: str = "logits",
         explainer_dtype: str | None = None,
         forward_batch_size: int = 8,
@@ -69,17 +73,23 @@ class LatentInterpreter(pl.LightningModule):
                 has one (the original's ``--interpretation_model_name``).
             max_explanation_tokens: Longest explanation in tokens; generation also stops at the end of the first
                 sentence or line.
-            detection: Also compute the detection score (Yes/No on activating vs non-activating contexts).
-            simulator: ``logits``: expected value from the value tokens' probabilities, one forward pass per record;
+            scorers: Scores of each explanation, by name (``neurolight.lightning_modules.interpret.scorers.SCORERS``):
+                ``simulation`` (correlation of simulated and true activations), ``detection`` (activating vs
+                non-activating contexts), ``fuzzing`` (correctly vs wrongly marked tokens). Their fields become the
+                store's columns and the feature browser's sort keys; the data module prepares their records
+                (``num_detection_samples``, ``num_fuzzing_samples``).
+            simulator: How the ``simulation`` scorer's values are read. ``logits``: expected value from the value
+                tokens' probabilities, one forward pass per record;
                 ``generate``: the model writes ``token<TAB>value`` lines that are parsed (the original's method,
                 several times slower; kept as the benchmark's baseline).
             explainer_dtype: Weights' dtype: ``float32``, ``bfloat16`` or ``float16``; ``auto`` = bfloat16 where the
                 device computes it natively (CUDA with bf16, a CPU with AVX512-BF16 or AMX; 2.3x the float32 speed
                 of a forward pass on a 2-core AVX512-BF16 CPU), else float32; null = the Trainer's precision
                 (``bf16-true`` -> bfloat16, otherwise float32).
-            forward_batch_size: Records (or detection contexts) per forward pass, padded to the longest.
+            forward_batch_size: Prompts (records, contexts) per forward pass, padded to the longest.
         """
         super().__init__()
+        self.scorers: list[Scorer] = build_scorers(list(scorers))
         if simulator not in SIMULATORS:
             raise ValueError(f"simulator='{simulator}' is unknown; choose one of {', '.join(SIMULATORS)}")
         if explainer_dtype is not None and explainer_dtype not in (*DTYPES, "auto"):
@@ -93,6 +103,7 @@ class LatentInterpreter(pl.LightningModule):
             if value < 1:
                 raise ValueError(f"{name}={value} must be at least 1")
         self.save_hyperparameters()
+        self._warned: set[str] = set()
         self.model = None
         self.tokenizer = None
         self.prompts: PromptBuilder | None = None
@@ -106,13 +117,16 @@ class LatentInterpreter(pl.LightningModule):
         self.tokenizer = _load_explainer_tokenizer(self.hparams.explainer_model)
         self.value_ids = single_token_values(self.tokenizer)
         self.prompts = PromptBuilder(self.tokenizer, max_value=len(self.value_ids) - 1)
-        probe = self.prompts.detection("anything", "some text")
+        # Every Yes/No scorer's prompt ends like this probe (yes_no_prompt), so the answers start with these ids.
+        probe = yes_no_prompt(self.prompts, "Answer Yes or No.", "Is this a question?")
         self.yes_id = answer_token(self.tokenizer, probe, "Yes")
         self.no_id = answer_token(self.tokenizer, probe, "No")
-        if self.yes_id == self.no_id:
+        yes_no = [scorer.name for scorer in self.scorers if scorer.readout == YES_NO]
+        if yes_no and self.yes_id == self.no_id:
             raise ValueError(
                 f"the explainer's tokenizer starts ' Yes' and ' No' with the same token (id {self.yes_id}), so the "
-                "detection score cannot tell the answers apart; set detection: false or pick another explainer"
+                f"scorers {', '.join(yes_no)} cannot tell the answers apart; drop them from scorers or pick another "
+                "explainer"
             )
         self.model = self._load_model().eval()
         self.model.requires_grad_(False)
@@ -154,23 +168,29 @@ class LatentInterpreter(pl.LightningModule):
         return self.tokenizer.pad_token_id
 
     # ---------------------------------------------------------------------------------------------------- steps
+    @property
+    def scorer_names(self) -> list[str]:
+        """Names of the scorers that run, in order: the writer records them beside the store's columns."""
+        return [scorer.name for scorer in self.scorers]
+
     def predict_step(self, batch: list[LatentTask], batch_idx: int = 0) -> list[dict]:
-        """One dict per latent (padding tasks dropped): ``latent``, ``explanation``, ``score``, ``detection_score``,
-        ``frequency``, ``max_activation``, ``top_tokens``, ``explainer``, ``num_simulated_tokens``."""
+        """One dict per latent (padding tasks dropped): ``latent``, ``explanation``, the fields of every scorer
+        (``score``, ``detection_score``, ...), ``frequency``, ``max_activation``, ``top_tokens``, ``explainer``,
+        ``num_simulated_tokens``."""
         explanations = self.explain(batch)
-        simulated = self.simulate(batch, explanations)
-        detection = self.detect(batch, explanations) if self.hparams.detection else [math.nan] * len(batch)
+        scores: list[dict[str, float]] = [{} for _ in batch]
+        for scorer in self.scorers:
+            for row, values in zip(scores, self.score(scorer, batch, explanations), strict=True):
+                row.update(values)
         results = []
-        for task, explanation, values, detection_score in zip(batch, explanations, simulated, detection, strict=True):
+        for task, explanation, row in zip(batch, explanations, scores, strict=True):
             if task.padding:
                 continue
-            true = [record.activations for record in task.simulation]
             results.append(
                 {
                     "latent": task.latent,
                     "explanation": explanation,
-                    "score": pearson(torch.cat(true), torch.cat(values)) if true else math.nan,
-                    "detection_score": detection_score,
+                    **row,
                     "frequency": task.frequency,
                     "max_activation": task.max_activation,
                     "top_tokens": list(task.top_tokens),
@@ -204,45 +224,43 @@ class LatentInterpreter(pl.LightningModule):
         )[:, ids.shape[1] :]
         return [clean_explanation(self.tokenizer.decode(row, skip_special_tokens=True)) for row in generated]
 
-    def simulate(self, batch: list[LatentTask], explanations: list[str]) -> list[list[torch.Tensor]]:
-        """Per latent, the simulated values (T,) of each held-out record."""
-        size, generate = self.hparams.forward_batch_size, self.hparams.simulator == "generate"
-        calls, simulated = 0, []
-        for task, explanation in zip(batch, explanations, strict=True):
-            prefix = self.prompts.simulation_prefix(explanation)
-            if generate:
-                starts = [self.prompts.generation_start(prefix)] * len(task.simulation)
-                records = [record.tokens for record in task.simulation]
-                values, n = simulate_generate(
-                    self.model,
-                    self.tokenizer,
-                    starts,
-                    records,
-                    self.prompts.max_value,
-                    self.pad_id,
-                    size,
-                    self._zero3(),
-                )
-            else:
-                prompts = [self.prompts.simulation(prefix, record.tokens) for record in task.simulation]
-                values, n = simulate_logits(self.model, prompts, self.value_ids, self.pad_id, size)
-            simulated.append(values)
-            calls += n
-        self._even_out(calls, generate=generate)
-        return simulated
-
-    def detect(self, batch: list[LatentTask], explanations: list[str]) -> list[float]:
-        """Per latent, the balanced accuracy of P(Yes) > P(No) against the contexts' labels."""
+    def score(self, scorer: Scorer, batch: list[LatentTask], explanations: list[str]) -> list[dict[str, float]]:
+        """Per latent, ``scorer``'s fields: its prompts run through the explainer, its readout scored."""
         calls, scores = 0, []
         for task, explanation in zip(batch, explanations, strict=True):
-            prompts = [self.prompts.detection(explanation, "".join(record.tokens)) for record in task.detection]
-            p_yes, n = yes_probabilities(
-                self.model, prompts, self.yes_id, self.no_id, self.pad_id, self.hparams.forward_batch_size
-            )
-            scores.append(balanced_accuracy(p_yes > 0.5, torch.tensor(task.detection_labels, dtype=torch.bool)))
+            self._check_records(scorer, task)
+            readings, n = self.read(scorer.readout, scorer.prompts(self.prompts, explanation, task))
+            scores.append(scorer.score(readings, task))
             calls += n
-        self._even_out(calls)
+        self._even_out(calls, generate=scorer.readout == VALUES and self.hparams.simulator == "generate")
         return scores
+
+    def read(self, readout: str, prompts: list) -> tuple[list[torch.Tensor] | torch.Tensor, int]:
+        """The explainer's ``readout`` at ``prompts`` (``scorers/base.py``), and the forward passes (or
+        ``generate`` calls) it took: P(Yes) (N,) for ``yes_no``; for ``values``, the simulated value (T,) at every
+        token of each ``SimulationPrompt``, read from the value tokens' probabilities, or generated and parsed with
+        ``simulator="generate"``."""
+        size = self.hparams.forward_batch_size
+        if readout == YES_NO:
+            return yes_probabilities(self.model, prompts, self.yes_id, self.no_id, self.pad_id, size)
+        if self.hparams.simulator == "generate":
+            starts = [self.prompts.generation_start(p.input_ids[: p.prefix_length]) for p in prompts]
+            records = [p.tokens for p in prompts]
+            max_value, zero3 = self.prompts.max_value, self._zero3()
+            return simulate_generate(self.model, self.tokenizer, starts, records, max_value, self.pad_id, size, zero3)
+        return simulate_logits(self.model, prompts, self.value_ids, self.pad_id, size)
+
+    def _check_records(self, scorer: Scorer, task: LatentTask) -> None:
+        """Warns once per scorer when a latent's task has none of the records the scorer reads (its score is NaN):
+        the data module was told to prepare none."""
+        empty = [name for name in scorer.records if not getattr(task, name)]
+        if empty and not task.padding and scorer.name not in self._warned:
+            self._warned.add(scorer.name)
+            rank_zero_warn(
+                f"scorer '{scorer.name}' found no {', '.join(empty)} records for latent {task.latent}, so its "
+                f"score is NaN; InterpretationDataModule prepares them when "
+                f"{', '.join(f'num_{name}_samples' for name in empty)} > 0"
+            )
 
     def _even_out(self, calls: int, generate: bool = False) -> None:
         """Under ZeRO-3, run one-token passes until this rank has made as many as the busiest rank."""

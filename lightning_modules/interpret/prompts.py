@@ -1,4 +1,5 @@
-"""Prompts of the explain / simulate / detect steps, tokenized so that every value slot's position is known.
+"""Prompts of the explain and simulate steps, tokenized so that every value slot's position is known; the
+conversation prefix that every prompt starts with. The Yes/No scorers' questions are in ``scorers/``.
 
 The formats follow OpenAI's "Language models can explain neurons in language models" (ALGORITHMS.md §4): records
 are shown as ``token<TAB>activation`` lines between ``<start>`` and ``<end>``, the explanation completes "the main
@@ -39,10 +40,6 @@ SIMULATE_SYSTEM = (
     'The activation format is token<tab>activation, activations go from 0 to {max_value}, "unknown" indicates an '
     "unknown activation. Most activations will be 0."
 )
-DETECT_SYSTEM = (
-    "We're studying neurons in a neural network. A neuron is described by an explanation of what it looks for. "
-    "Read a short text and answer Yes if the text contains what the neuron looks for, No otherwise."
-)
 
 # The hand-written demonstration of the simulation prompt (it teaches the format of the value slots).
 EXAMPLE_TOKENS = ("The", " dog", " chased", " the", " cat", " up", " the", " tree", ",", " then", " a", " bird", ".")
@@ -56,6 +53,10 @@ class SimulationPrompt(NamedTuple):
     read_positions: list[int]
     """(T,) for record token j, the index of the token (its line's TAB) whose next-token distribution is the
     model's guess for j's value."""
+    prefix_length: int
+    """Length of the conversation prefix (``input_ids[:prefix_length]``), which the records of a latent share."""
+    tokens: list[str]
+    """(T,) the record's tokens (the generate-and-parse simulator aligns its lines to them)."""
 
 
 def escape_token(text: str) -> str:
@@ -83,7 +84,8 @@ def clean_explanation(text: str) -> str:
 
 
 class PromptBuilder:
-    """Builds token ids of the three prompts for one tokenizer (a fast one: positions come from its offsets)."""
+    """Builds token ids of the explanation and simulation prompts, and the conversation prefix of any prompt, for
+    one tokenizer (a fast one: positions come from its offsets)."""
 
     def __init__(self, tokenizer, max_value: int) -> None:
         if not getattr(tokenizer, "is_fast", False):
@@ -186,21 +188,11 @@ class PromptBuilder:
                     "value slot, so no token ends at the slot; simulate with a tokenizer that keeps '\\t' apart"
                 )
             read.append(len(prefix) + i)
-        return SimulationPrompt(prefix + ids, read)
+        return SimulationPrompt(prefix + ids, read, len(prefix), list(tokens))
 
     def generation_start(self, prefix: list[int]) -> list[int]:
         """For the generate-and-parse simulator: ``prefix`` + ``<start>``; the model writes the lines itself."""
         return prefix + self.body("<start>\n")[0]
-
-    # ------------------------------------------------------------------------------------------------ detection
-    def detection(self, explanation: str, text: str) -> list[int]:
-        """Asks whether ``text`` matches the explanation; the answer's first token is read after the last id."""
-        # The text comes last, so the prompts of one latent share everything before it (run once, then cached).
-        question = (
-            f"Explanation: {EXPLANATION_PREFIX} {literal(explanation)}.\n\n"
-            f"Does the following text contain what the neuron looks for? Answer Yes or No.\n\nText: {literal(text)}"
-        )
-        return self.prefix(DETECT_SYSTEM, [], question, reply_start="Answer:")
 
 
 def single_token_values(tokenizer, max_value: int = 10) -> list[int]:

@@ -1,7 +1,11 @@
-"""What the latent-store tests write and expect: an SAE's metadata, the interpreter's result for a latent, and the
-store document it must become, written out field by field."""
+"""What the latent-store tests write and expect: an SAE's metadata, the interpreter's result for a latent, the
+store document it must become, written out field by field, and the data a feature browser page holds."""
 
 from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
 
 SECRET = "c2VjcmV0LWlkOnRvcC1zZWNyZXQta2V5LTQ3MTE="
 """An API key that must never appear in an error, a log, a repr or a saved config."""
@@ -52,3 +56,9 @@ def expected_document(latent: int, index: str, version: int = 1) -> dict:
 
 def without_time(documents: list[dict]) -> list[dict]:
     return [{key: value for key, value in doc.items() if key != "updated_at"} for doc in documents]
+
+
+def page_data(page: Path) -> dict:
+    """The JSON data of a feature browser page."""
+    text = page.read_text(encoding="utf-8")
+    return json.loads(re.search(r'<script type="application/json" id="browser-data">(.*?)</script>', text, re.S)[1])

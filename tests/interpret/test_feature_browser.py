@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import os
 import re
 import subprocess
@@ -14,9 +13,11 @@ import pytest
 import torch
 
 from neurolight.callbacks.interpret.feature_browser import write_feature_browser
-from neurolight.callbacks.interpret.stores import SQLiteStore, sae_index_name, to_document
+from neurolight.callbacks.interpret.stores import ElasticsearchStore, SQLiteStore, sae_index_name, to_document
 from neurolight.cli.browser import main
 from neurolight.datamodules.interpret.samples import InterpretationSamples, save_interpretation_samples
+from tests.helpers.noida import FaultProxy
+from tests.helpers.store_documents import SECRET, page_data
 
 # Debian's package; CHROMIUM points elsewhere (e.g. a Chrome binary on a CI image without Debian's chromium).
 CHROMIUM = Path(os.environ.get("CHROMIUM", "/usr/bin/chromium"))
@@ -90,11 +91,6 @@ def documents(samples) -> list[dict]:
     ]
 
 
-def page_data(page: Path) -> dict:
-    text = page.read_text(encoding="utf-8")
-    return json.loads(re.search(r'<script type="application/json" id="browser-data">(.*?)</script>', text, re.S)[1])
-
-
 @pytest.fixture(scope="module")
 def page(tmp_path_factory, samples, tokenizer) -> Path:
     path = tmp_path_factory.mktemp("browser") / "sae" / "browser.html"
@@ -165,6 +161,41 @@ def test_neurolight_browser__writes_the_page_of_a_sqlite_store(tmp_path, samples
     assert data["vocab"][str(nasty_id)] == NASTY
     with pytest.raises(SystemExit, match=r"no SQLite store at .*missing\.sqlite; interpret the latents first"):
         main([*args, str(tmp_path / "other.html"), "--sqlite", str(tmp_path / "missing.sqlite")])
+
+
+def test_neurolight_browser__reads_an_elasticsearch_index_with_the_columns_of_its_scorers(
+    tmp_path, samples, tokenizer, es_address, monkeypatch, capsys
+):
+    """Scored by simulation and fuzzing (the detection values of DOCS as fuzzing scores); the key comes from the
+    environment variable that --api-key-env names, as ElasticsearchStore reads it."""
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    index, metadata = sae_index_name(samples.metadata), {**samples.metadata, "scorers": ["simulation", "fuzzing"]}
+    store = ElasticsearchStore(es_address, api_key_env=None)
+    store.open(index, metadata)
+    store.upsert(
+        [
+            to_document(doc | {"fuzzing_score": doc.pop("detection_score")}, index, metadata)
+            for doc in documents(samples)
+        ]
+    )
+    store.close()
+    monkeypatch.setenv("BROWSER_TEST_KEY", SECRET)
+    args = ["--samples", str(samples.path), "--tokenizer", str(tmp_path / "tokenizer"), "--output"]
+    with FaultProxy(es_address) as proxy:
+        main([*args, str(tmp_path / "es.html"), "--elasticsearch", proxy.address, "--api-key-env", "BROWSER_TEST_KEY"])
+        with pytest.raises(SystemExit) as missing:
+            main([*args, str(tmp_path / "x.html"), "--elasticsearch", proxy.address, "--index", "no-such-index"])
+    assert {headers.get("authorization") for _, _, headers in proxy.requests[:-1]} >= {f"ApiKey {SECRET}"}
+    assert "scored by simulation, fuzzing" in capsys.readouterr().out
+    assert str(missing.value.code).startswith(f"neurolight-browser: error: Elasticsearch at {proxy.address} has no")
+    data = page_data(tmp_path / "es.html")
+    assert data["columns"] == [{"field": "score", "key": "score"}, {"field": "fuzzing_score", "key": "fuzzing"}]
+    for entry in data["latents"]:
+        _, score, fuzzing = DOCS.get(entry["latent"], (None, None, None))
+        assert entry["score"] == (score if score == score else None) and "detection_score" not in entry
+        assert entry["fuzzing_score"] == (fuzzing if fuzzing == fuzzing else None)
+    sorts = re.findall(r'<option value="(\w+)">', (tmp_path / "es.html").read_text())
+    assert sorts[:2] == ["score", "fuzzing"] and "detection" not in sorts
 
 
 class _Latents(HTMLParser):
@@ -257,6 +288,23 @@ def test_feature_browser__search_and_sort_from_the_url_hash(tmp_path, page, samp
     rarest = sorted(SAMPLED, key=lambda latent: float(samples.frequency[latent]))
     cards, _ = rendered(tmp_path, page, "#sort=rarity&page=2")
     assert [card["latent"] for card in cards] == rarest[5:]
+
+
+@needs_chromium
+def test_feature_browser__sorts_and_shows_the_columns_of_the_scorers_it_is_given(tmp_path, samples, tokenizer):
+    """Fuzzing first (the default sort), then simulation; no detection column, and #sort=detection falls back."""
+    docs = [doc | {"fuzzing_score": doc.pop("detection_score")} for doc in documents(samples)]
+    path = tmp_path / "fuzzing.html"
+    write_feature_browser(samples, docs, tokenizer, path, page_size=5, scorers=["fuzzing", "simulation"])
+    fuzzing = {latent: d for latent, (_, _, d) in DOCS.items() if d == d}
+    order = sorted(SAMPLED, key=lambda latent: (latent not in fuzzing, -fuzzing.get(latent, 0.0), latent))
+    for fragment in ("", "#sort=detection"):
+        cards, dom = rendered(tmp_path, path, fragment)
+        assert [card["latent"] for card in cards] == order[:5]
+    assert dom.count('data-stat="fuzzing"') == dom.count('data-stat="score"') == 5
+    assert 'data-stat="detection"' not in dom
+    cards, _ = rendered(tmp_path, path, "#sort=score")
+    assert [card["latent"] for card in cards] == by_score(SAMPLED)[:5]
 
 
 @needs_chromium

@@ -27,6 +27,8 @@ from neurolight.lightning_modules.interpret.prompts import (
     escape_token,
     single_token_values,
 )
+from neurolight.lightning_modules.interpret.scorers import DetectionScorer, SimulationScorer
+from neurolight.lightning_modules.interpret.scorers.base import VALUES, yes_no_prompt
 from neurolight.lightning_modules.interpret.simulation import (
     balanced_accuracy,
     discretize,
@@ -187,8 +189,9 @@ def test_logit_simulator__batched_and_padded_equals_the_full_hf_forward(tiny_tok
 
 
 def test_detection__p_yes_is_the_renormalised_full_forward_probability(tiny_tokenizer, tiny_model):
-    builder = PromptBuilder(tiny_tokenizer, max_value=9)
-    prompts = [builder.detection("cats", text) for text in ("The cat runs.", "Paris is a city in France.", "red")]
+    builder, detection = PromptBuilder(tiny_tokenizer, max_value=9), DetectionScorer()
+    texts = ("The cat runs.", "Paris is a city in France.", "red")
+    prompts = [yes_no_prompt(builder, detection.system, detection.question("cats", text)) for text in texts]
     yes, no = answer_token(tiny_tokenizer, prompts[0], "Yes"), answer_token(tiny_tokenizer, prompts[0], "No")
     assert yes != no
     p_yes, _ = yes_probabilities(tiny_model, prompts, yes, no, pad_id=0, batch_size=2)
@@ -308,7 +311,11 @@ def test_cli__a_store_holding_another_sae_ends_the_run_with_one_line_not_a_trace
             },
             "model": {
                 "class_path": "neurolight.lightning_modules.interpret.interpreter.LatentInterpreter",
-                "init_args": {"explainer_model": str(tiny_model_dir), "max_explanation_tokens": 2, "detection": False},
+                "init_args": {
+                    "explainer_model": str(tiny_model_dir),
+                    "max_explanation_tokens": 2,
+                    "scorers": ["simulation"],
+                },
             },
             "data": {
                 "class_path": "neurolight.datamodules.interpret.tasks.InterpretationDataModule",
@@ -329,11 +336,12 @@ def test_cli__a_store_holding_another_sae_ends_the_run_with_one_line_not_a_trace
 
 def test_generate_simulator__runs_end_to_end_with_aligned_lengths(samples_dir, tiny_model_dir):
     dm = _datamodule(samples_dir, max_latents=1)
-    module = LatentInterpreter(explainer_model=str(tiny_model_dir), simulator="generate", detection=False,
+    module = LatentInterpreter(explainer_model=str(tiny_model_dir), simulator="generate", scorers=["simulation"],
                                max_explanation_tokens=4)  # fmt: skip
     module.configure_model()
     task = dm.task(LATENTS[0])
-    simulated = module.simulate([task], ["cats"])[0]
+    simulated, calls = module.read(VALUES, SimulationScorer().prompts(module.prompts, "cats", task))
+    assert calls == 1  # the 4 records in one generate call (forward_batch_size 8)
     assert [len(v) for v in simulated] == [len(r.tokens) for r in task.simulation]
     assert all(float(v.min()) >= 0 and float(v.max()) <= module.prompts.max_value for v in simulated)
 
@@ -364,6 +372,8 @@ def test_bad_arguments__name_the_value_and_the_choices():
         LatentInterpreter(explainer_dtype="fp8")
     with pytest.raises(ValueError, match="num_simulation_samples=0"):
         InterpretationDataModule("x", num_simulation_samples=0)
+    with pytest.raises(ValueError, match="num_fuzzing_samples=-1"):
+        InterpretationDataModule("x", num_fuzzing_samples=-1)
 
 
 # DeepSpeed's ZeRO collectives call torch.distributed functions that torch has renamed.

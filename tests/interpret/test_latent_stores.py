@@ -16,9 +16,10 @@ from torch.utils.data import DataLoader
 
 from neurolight.callbacks.interpret.interpretation_writer import InterpretationWriter
 from neurolight.callbacks.interpret.stores import (
-    FIELD_TYPES,
+    LEGACY_SCORERS,
     LatentStoreError,
     SQLiteStore,
+    field_types,
     sae_index_name,
     to_document,
 )
@@ -43,8 +44,9 @@ def test_elasticsearch_store__creates_index_with_explicit_mapping_and_round_trip
     store.upsert([to_document(interpretation(latent), index, META) for latent in (12, 3, 5, 0)])
 
     mapping = Elasticsearch(es_address).indices.get_mapping(index=index)[index]["mappings"]
-    assert {field: spec["type"] for field, spec in mapping["properties"].items()} == FIELD_TYPES
+    assert {field: spec["type"] for field, spec in mapping["properties"].items()} == field_types(LEGACY_SCORERS)
     assert mapping["_meta"]["neurolight_sae"]["d_sae"] == 44032
+    assert mapping["_meta"]["neurolight_sae"]["scorers"] == ["simulation", "detection"]
     documents = store.documents()
     assert without_time(documents) == [expected_document(latent, index) for latent in (0, 3, 5, 12)]
     assert all(doc["updated_at"].endswith("+00:00") for doc in documents)
@@ -232,6 +234,8 @@ class LatentsDataModule(pl.LightningDataModule):
 
 class FakeInterpreter(pl.LightningModule):
     """Returns ``interpretation(latent)`` for each latent; raises at batch ``kill_at`` (a killed run)."""
+
+    scorer_names = ("simulation", "detection")
 
     def __init__(self, kill_at: int | None = None, on_batch=None, explainer_is_rank: bool = False) -> None:
         super().__init__()

@@ -1,9 +1,10 @@
 """Where interpreted latents go: the store interface and its two backends."""
 
 from neurolight.callbacks.interpret.stores.base import (
-    FIELD_TYPES,
+    LEGACY_SCORERS,
     LatentStore,
     LatentStoreError,
+    field_types,
     sae_index_name,
     to_document,
 )
@@ -11,11 +12,12 @@ from neurolight.callbacks.interpret.stores.elasticsearch import ElasticsearchSto
 from neurolight.callbacks.interpret.stores.sqlite import SQLiteStore
 
 __all__ = [
-    "FIELD_TYPES",
+    "LEGACY_SCORERS",
     "ElasticsearchStore",
     "LatentStore",
     "LatentStoreError",
     "SQLiteStore",
+    "field_types",
     "sae_index_name",
     "to_document",
 ]

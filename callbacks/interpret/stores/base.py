@@ -4,8 +4,13 @@ Both stores hold one document per latent of one SAE, keyed by the latent index, 
 it (a rerun or a resumed run never fails on an existing id)::
 
     {"sae": index, "model": str, "layer": int, "layer_type": str, "latent": int, "explanation": str,
-     "score": float | None, "detection_score": float | None, "frequency": float, "max_activation": float,
-     "top_tokens": [str], "explainer": str, "updated_at": ISO-8601 str}
+     <the fields of the scorers that ran, e.g. "score": float | None, "detection_score": float | None>,
+     "frequency": float, "max_activation": float, "top_tokens": [str], "explainer": str, "updated_at": ISO-8601 str}
+
+The SAE's stored metadata names the scorers (``scorers``) whose fields the index holds: a run adds its own to those
+already there, and the SQLite columns, the Elasticsearch mapping, the documents and the feature browser's columns
+all follow from that list (``field_types``). A store written before scorers were recorded holds the fields of
+``LEGACY_SCORERS``.
 
 Naming, documents and the store interface are here; the backends are ``sqlite.py`` and ``elasticsearch.py``.
 """
@@ -16,27 +21,30 @@ import json
 import math
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
-FIELD_TYPES = {
+from neurolight.lightning_modules.interpret.scorers import score_fields
+
+_LEADING_FIELDS = {
     "sae": "keyword",
     "model": "keyword",
     "layer": "integer",
     "layer_type": "keyword",
     "latent": "integer",
     "explanation": "text",
-    "score": "float",
-    "detection_score": "float",
+}
+_TRAILING_FIELDS = {
     "frequency": "double",
     "max_activation": "float",
     "top_tokens": "keyword",
     "explainer": "keyword",
     "updated_at": "date",
 }
-"""Fields of a document and their Elasticsearch types."""
-DOCUMENT_FIELDS = tuple(FIELD_TYPES)
-"""Answers worth retrying: the cluster is busy or briefly unavailable."""
+LEGACY_SCORERS = ("simulation", "detection")
+"""The scorers of a store whose metadata names none: stores written before scorers were recorded had the fixed
+fields ``score`` and ``detection_score``, which are these scorers' fields."""
 # Elasticsearch rejects these in index names (plus upper case and a leading '-', '_' or '+').
 _BAD_INDEX_CHARS = re.compile(r'[\\/*?"<>| ,#:]+')
 
@@ -88,12 +96,37 @@ def sae_index_name(metadata: dict) -> str:
     return name.encode()[:255].decode(errors="ignore")
 
 
+def scorers_of(metadata: dict | None) -> list[str]:
+    """The scorers that an SAE's metadata names (``LEGACY_SCORERS`` when it names none)."""
+    return list((metadata or {}).get("scorers", LEGACY_SCORERS))
+
+
+def merge_scorers(stored: dict | None, metadata: dict) -> list[str]:
+    """The scorers of an index once a run has opened it: those already stored, then the run's new ones (a new
+    index: the run's)."""
+    if stored is None:
+        return scorers_of(metadata)
+    return list(dict.fromkeys([*scorers_of(stored), *metadata.get("scorers", [])]))
+
+
+def field_types(scorers: Sequence[str]) -> dict[str, str]:
+    """Fields of a document and their Elasticsearch types: the SAE and latent, the scorers' fields in order, then
+    the latent's statistics."""
+    fields = {field.name: field.type for field in score_fields(scorers)}
+    clash = sorted(set(fields) & (set(_LEADING_FIELDS) | set(_TRAILING_FIELDS)))
+    if clash:
+        raise ValueError(f"scorers {list(scorers)} write the document's own fields {clash}; rename their fields")
+    return {**_LEADING_FIELDS, **fields, **_TRAILING_FIELDS}
+
+
 def to_document(interpretation: dict, index: str, metadata: dict) -> dict:
-    """A store document from one interpretation (the interpreter's ``predict_step`` dict); NaN becomes None."""
+    """A store document from one interpretation (the interpreter's ``predict_step`` dict) with the fields of the
+    scorers that ``metadata`` names; NaN becomes None."""
 
     def number(value) -> float | None:
         return None if value is None or not math.isfinite(float(value)) else float(value)
 
+    scores = {field.name: number(interpretation[field.name]) for field in score_fields(scorers_of(metadata))}
     return {
         "sae": index,
         "model": str(metadata["model_name"]),
@@ -101,8 +134,7 @@ def to_document(interpretation: dict, index: str, metadata: dict) -> dict:
         "layer_type": str(metadata["layer_type"]),
         "latent": int(interpretation["latent"]),
         "explanation": str(interpretation["explanation"]),
-        "score": number(interpretation["score"]),
-        "detection_score": number(interpretation["detection_score"]),
+        **scores,
         "frequency": float(interpretation["frequency"]),
         "max_activation": float(interpretation["max_activation"]),
         "top_tokens": [str(token) for token in interpretation["top_tokens"]],
@@ -115,10 +147,19 @@ class LatentStore(ABC):
     """One document per latent of the SAE opened with :meth:`open`; :meth:`upsert` replaces by latent."""
 
     index: str | None = None
+    scorers: Sequence[str] = ()
+    """The scorers whose fields the open index holds (set by :meth:`open`)."""
+
+    @property
+    def fields(self) -> dict[str, str]:
+        """Fields of the open index's documents and their types (``field_types`` of ``scorers``)."""
+        return field_types(self.scorers)
 
     @abstractmethod
-    def open(self, index: str, metadata: dict) -> None:
-        """Connect and create the SAE's index/table if it does not exist yet."""
+    def open(self, index: str, metadata: dict, create: bool = True) -> None:
+        """Connect and create the SAE's index/table if it does not exist yet, with the fields of the scorers that
+        ``metadata`` names added to those it has. ``create=False`` (a reader): leave the store as it is, and fail
+        when the index does not exist."""
 
     @abstractmethod
     def stored_latents(self) -> set[int]:
@@ -126,11 +167,19 @@ class LatentStore(ABC):
 
     @abstractmethod
     def upsert(self, documents: list[dict]) -> None:
-        """Insert or replace documents (id = latent)."""
+        """Insert or replace documents (id = latent); a field the document lacks becomes None."""
 
     @abstractmethod
     def documents(self) -> list[dict]:
-        """Every document of the open index, sorted by latent."""
+        """Every document of the open index, sorted by latent, with every field of ``fields`` (None where unset)."""
+
+    def _check_fields(self, documents: list[dict]) -> None:
+        unknown = sorted({key for doc in documents for key in doc} - set(self.fields))
+        if unknown:
+            raise ValueError(
+                f"documents carry fields {unknown} that index '{self.index}' (scorers {list(self.scorers)}) lacks; "
+                "open it with metadata whose 'scorers' name the scorers that wrote them"
+            )
 
     @abstractmethod
     def close(self) -> None: ...

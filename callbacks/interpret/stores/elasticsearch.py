@@ -1,5 +1,6 @@
 """ElasticsearchStore: one index per SAE, named by ``sae_index_name``, created with the explicit mapping
-``ES_MAPPING`` (the SAE's metadata goes into the mapping's ``_meta``). A connection error, 429 or 5xx is retried
+``es_mapping`` of the scorers' fields (the SAE's metadata, with the scorers, goes into the mapping's ``_meta``; a run
+with scorers new to the index adds their fields to the mapping). A connection error, 429 or 5xx is retried
 with exponential backoff (a certificate that fails verification is not: it fails the same way again); what still
 fails raises ``LatentStoreError``, one line that says what to check and never contains the API key.
 """
@@ -17,18 +18,25 @@ from pathlib import Path
 from jsonargparse.typing import SecretStr
 
 from neurolight.callbacks.interpret.stores.base import (
-    FIELD_TYPES,
     LatentStore,
     LatentStoreError,
     check_same_sae,
+    field_types,
     json_safe,
+    merge_scorers,
     one_line,
+    scorers_of,
 )
 
-ES_MAPPING = {"properties": {field: {"type": kind} for field, kind in FIELD_TYPES.items()}}
 RETRY_STATUSES = (429, 500, 502, 503, 504)
+"""Answers worth retrying: the cluster is busy or briefly unavailable."""
 
 log = logging.getLogger(__name__)
+
+
+def es_mapping(scorers) -> dict:
+    """The explicit mapping (``properties``) of an index holding the fields of ``scorers``."""
+    return {"properties": {field: {"type": kind} for field, kind in field_types(scorers).items()}}
 
 
 def _compat8_node_class():
@@ -199,27 +207,38 @@ class ElasticsearchStore(LatentStore):
             detail = f"{detail.get('type')}: {detail.get('reason')}"
         return f"{status} {one_line(detail)}"
 
-    def open(self, index: str, metadata: dict) -> None:
+    def open(self, index: str, metadata: dict, create: bool = True) -> None:
         self.close()
         self._client = self._connect()
         self.index = index
         if self._call(f"checking index '{index}'", lambda es: es.indices.exists(index=index)):
             mapping = self._call(f"reading the mapping of '{index}'", lambda es: es.indices.get_mapping(index=index))
-            fields = next(iter(mapping.values()))["mappings"].get("properties", {})
+            mappings = next(iter(mapping.values()))["mappings"]
+            fields = mappings.get("properties", {})
             if fields.get("latent", {}).get("type") != "integer":
                 raise LatentStoreError(
                     f"index '{index}' on {self.server_address} exists but has no integer 'latent' field, so it is not "
                     "a neurolight latent index; delete it or store this SAE elsewhere"
                 )
-            stored = next(iter(mapping.values()))["mappings"].get("_meta", {}).get("neurolight_sae")
+            stored = mappings.get("_meta", {}).get("neurolight_sae")
             check_same_sae(f"index '{index}' on {self.server_address}", stored, metadata)
+            self.scorers = merge_scorers(stored, metadata) if create else scorers_of(stored)
+            if create and (self.scorers != scorers_of(stored) or set(self.fields) - set(fields)):
+                self._add_scorers(stored)
             return
+        if not create:
+            raise LatentStoreError(
+                f"Elasticsearch at {self.server_address} has no index '{index}': interpret the SAE's latents first, "
+                "or name the index they went to"
+            )
+        self.scorers = scorers_of(metadata)
         settings = {"number_of_shards": self.number_of_shards}
         if self.number_of_replicas is not None:
             settings["number_of_replicas"] = self.number_of_replicas
-        mappings = {"_meta": {"neurolight_sae": json_safe(metadata)}, **ES_MAPPING}
+        mappings = {"_meta": {"neurolight_sae": json_safe({**metadata, "scorers": self.scorers})}}
+        mappings |= es_mapping(self.scorers)
 
-        def create(es):
+        def create_index(es):
             from elasticsearch import BadRequestError
 
             try:
@@ -229,7 +248,15 @@ class ElasticsearchStore(LatentStore):
                 if error.error != "resource_already_exists_exception":
                     raise
 
-        self._call(f"creating index '{index}'", create)
+        self._call(f"creating index '{index}'", create_index)
+
+    def _add_scorers(self, stored: dict | None) -> None:
+        """Adds the fields of this run's new scorers to the mapping, and the scorers to its ``_meta``."""
+        meta = {"neurolight_sae": json_safe({**(stored or {}), "scorers": list(self.scorers)})}
+        self._call(
+            f"adding the fields of scorers {list(self.scorers)} to '{self.index}'",
+            lambda es: es.indices.put_mapping(index=self.index, meta=meta, **es_mapping(self.scorers)),
+        )
 
     def _scan(self, what: str, source) -> list[dict]:
         """Every document of the index (``_source`` filtered by ``source``), by latent, paged with search_after."""
@@ -251,11 +278,13 @@ class ElasticsearchStore(LatentStore):
         return {int(doc["latent"]) for doc in self._scan(f"listing latents of '{self.index}'", ["latent"])}
 
     def documents(self) -> list[dict]:
-        return self._scan(f"reading '{self.index}'", True)
+        fields = self.fields
+        return [{field: doc.get(field) for field in fields} for doc in self._scan(f"reading '{self.index}'", True)]
 
     def upsert(self, documents: list[dict]) -> None:
         """One bulk request of ``index`` operations (id = latent: replaces); items the server rejected for load
         (429) are sent again with backoff, any other rejected item raises."""
+        self._check_fields(documents)
         pending = list(documents)
         for attempt in range(self.max_retries + 1):
             operations = []

@@ -1,0 +1,293 @@
+"""Scorers as an extension point: the registry, the fuzzing score against hand counts of known Yes/No logits and
+end to end on a planted latent whose explanation is exact (a perfect, an inverted and a constant judge), and the
+store columns and browser sort keys that follow the scorers of a run."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+import sqlite3
+from types import SimpleNamespace
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from neurolight.callbacks.interpret.stores import sae_index_name
+from neurolight.cli.browser import main as browser_main
+from neurolight.cli.main import main as cli_main
+from neurolight.datamodules.interpret.samples import save_interpretation_samples
+from neurolight.datamodules.interpret.tasks import (
+    InterpretationDataModule,
+    LatentTask,
+    MarkedRecord,
+    TokenRecord,
+    fuzzing_marks,
+)
+from neurolight.lightning_modules.interpret.interpreter import LatentInterpreter
+from neurolight.lightning_modules.interpret.scorers import SCORERS, FuzzingScorer, build_scorers
+from neurolight.lightning_modules.interpret.scorers.fuzzing import marked_text
+from neurolight.lightning_modules.interpret.simulation import yes_probabilities
+from tests.conftest import make_sentences
+from tests.helpers.store_documents import page_data
+
+T, ACTIVATING, SILENT = 16, 12, 4
+LATENT, WORD = 3, " paris"  # a single token of the tiny tokenizer
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def test_registry__builds_scorers_by_name_and_unknown_or_repeated_names_fail_with_the_valid_ones():
+    assert [type(s) for s in build_scorers(["fuzzing", "simulation"])] == [SCORERS["fuzzing"], SCORERS["simulation"]]
+    with pytest.raises(ValueError, match=r"scorer 'fuzz' is unknown; choose from simulation, detection, fuzzing"):
+        build_scorers(["simulation", "fuzz"])
+    with pytest.raises(ValueError, match="name detection more than once"):
+        build_scorers(["detection", "simulation", "detection"])
+    with pytest.raises(ValueError, match="scorer 'fuzz' is unknown"):
+        LatentInterpreter(scorers=["fuzz"])
+    fields = [field for scorer in SCORERS.values() for field in scorer.fields]
+    assert len({f.name for f in fields}) == len({f.key for f in fields}) == len(fields)
+    for name, scorer in SCORERS.items():
+        scorer.check()
+        assert scorer.name == name and set(scorer.records) <= set(LatentTask._fields)
+
+
+def test_marked_text__wraps_each_run_of_marked_tokens_and_keeps_leading_space_outside():
+    tokens = ["The", " cat", " sat", " on", " a", " <<mat>>", "\n", " cat", "."]
+    marked = [False, True, True, False, False, False, True, True, False]
+    assert marked_text(tokens, marked) == "The <<cat sat>> on a < <mat> >\n <<cat>>."
+
+
+def test_fuzzing_marks__correct_above_three_tenths_of_the_peak_wrong_on_as_many_silent_visible_tokens():
+    activations = torch.tensor([0.0, 0.5, 2.0, 0.0, 0.7, 0.0, 0.0, 0.0, 0.0])
+    tokens = ["a", " b", " c", " ", " d", " e", "\n", " f", " g"]  # " " and "\n" are never marked wrongly
+    record = TokenRecord("top", 0, tokens, activations)
+    for seed in range(20):
+        correct, wrong = fuzzing_marks(record, random.Random(seed))
+        assert correct == [False, False, True, False, True, False, False, False, False]  # > 0.6
+        assert sum(wrong) == 2 and {i for i, w in enumerate(wrong) if w} <= {0, 5, 7, 8}
+    assert fuzzing_marks(record._replace(activations=torch.zeros(9)), random.Random(0)) is None
+    assert fuzzing_marks(record._replace(activations=torch.ones(9)), random.Random(0)) is None
+
+
+def test_fuzzing_score__is_the_balanced_accuracy_of_known_yes_no_logits(tiny_tokenizer):
+    """Four correctly and four wrongly marked contexts whose Yes/No logits are set by hand; every other token gets
+    a larger logit, which the renormalisation over Yes and No must ignore; a tie counts as No."""
+    yes, no, vocab = 7, 9, 40
+    correct = [(2.0, 1.0), (0.5, 3.0), (1.0, 1.0), (4.0, -1.0)]
+    logits = [*correct, (0.0, 2.0), (3.0, 0.0), (-1.0, -1.0), (0.0, 5.0)]  # then the wrongly marked ones
+
+    class KnownLogits(nn.Module):
+        """The item's index is the prompt's last token; the head gives that item's (Yes, No) logits."""
+
+        def __init__(self):
+            super().__init__()
+            self.anchor = nn.Parameter(torch.zeros(1))
+            self.config = SimpleNamespace(final_logit_softcapping=None)
+
+        def get_decoder(self):
+            def decoder(input_ids, attention_mask=None, cache=None, use_cache=False):
+                return SimpleNamespace(last_hidden_state=input_ids.float().unsqueeze(-1), cache=None)
+
+            return decoder
+
+        def get_output_embeddings(self):
+            def head(hidden):
+                out = torch.full((hidden.shape[0], vocab), 50.0)
+                out[:, [yes, no]] = torch.tensor([logits[int(h) - 20] for h in hidden[:, 0]])
+                return out
+
+            return head
+
+    prompts = [[1, 2, 20 + i] for i in range(len(logits))]
+    p_yes, _ = yes_probabilities(KnownLogits(), prompts, yes, no, pad_id=0, batch_size=3)
+    assert p_yes.tolist() == pytest.approx([1 / (1 + math.exp(n - y)) for y, n in logits], abs=1e-6)
+    record = TokenRecord("top", 0, [" x"], torch.ones(1))
+    task = SimpleNamespace(fuzzing=[MarkedRecord(record, [True], i < 4) for i in range(8)])
+    # Says Yes to correct items 0 and 3 (2 of 4), No to wrong items 4, 6 and 7 (3 of 4).
+    assert FuzzingScorer().score(p_yes, task) == {"fuzzing_score": pytest.approx(0.5 * (2 / 4 + 3 / 4))}
+
+
+# ---- a planted latent: it fires on " paris" and nowhere else ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def planted_samples(tmp_path_factory, tiny_tokenizer, tiny_model_dir):
+    """Latent 3 of an 8-latent SAE fires (3.0) exactly on the token " paris": 12 contexts with it planted at one or
+    two positions, 4 without it."""
+    [word] = tiny_tokenizer(WORD, add_special_tokens=False)["input_ids"]
+    rng = random.Random(0)
+    contexts = []
+    for i, sentence in enumerate(make_sentences(200, seed=1, min_words=20)):
+        ids = [t for t in tiny_tokenizer(sentence, add_special_tokens=False)["input_ids"] if t != word][:T]
+        if len(ids) < T:
+            continue
+        if len(contexts) < ACTIVATING:
+            for position in rng.sample(range(1, T), 1 + i % 2):
+                ids[position] = word
+        contexts.append(ids)
+        if len(contexts) == ACTIVATING + SILENT:
+            break
+    contexts = torch.tensor(contexts)
+    activations = 3.0 * (contexts == word).float()
+    slots = {"top": range(0, 6), "quantile": range(6, 12), "random": range(10, 14), "negative": range(12, 16)}
+    tensors = {"latents": torch.tensor([LATENT]), "frequency": torch.full((8,), 0.01, dtype=torch.float64)}
+    tensors |= {"contexts": contexts, "context_index": torch.arange(len(contexts)) * 7}
+    tensors["max_activation"] = torch.tensor([3.0])
+    for kind, rows in slots.items():
+        tensors[f"{kind}_context"] = torch.tensor([list(rows)])
+        tensors[f"{kind}_activations"] = activations[list(rows)].unsqueeze(0)
+    metadata = {"model_name": str(tiny_model_dir), "layer_id": 1, "layer_type": "mlp_activations", "d_in": 64}
+    metadata |= {"d_sae": 8}
+    return save_interpretation_samples(tmp_path_factory.mktemp("planted"), tensors, metadata)
+
+
+def planted_datamodule(samples, num_fuzzing_samples: int = 4) -> InterpretationDataModule:
+    return InterpretationDataModule(str(samples), num_interpretation_samples=2, num_simulation_samples=2,
+                                    num_detection_samples=0, num_fuzzing_samples=num_fuzzing_samples)  # fmt: skip
+
+
+def test_datamodule__fuzzing_pairs_each_held_out_context_with_correct_then_wrong_marks(planted_samples):
+    dm = planted_datamodule(planted_samples)
+    dm.setup("predict")
+    task = dm.task(LATENT)
+    assert [item.correct for item in task.fuzzing] == [True] * 4 + [False] * 4
+    correct, wrong = task.fuzzing[:4], task.fuzzing[4:]
+    assert [i.record.context_index for i in correct] == [i.record.context_index for i in wrong]
+    assert not {i.record.context_index for i in task.fuzzing} & {r.context_index for r in task.explanation}
+    for right, other in zip(correct, wrong):
+        planted = [token == WORD for token in right.record.tokens]
+        assert right.marked == planted and sum(other.marked) == sum(planted)
+        assert not any(m and p for m, p in zip(other.marked, planted))
+    again, none = planted_datamodule(planted_samples), planted_datamodule(planted_samples, num_fuzzing_samples=0)
+    again.setup("predict")
+    none.setup("predict")
+    seeded = [(i.record.context_index, i.marked, i.correct) for i in again.task(LATENT).fuzzing]
+    assert seeded == [(i.record.context_index, i.marked, i.correct) for i in task.fuzzing]
+    assert none.task(LATENT).fuzzing == []
+
+
+def test_interpreter__warns_once_when_the_data_module_prepares_no_records_for_a_scorer(planted_samples, tiny_model_dir):
+    dm = planted_datamodule(planted_samples, num_fuzzing_samples=0)
+    dm.setup("predict")
+    module = LatentInterpreter(explainer_model=str(tiny_model_dir), scorers=["fuzzing"])
+    module.configure_model()
+    message = r"scorer 'fuzzing' found no fuzzing records for latent 3, so its score is NaN.*num_fuzzing_samples > 0"
+    with pytest.warns(UserWarning, match=message):
+        [result] = module.score(module.scorers[0], [dm.task(LATENT)], ["paris"])
+    assert math.isnan(result["fuzzing_score"])
+
+
+class PlantedJudge(nn.Module):
+    """The tiny Llama as the explainer, with its Yes/No logits at the answer set by ``verdict(prompt text)``: +1
+    says Yes, -1 No, 0 neither (equal logits). The decoder runs for real (shared prefix cached, right padding); the
+    judge reads each prompt's whole text, prefix included, and passes its verdict to the head in an extra channel."""
+
+    def __init__(self, llm, tokenizer, yes_id: int, no_id: int, verdict) -> None:
+        super().__init__()
+        self.llm, self.config, self.tokenizer = llm, llm.config, tokenizer
+        self.yes_id, self.no_id, self.verdict, self.prefix = yes_id, no_id, verdict, []
+
+    def get_decoder(self):
+        decoder = self.llm.get_decoder()
+
+        def run(input_ids, attention_mask=None, cache=None, use_cache=False):
+            out = decoder(input_ids=input_ids, attention_mask=attention_mask, cache=cache, use_cache=use_cache)
+            if cache is None and use_cache:  # the prompt that every prompt of the latent shares
+                self.prefix = input_ids[0].tolist()
+                return out
+            prefix = self.prefix if cache is not None else []
+            mask = attention_mask[:, -input_ids.shape[1] :].bool()
+            texts = [self.tokenizer.decode(prefix + ids[keep].tolist()) for ids, keep in zip(input_ids, mask)]
+            flags = torch.tensor([float(self.verdict(text)) for text in texts])
+            flags = flags[:, None, None].expand(*input_ids.shape, 1)
+            return SimpleNamespace(last_hidden_state=torch.cat([out.last_hidden_state, flags], -1))
+
+        return run
+
+    def get_output_embeddings(self):
+        head = self.llm.get_output_embeddings()
+
+        def run(hidden):
+            logits = head(hidden[:, :-1])
+            logits[:, self.yes_id] = 5 * hidden[:, -1]
+            logits[:, self.no_id] = -5 * hidden[:, -1]
+            return logits
+
+        return run
+
+
+def marks_match_the_explanation(text: str) -> int:
+    """A perfect judge: Yes when every marked span of the text is the explanation's word."""
+    explanation = re.search(r"this neuron does is find (.+?)\.\n", text).group(1)
+    spans = re.findall(r"<<(.*?)>>", text.split("Text: ")[-1])
+    return 1 if spans and all(span.strip() == explanation for span in spans) else -1
+
+
+@pytest.mark.parametrize(
+    ("explanation", "verdict", "expected"),
+    [
+        ("paris", marks_match_the_explanation, 1.0),
+        ("paris", lambda text: -marks_match_the_explanation(text), 0.0),
+        ("paris", lambda text: 1, 0.5),  # always Yes
+        ("paris", lambda text: 0, 0.5),  # P(Yes) = 1/2: always No
+        ("london", marks_match_the_explanation, 0.5),  # the same judge, a wrong explanation: every answer No
+    ],
+    ids=["perfect", "inverted", "always-yes", "undecided", "wrong-explanation"],
+)
+def test_fuzzing__planted_latent_with_an_exact_explanation_end_to_end(
+    planted_samples, tiny_model_dir, tmp_path, explanation, verdict, expected
+):
+    module = LatentInterpreter(explainer_model=str(tiny_model_dir), scorers=["fuzzing"], forward_batch_size=3)
+    module.configure_model()
+    module.model = PlantedJudge(module.model, module.tokenizer, module.yes_id, module.no_id, verdict)
+    module.explain = lambda batch: [explanation] * len(batch)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=tmp_path)
+    [[result]] = trainer.predict(module, datamodule=planted_datamodule(planted_samples))
+    assert result["fuzzing_score"] == expected
+    assert "score" not in result and "detection_score" not in result
+
+
+def test_scorers__choose_the_store_columns_and_the_browser_sort_keys(planted_samples, tiny_model_dir, tmp_path):
+    """A run with scorers [simulation, fuzzing] through the CLI: the SQLite table, the stored metadata, the
+    documents and the browser have those scorers' fields and nothing of detection."""
+    db, page = tmp_path / "latents.sqlite", tmp_path / "browser.html"
+    store = {"class_path": "neurolight.callbacks.SQLiteStore", "init_args": {"path": str(db)}}
+    config = {
+        "trainer": {"accelerator": "cpu", "logger": False, "enable_progress_bar": False,
+                    "default_root_dir": str(tmp_path),
+                    "callbacks": [{"class_path": "neurolight.callbacks.InterpretationWriter",
+                                   "init_args": {"store": store, "browser_path": str(page)}}]},
+        "model": {"class_path": "neurolight.lightning_modules.LatentInterpreter",
+                  "init_args": {"explainer_model": str(tiny_model_dir), "max_explanation_tokens": 3,
+                                "scorers": ["simulation", "fuzzing"]}},
+        "data": {"class_path": "neurolight.datamodules.InterpretationDataModule",
+                 "init_args": {"samples_path": str(planted_samples), "num_simulation_samples": 2,
+                               "num_fuzzing_samples": 2}},
+    }  # fmt: skip
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    cli_main(["predict", "--config", str(tmp_path / "config.yaml")])
+
+    index = sae_index_name(json.loads((planted_samples / "metadata.json").read_text()))
+    with sqlite3.connect(db) as connection:
+        columns = [row[1] for row in connection.execute("PRAGMA table_info(latents)")]
+        [metadata] = connection.execute("SELECT metadata FROM saes WHERE sae = ?", (index,)).fetchone()
+        [fuzzing] = connection.execute("SELECT fuzzing_score FROM latents").fetchone()
+    assert columns == ["sae", "model", "layer", "layer_type", "latent", "explanation", "score", "fuzzing_score",
+                       "frequency", "max_activation", "top_tokens", "explainer", "updated_at"]  # fmt: skip
+    assert json.loads(metadata)["scorers"] == ["simulation", "fuzzing"]
+    assert 0 <= fuzzing <= 1
+    for path in (page, tmp_path / "again.html"):
+        if path != page:  # neurolight-browser reads the same store back
+            browser_main(["--samples", str(planted_samples), "--sqlite", str(db), "--output", str(path)])
+        data, html = page_data(path), path.read_text()
+        assert data["columns"] == [{"field": "score", "key": "score"}, {"field": "fuzzing_score", "key": "fuzzing"}]
+        [entry] = data["latents"]
+        assert entry["fuzzing_score"] == pytest.approx(fuzzing) and "detection_score" not in entry
+        assert re.findall(r'<option value="(\w+)">', html) == ["score", "fuzzing", "frequency", "rarity",
+                                                               "max_activation", "latent"]  # fmt: skip
+        assert "fuzzing: balanced accuracy of telling correctly from wrongly marked tokens" in html
