@@ -14,6 +14,7 @@ _EXPORTS = {
     "ElasticsearchStore": "neurolight.callbacks.interpret.stores",
     "SQLiteStore": "neurolight.callbacks.interpret.stores",
     "ResumableCheckpoint": "neurolight.callbacks.resumable_checkpoint",
+    "ResumableCSVLogger": "neurolight.callbacks.resumable_csv_logger",
 }
 
 __all__ = list(_EXPORTS)

@@ -2,7 +2,7 @@
 
     neurolight predict --config configs/interpret/demo.yaml
 
-Reads a samples directory (``datamodules/interpretation_samples.py``) and decodes its tokens with the tokenizer of
+Reads a samples directory (``datamodules/interpret/samples.py``) and decodes its tokens with the tokenizer of
 the model the samples came from (``metadata["model_name"]``), so any explainer, whatever its own tokenizer, reads
 the same text. Per latent it splits the records, deterministically given ``seed`` and the latent:
 
@@ -154,10 +154,9 @@ class InterpretationDataModule(pl.LightningDataModule):
         """
         Args:
             samples_path: Directory written by the latent sampler (``metadata.json`` + ``samples.safetensors``).
-            num_interpretation_samples: Top records shown to the explainer (the original's
-                ``--num_interpretation_samples``).
-            num_simulation_samples: Held-out records simulated and scored, half top/quantile and half random (the
-                original's ``--num_simulation_samples``).
+            num_interpretation_samples: Top records shown to the explainer.
+            num_simulation_samples: Held-out records simulated and scored, half top/quantile and half random
+                (docs/interpret.md, Records and held-out split).
             num_detection_samples: Activating and, as many, non-activating contexts of the detection score; 0 = none.
             num_fuzzing_samples: Activating contexts of the fuzzing score, each shown once with its activating tokens
                 marked and once with as many other tokens marked; 0 = none.

@@ -3,13 +3,13 @@
     neurolight predict --config configs/interpret/demo.yaml
     neurolight predict --config configs/interpret/codellama-34b-deepspeed.yaml   # 4 GPUs, ZeRO-3
 
-Per latent (a ``LatentTask`` from ``InterpretationDataModule``; ALGORITHMS.md §4):
+Per latent (a ``LatentTask`` from ``InterpretationDataModule``; docs/interpret.md):
 
 1. explain: the explainer sees the top records as ``token<TAB>activation`` lines (activations scaled to 0-10) and
    completes "the main thing this neuron does is find"; greedy, cut to one line;
 2. simulate: for every held-out record, the expected value 0-10 at each token, from the value tokens'
-   probabilities in one forward pass (``simulator="logits"``) or parsed from generated lines (``"generate"``, the
-   original's method, for comparison);
+   probabilities in one forward pass (``simulator="logits"``) or parsed from generated lines (``"generate"``,
+   generate-and-parse, the benchmark's baseline);
 3. score: each of ``scorers`` (``neurolight.lightning_modules.interpret.scorers``; docs/interpret.md, Scorers)
    builds its prompts, the explainer's probabilities at them are read in batches (the expected value at every value
    slot, or P(Yes) of a Yes/No answer), and the scorer turns them into its fields: ``simulation`` the Pearson
@@ -70,7 +70,7 @@ class LatentInterpreter(pl.LightningModule):
         Args:
             explainer_model: Causal LM that explains and simulates: a short name (``neurolight.datamodules.MODELS``), a
                 Hugging Face id or a local directory, with its (fast) tokenizer; its chat template is used when it
-                has one (the original's ``--interpretation_model_name``).
+                has one.
             max_explanation_tokens: Longest explanation in tokens; generation also stops at the end of the first
                 sentence or line.
             scorers: Scores of each explanation, by name (``neurolight.lightning_modules.interpret.scorers.SCORERS``):
@@ -80,8 +80,8 @@ class LatentInterpreter(pl.LightningModule):
                 (``num_detection_samples``, ``num_fuzzing_samples``).
             simulator: How the ``simulation`` scorer's values are read. ``logits``: expected value from the value
                 tokens' probabilities, one forward pass per record;
-                ``generate``: the model writes ``token<TAB>value`` lines that are parsed (the original's method,
-                several times slower; kept as the benchmark's baseline).
+                ``generate``: the model writes ``token<TAB>value`` lines that are parsed (several
+                times slower; kept as the benchmark's baseline).
             explainer_dtype: Weights' dtype: ``float32``, ``bfloat16`` or ``float16``; ``auto`` = bfloat16 where the
                 device computes it natively (CUDA with bf16, a CPU with AVX512-BF16 or AMX; 2.3x the float32 speed
                 of a forward pass on a 2-core AVX512-BF16 CPU), else float32; null = the Trainer's precision

@@ -1,7 +1,7 @@
 """Prompts of the explain and simulate steps, tokenized so that every value slot's position is known; the
 conversation prefix that every prompt starts with. The Yes/No scorers' questions are in ``scorers/``.
 
-The formats follow OpenAI's "Language models can explain neurons in language models" (ALGORITHMS.md §4): records
+The formats follow OpenAI's "Language models can explain neurons in language models" (docs/interpret.md): records
 are shown as ``token<TAB>activation`` lines between ``<start>`` and ``<end>``, the explanation completes "the main
 thing this neuron does is find", and the all-at-once simulation shows a demonstration, then the record with
 ``unknown`` in every value slot, so ONE forward pass yields the model's value distribution at every token.

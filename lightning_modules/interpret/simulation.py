@@ -1,12 +1,12 @@
 """Simulation and scoring of latent explanations: pure functions of a causal LM and token ids.
 
-ALGORITHMS.md §4. ``simulate_logits`` is the all-at-once simulator: one forward pass per record reads, at every
-token's value slot, the next-token probabilities of the single-token values "0", "1", ..., renormalises them and
-takes the expected value. The prompt that a latent's records share (instructions, demonstration, explanation) runs
-once; the records, batched with right padding, continue from its key/value cache.
+``simulate_logits`` is the all-at-once simulator (docs/interpret.md, Simulation): one forward pass per record
+reads, at every token's value slot, the next-token probabilities of the single-token values "0", "1", ...,
+renormalises them and takes the expected value. The prompt that a latent's records share (instructions,
+demonstration, explanation) runs once; the records, batched with right padding, continue from its key/value cache.
 
-``simulate_generate`` is the baseline the original scripts used (the model writes ``token<TAB>value`` lines, a
-regular expression parses them), kept for ``bench/interpret_throughput.py`` and as
+``simulate_generate`` is the generate-and-parse baseline (the model writes ``token<TAB>value`` lines, a regular
+expression parses them), kept for ``bench/interpret_throughput.py`` and as
 ``LatentInterpreter(simulator="generate")``.
 
 Values that are several tokens in the explainer's tokenizer cannot be read from one distribution: Llama and
@@ -207,7 +207,7 @@ def simulate_generate(
 ) -> tuple[list[Tensor], int]:
     """The generate-and-parse baseline: greedy continuation of every ``starts`` prompt (ending in ``<start>``),
     parsed with ``parse_simulation`` against the record's tokens; (T,) float32 per record, and the number of
-    ``generate`` calls. Like the original, every record is generated from its whole prompt."""
+    ``generate`` calls. Every record is generated from its whole prompt (no shared key/value cache)."""
     device = next(model.parameters()).device
     budget = [len(tokenizer(value_lines(tokens, ["0"] * len(tokens)) + "<end>")["input_ids"]) + 8 for tokens in records]
     simulated, calls = [], 0

@@ -17,9 +17,6 @@ DOCS = ROOT / "docs"
 
 PENDING = frozenset(
     {
-        "lightning_modules/interpret/interpreter.py",
-        "lightning_modules/interpret/prompts.py",
-        "lightning_modules/interpret/simulation.py",
         "lightning_modules/sae/module.py",
     }
 )

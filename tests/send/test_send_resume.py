@@ -84,3 +84,31 @@ def test_send_recipes__fit_with_a_resumable_checkpoint(recipe):
         pytest.skip(f"{recipe.name} is not a fit recipe")
     paths = [c["class_path"] for c in config["trainer"]["callbacks"]]
     assert "neurolight.callbacks.ResumableCheckpoint" in paths or "QAPredictionWriter" in " ".join(paths)
+
+
+def test_csv_logger__a_resumed_run_keeps_the_history_and_logs_each_step_once(tiny_model_dir, records_path, tmp_path):
+    import csv
+
+    from neurolight.callbacks import ResumableCSVLogger
+
+    def steps(folder) -> list[int]:
+        with open(folder / "metrics.csv", newline="") as file:
+            return sorted(int(row["step"]) for row in csv.DictReader(file) if row.get("train/loss"))
+
+    def logger(root):
+        return ResumableCSVLogger(save_dir=str(root), name="run", version=0)
+
+    straight = make_module(tiny_model_dir, tmp_path)
+    fit(straight, make_datamodule(tiny_model_dir, records_path), tmp_path / "a", [], 3, logger=logger(tmp_path / "a"),
+        log_every_n_steps=1)  # fmt: skip
+    expected = steps(tmp_path / "a" / "run" / "version_0")
+
+    folder = tmp_path / "b" / "checkpoints"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fit(make_module(tiny_model_dir, tmp_path), make_datamodule(tiny_model_dir, records_path), tmp_path / "b",
+            [Crash(2, 2)], 3, checkpoint=ResumableCheckpoint(dirpath=str(folder), save_on_exception=False),
+            logger=logger(tmp_path / "b"), log_every_n_steps=1)  # fmt: skip
+    fit(make_module(tiny_model_dir, tmp_path), make_datamodule(tiny_model_dir, records_path), tmp_path / "b", [], 3,
+        ckpt_path=str(folder / "last.ckpt"), checkpoint=ResumableCheckpoint(dirpath=str(folder)),
+        logger=logger(tmp_path / "b"), log_every_n_steps=1)  # fmt: skip
+    assert steps(tmp_path / "b" / "run" / "version_0") == expected and len(expected) > 6

@@ -77,7 +77,7 @@ def _short_float(value: float) -> str:
 
 def sae_index_name(metadata: dict) -> str:
     """The index (or SQLite ``sae`` key) of one SAE, from interpretation-samples metadata, e.g.
-    ``smollm2-135m_mlp_sublayer_l15_576x2304_lr2e-4_spar0.5_topk`` (like the user's run ``l19_lr2e-4_spar0.5``):
+    ``smollm2-135m_mlp_sublayer_l15_576x2304_lr2e-4_spar0.5_topk``:
     model (last part of its name or path), layer type, layer, d_in x d_sae, learning rate, l1 coefficient
     (``spar``) and the architecture when known; lowercase, only characters Elasticsearch accepts."""
     required = ("model_name", "layer_type", "layer_id", "d_in", "d_sae")
