@@ -15,6 +15,7 @@ _EXPORTS = {
     "SQLiteStore": "neurolight.callbacks.interpret.stores",
     "ResumableCheckpoint": "neurolight.callbacks.resumable_checkpoint",
     "ResumableCSVLogger": "neurolight.callbacks.resumable_csv_logger",
+    "LineProgress": "neurolight.callbacks.line_progress",
 }
 
 __all__ = list(_EXPORTS)

@@ -17,6 +17,25 @@ from lightning.pytorch.cli import LightningCLI
 from neurolight.cli.errors import config_error_line, debug_requested, exit_with
 
 
+class NeurolightCLI(LightningCLI):
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        _lines_when_not_a_terminal(trainer)
+        return trainer
+
+
+def _lines_when_not_a_terminal(trainer) -> None:
+    """Under a pipe or in a log file a tqdm bar shows nothing until it ends: print a line every N seconds instead."""
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    from neurolight.callbacks.line_progress import INTERVAL_ENV, LineProgress
+
+    if sys.stderr.isatty() or not isinstance(trainer.progress_bar_callback, TQDMProgressBar):
+        return
+    line = LineProgress(float(os.environ.get(INTERVAL_ENV, 30)))
+    trainer.callbacks[trainer.callbacks.index(trainer.progress_bar_callback)] = line
+
+
 def run(args: list[str] | None = None, exit_on_error: bool = True) -> LightningCLI:
     # Quiet the tokenizers fork warning: the datamodule forks worker processes after tokenizing.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -32,7 +51,7 @@ def run(args: list[str] | None = None, exit_on_error: bool = True) -> LightningC
         for name in package.__all__:
             getattr(package, name)
 
-    return LightningCLI(
+    return NeurolightCLI(
         LightningModule,
         LightningDataModule,
         subclass_mode_model=True,
