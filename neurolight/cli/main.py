@@ -10,6 +10,7 @@ import os
 import sys
 import warnings
 from argparse import ArgumentError
+from pathlib import Path
 
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
@@ -18,6 +19,15 @@ from neurolight.cli.errors import config_error_line, debug_requested, exit_with
 
 
 class NeurolightCLI(LightningCLI):
+    def _parse_ckpt_path(self) -> None:
+        # Lightning re-instantiates the model from a checkpoint's hyperparameters, whatever the recipe says: a
+        # checkpoint of another module, or of another SAE shape, would silently replace the recipe's model.
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and Path(ckpt_path).is_file():
+            check_checkpoint_matches(ckpt_path, self.config[subcommand].get("model"))
+        super()._parse_ckpt_path()
+
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
         _lines_when_not_a_terminal(trainer)
@@ -34,6 +44,45 @@ def _lines_when_not_a_terminal(trainer) -> None:
         return
     line = LineProgress(float(os.environ.get(INTERVAL_ENV, 30)))
     trainer.callbacks[trainer.callbacks.index(trainer.progress_bar_callback)] = line
+
+
+# Init arguments that fix the shapes of a module's weights: a checkpoint must agree with the recipe on them.
+_SHAPE_ARGUMENTS = ("act_vec_size", "dict_vec_size", "model_name")
+
+
+def check_checkpoint_matches(ckpt_path: str, model_config) -> None:
+    """Refuse, in one line, a checkpoint written by another module class or with other weight shapes."""
+    import importlib
+
+    import torch
+
+    try:
+        hparams = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters") or {}
+    except Exception as error:  # a truncated or foreign file: say which and why, not pickle's traceback
+        raise ValueError(f"--ckpt_path {ckpt_path} cannot be read as a Lightning checkpoint ({error})") from None
+    stored, configured = hparams.get("_class_path"), getattr(model_config, "class_path", None)
+    if not stored or not configured:
+        return
+
+    def resolve(path: str):
+        module, _, name = path.rpartition(".")
+        try:
+            return getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            return path
+
+    if resolve(stored) is not resolve(configured):
+        raise ValueError(
+            f"--ckpt_path {ckpt_path} is a checkpoint of {stored.rsplit('.', 1)[-1]}, but this recipe trains "
+            f"{configured.rsplit('.', 1)[-1]}; give a checkpoint of a run of this recipe"
+        )
+    init_args = getattr(model_config, "init_args", None) or {}
+    for key in _SHAPE_ARGUMENTS:
+        if key in hparams and key in init_args and init_args[key] != hparams[key]:
+            raise ValueError(
+                f"--ckpt_path {ckpt_path} was trained with {key}={hparams[key]}, but the recipe sets {key}="
+                f"{init_args[key]}; resume with the run's own settings, or start a new run without --ckpt_path"
+            )
 
 
 def run(args: list[str] | None = None, exit_on_error: bool = True) -> LightningCLI:

@@ -81,3 +81,30 @@ def test_main__a_missing_input_is_one_line_and_the_trace_on_request(tmp_path, ca
     monkeypatch.setenv("NEUROLIGHT_DEBUG", "1")
     with pytest.raises(FileNotFoundError):
         main(args)
+
+
+def _fake_checkpoint(path, class_path, **hparams):
+    import torch
+
+    torch.save({"state_dict": {}, "hyper_parameters": {"_class_path": class_path, **hparams}}, path)
+    return str(path)
+
+
+def test_ckpt_path__a_checkpoint_of_another_module_is_refused_in_one_line(tmp_path):
+    ckpt = _fake_checkpoint(tmp_path / "send.ckpt", "neurolight.lightning_modules.SendModule", model_name="x")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", RECIPE, "--ckpt_path", ckpt])
+    assert exit_info.value.code.startswith(
+        f"neurolight: error: --ckpt_path {ckpt} is a checkpoint of SendModule, but this recipe trains "
+        "SparseAutoencoderModule"
+    )
+
+
+def test_ckpt_path__a_checkpoint_of_another_sae_shape_is_refused_in_one_line(tmp_path):
+    ckpt = _fake_checkpoint(
+        tmp_path / "sae.ckpt", "neurolight.lightning_modules.SparseAutoencoderModule", act_vec_size=576,
+        dict_vec_size=999,
+    )  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", RECIPE, "--ckpt_path", ckpt])
+    assert "was trained with dict_vec_size=999, but the recipe sets dict_vec_size=2304" in exit_info.value.code
