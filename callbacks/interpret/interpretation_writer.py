@@ -122,7 +122,12 @@ class InterpretationWriter(BasePredictionWriter):
     def _upload_fallback(self, trainer) -> None:
         """Stores what earlier runs could not, then deletes their fallback files."""
         for path in sorted(self.fallback_file(trainer, "*").parent.glob(self.fallback_file(trainer, "*").name)):
-            documents = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            documents = []
+            for number, line in enumerate(path.read_text().splitlines(), 1):
+                try:
+                    documents.append(json.loads(line))
+                except json.JSONDecodeError:  # a line cut by a crash: that latent is not stored, so it is redone
+                    log.warning(f"{path}:{number} is not a whole document (a run stopped mid-write); skipped")
             self.store.upsert(documents)
             path.unlink()
             rank_zero_info(f"InterpretationWriter: uploaded {len(documents)} latents kept in {path} by an earlier run")
@@ -152,6 +157,11 @@ class InterpretationWriter(BasePredictionWriter):
         trainer.strategy.barrier("InterpretationWriter.on_predict_end")  # every rank has written its latents
         if trainer.is_global_zero:
             self._report(trainer, written, unstored)
+        if unstored:  # every rank raises (the count is global): the run failed its job, whatever it printed
+            raise LatentStoreError(
+                f"{unstored} interpreted latents could not be stored and wait in {self.fallback_file(trainer, '*')}; "
+                "fix the store (see the warnings above) and rerun the same command: it uploads them first"
+            )
 
     def _report(self, trainer, written: int, unstored: int) -> None:
         """Prints the summary and writes the browser (rank 0)."""

@@ -317,7 +317,17 @@ def test_writer__batches_the_store_refuses_go_to_a_fallback_file_the_next_run_up
                 proxy.fail_next = 1000
 
         store = ElasticsearchStore(proxy.address, api_key_env=None, max_retries=1, retry_backoff=0.01)
-        writer, _ = predict(tmp_path, store, FakeInterpreter(on_batch=server_goes_down), fallback_dir=str(tmp_path))
+        writer = InterpretationWriter(store, fallback_dir=str(tmp_path))
+        trainer = pl.Trainer(
+            accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+            callbacks=[writer], default_root_dir=tmp_path,
+        )  # fmt: skip
+        # The run fails its job: it says how many latents wait where, and that a rerun uploads them.
+        with pytest.raises(LatentStoreError, match=r"^7 interpreted latents could not be stored and wait in .*rerun"):
+            trainer.predict(
+                FakeInterpreter(on_batch=server_goes_down), datamodule=LatentsDataModule(tmp_path / "samples"),
+                return_predictions=False,
+            )  # fmt: skip
     assert writer.written == LATENTS[:3] and writer.unstored == LATENTS[3:]
     fallback = tmp_path / f"{index}.unstored.rank0.jsonl"
     assert len(fallback.read_text().splitlines()) == 7
