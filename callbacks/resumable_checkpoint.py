@@ -93,7 +93,8 @@ class ResumableCheckpoint(FolderHolder, ModelCheckpoint):
     def _save_as(self, trainer, name: str) -> Path:
         directory = Path(self.dirpath)
         final = directory / name
-        temporary = directory / f".{name}.{os.getpid()}.tmp"
+        # One name for all ranks (DeepSpeed writes a folder that every rank fills), chosen by rank zero.
+        temporary = Path(trainer.strategy.broadcast(str(directory / f".{name}.{os.getpid()}.tmp")))
         try:
             self._save_checkpoint(trainer, str(temporary))
             if trainer.is_global_zero:

@@ -30,6 +30,7 @@ from importlib import resources
 from pathlib import Path
 
 from neurolight.callbacks.interpret.stores.base import LEGACY_SCORERS
+from neurolight.datamodules.files import atomic_path
 from neurolight.datamodules.interpret.samples import InterpretationSamples
 from neurolight.lightning_modules.interpret.scorers import ScoreField, score_fields
 
@@ -107,9 +108,8 @@ def write_feature_browser(
     page = _PLACEHOLDER.sub(lambda match: fields[match[1]], _template())
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(path)
+    with atomic_path(path, "feature browser page") as temporary:
+        temporary.write_text(page, encoding="utf-8")
     return path
 
 

@@ -36,6 +36,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from neurolight.datamodules.files import atomic_path
+
 FORMAT_VERSION = 1
 KINDS = ("top", "quantile", "random", "negative")
 """Kinds of records, in the order they are stored."""
@@ -65,11 +67,11 @@ def save_interpretation_samples(path: str | Path, tensors: dict[str, Tensor], me
         raise ValueError(f"interpretation samples lack tensors {missing}")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tmp_tensors, tmp_meta = path / f".{_TENSORS}.tmp", path / f".{_META}.tmp"
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp_tensors))
-    tmp_meta.write_text(json.dumps({"format_version": FORMAT_VERSION, **metadata}, indent=2, default=str))
-    tmp_tensors.replace(path / _TENSORS)
-    tmp_meta.replace(path / _META)
+    # The tensors first: a directory is complete only once its metadata exists.
+    with atomic_path(path / _TENSORS, "interpretation samples") as temporary:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(temporary))
+    with atomic_path(path / _META, "interpretation samples' metadata") as temporary:
+        temporary.write_text(json.dumps({"format_version": FORMAT_VERSION, **metadata}, indent=2, default=str))
     return path
 
 
@@ -95,7 +97,13 @@ class InterpretationSamples:
         version = self.metadata.get("format_version")
         if version != FORMAT_VERSION:
             raise ValueError(f"{self.path}: samples format version {version}; this neurolight reads {FORMAT_VERSION}")
-        self.tensors = load_file(str(tensors))
+        try:
+            self.tensors = load_file(str(tensors))
+        except Exception as error:  # safetensors raises its own error types for a truncated or foreign file
+            raise ValueError(
+                f"{tensors} is truncated or corrupted ({error}); write the samples again: neurolight predict "
+                "--config configs/interpret/sample.yaml (a killed run continues from its .resume/ snapshots)"
+            ) from None
         self.latents: Tensor = self.tensors["latents"]
         self.frequency: Tensor = self.tensors["frequency"]
         self.max_activation: Tensor = self.tensors["max_activation"]

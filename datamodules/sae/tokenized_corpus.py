@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from neurolight.datamodules.files import atomic_path
+
 PYDOC = "pydoc"
 SHARD_NAME = "shard_{:05d}.npy"
 METADATA_FILE = "metadata.json"
@@ -95,22 +97,8 @@ def _batched(items: Iterable[str], size: int) -> Iterator[list[str]]:
 
 
 def _save_atomic(path: Path, array: np.ndarray) -> None:
-    # Write beside the target and rename, so a killed run never leaves half a shard under the real name; on a
-    # failure (a full disk) the partial file goes too.
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as file:
-            np.save(file, array)
-        os.replace(tmp, path)
-    except OSError as error:
-        tmp.unlink(missing_ok=True)
-        raise OSError(
-            f"could not write shard {path} ({error.strerror or error}); free space on {path.parent} (it needs "
-            f"{array.nbytes:,} bytes a shard) and run neurolight-tokenize again"
-        ) from error
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(path, f"shard ({array.nbytes:,} bytes)") as temporary, open(temporary, "wb") as file:
+        np.save(file, array)
 
 
 @dataclass(frozen=True)

@@ -387,3 +387,11 @@ def test_writer__under_ddp_each_rank_stores_its_own_latents_and_every_latent_onc
     assert sorted(explainers[4:]) == ["rank0"] * 3 + ["rank1"] * 3
     assert "interpreted 6 latents (6 stored), skipped 4 already stored" in capfd.readouterr().out
     store.close()
+
+
+def test_samples__a_truncated_tensor_file_is_named_with_the_fix(tmp_path):
+    path = write_samples(tmp_path / "samples", model_name="tiny").path
+    tensors = path / "samples.safetensors"
+    tensors.write_bytes(tensors.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"samples\.safetensors is truncated or corrupted .*sample\.yaml"):
+        InterpretationSamples(path)

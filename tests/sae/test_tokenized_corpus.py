@@ -221,6 +221,6 @@ def test_save__a_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(tokenized_corpus.np, "save", full_disk)
-    with pytest.raises(OSError, match=r"could not write shard .*No space left on device.*free space"):
+    with pytest.raises(OSError, match=r"could not write the shard .*\(No space left on device\); free space"):
         tokenized_corpus._save_atomic(tmp_path / "shard_00000.npy", np.zeros((2, 4), dtype=np.int32))
     assert list(tmp_path.iterdir()) == []
