@@ -395,3 +395,17 @@ def test_samples__a_truncated_tensor_file_is_named_with_the_fix(tmp_path):
     tensors.write_bytes(tensors.read_bytes()[:100])
     with pytest.raises(ValueError, match=r"samples\.safetensors is truncated or corrupted .*sample\.yaml"):
         InterpretationSamples(path)
+
+
+def test_sqlite__a_full_disk_is_a_store_error_naming_the_file_and_the_batch_is_not_half_written(tmp_path):
+    index = sae_index_name(META)
+    store = SQLiteStore(str(tmp_path / "latents.sqlite"))
+    store.open(index, META)
+    store.upsert([to_document(interpretation(LATENTS[0]), index, META)])
+    pages = store._db.execute("PRAGMA page_count").fetchone()[0]
+    store._db.execute(f"PRAGMA max_page_count = {pages + 1}")  # the disk fills at the next page or so
+    big = [to_document({**interpretation(k), "explanation": "x" * 20_000}, index, META) for k in LATENTS[1:]]
+    with pytest.raises(LatentStoreError, match=r"SQLite store .*latents\.sqlite refused a write \(database or disk"):
+        store.upsert(big)
+    assert store.stored_latents() == {LATENTS[0]}
+    store.close()

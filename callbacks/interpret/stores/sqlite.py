@@ -102,12 +102,18 @@ class SQLiteStore(LatentStore):
         fields = list(self.fields)
         updates = ", ".join(f"{field} = excluded.{field}" for field in fields if field not in ("sae", "latent"))
         rows = [tuple(json.dumps(doc[f]) if f == "top_tokens" else doc.get(f) for f in fields) for doc in documents]
-        with self._connection() as db:
-            db.executemany(
-                f"INSERT INTO latents ({', '.join(fields)}) VALUES ({', '.join('?' * len(fields))}) "
-                f"ON CONFLICT(sae, latent) DO UPDATE SET {updates}",
-                rows,
-            )
+        try:
+            with self._connection() as db:  # one transaction: a failed batch leaves the file as it was
+                db.executemany(
+                    f"INSERT INTO latents ({', '.join(fields)}) VALUES ({', '.join('?' * len(fields))}) "
+                    f"ON CONFLICT(sae, latent) DO UPDATE SET {updates}",
+                    rows,
+                )
+        except sqlite3.OperationalError as error:  # "database or disk is full", "attempt to write a readonly ..."
+            raise LatentStoreError(
+                f"SQLite store {Path(self.path).expanduser()} refused a write ({error}); free space or fix the "
+                "file's permissions, then rerun: stored latents are kept and skipped"
+            ) from error
 
     def documents(self) -> list[dict]:
         fields = list(self.fields)
