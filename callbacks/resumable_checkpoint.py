@@ -14,14 +14,12 @@ disk never leaves a truncated checkpoint under a real name. A subclass of ``Mode
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 
-from neurolight.callbacks.run_folder import FolderHolder, refuse_other_runs_checkpoints
+from neurolight.callbacks.run_folder import FolderHolder, refuse_other_runs_checkpoints, save_checkpoint_atomically
 
 LAST = "last.ckpt"
 MID_EPOCH = "mid_epoch.ckpt"
@@ -82,7 +80,8 @@ class ResumableCheckpoint(FolderHolder, ModelCheckpoint):
             self.release_folder()
 
     def _save_on_exception(self, trainer, exception: BaseException) -> None:
-        if not self._should_save_on_exception(trainer):
+        # A second Ctrl-C (the first stops between steps, as SIGTERM does) means: out, now, whatever the state.
+        if isinstance(exception, KeyboardInterrupt) or not self._should_save_on_exception(trainer):
             return
         path = self._save_as(trainer, MID_EPOCH)
         rank_zero_info(
@@ -91,37 +90,8 @@ class ResumableCheckpoint(FolderHolder, ModelCheckpoint):
         )
 
     def _save_as(self, trainer, name: str) -> Path:
-        directory = Path(self.dirpath)
-        final = directory / name
-        # One name for all ranks (DeepSpeed writes a folder that every rank fills), chosen by rank zero.
-        temporary = Path(trainer.strategy.broadcast(str(directory / f".{name}.{os.getpid()}.tmp")))
-        try:
-            self._save_checkpoint(trainer, str(temporary))
-            if trainer.is_global_zero:
-                _replace(temporary, final)
-        finally:
-            if trainer.is_global_zero:
-                _remove(temporary)
-        trainer.strategy.barrier("resumable_checkpoint")
+        final = Path(self.dirpath) / name
+        save_checkpoint_atomically(trainer, final, self.save_weights_only)
+        self._last_global_step_saved = trainer.global_step
         self._last_checkpoint_saved = self.last_model_path = str(final)
         return final
-
-
-def _replace(source: Path, target: Path) -> None:
-    """Atomic for files; DeepSpeed writes a folder, which goes into place by two renames."""
-    if source.is_dir():
-        old = target.with_name(f".{target.name}.old")
-        _remove(old)
-        if target.exists():
-            target.rename(old)
-        source.rename(target)
-        _remove(old)
-    else:
-        os.replace(source, target)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import socket
 import sys
 import time
@@ -121,6 +122,46 @@ def refuse_other_runs_checkpoints(folder: Path, trainer) -> None:
             f"{', ...' if len(found) > 3 else ''}); resume it with --ckpt_path {folder / found[-1]}, give this run "
             "its own folder (another logger version, or dirpath), or delete the folder"
         )
+
+
+def save_checkpoint_atomically(trainer, path: Path, weights_only: bool = False) -> None:
+    """``trainer.save_checkpoint`` under a temporary name that rank zero chooses for every rank (DeepSpeed fills
+    one folder from all ranks), renamed into place by rank zero: a crash or a full disk never leaves a truncated
+    checkpoint under ``path``. Collective: every rank calls it."""
+    temporary = Path(trainer.strategy.broadcast(str(path.with_name(f".{path.name}.{os.getpid()}.tmp"))))
+    try:
+        trainer.save_checkpoint(temporary, weights_only=weights_only)  # ends with a barrier of all ranks
+        if trainer.is_global_zero:
+            _replace(temporary, path)
+    except OSError as error:
+        raise OSError(
+            f"could not write the checkpoint {path} ({error.strerror or error}); free space on {path.parent} "
+            "and resume from the previous checkpoint"
+        ) from error
+    finally:
+        if trainer.is_global_zero:
+            _remove(temporary)
+    trainer.strategy.barrier("save_checkpoint_atomically")
+
+
+def _replace(source: Path, target: Path) -> None:
+    """Atomic for files; a DeepSpeed checkpoint is a folder, which goes into place by two renames."""
+    if source.is_dir():
+        old = target.with_name(f".{target.name}.old")
+        _remove(old)
+        if target.exists():
+            target.rename(old)
+        source.rename(target)
+        _remove(old)
+    else:
+        os.replace(source, target)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _describe(text: str) -> str:

@@ -10,17 +10,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor
 
-from neurolight.callbacks.run_folder import FolderHolder, refuse_other_runs_checkpoints, run_directory
+from neurolight.callbacks.run_folder import (
+    FolderHolder,
+    refuse_other_runs_checkpoints,
+    run_directory,
+    save_checkpoint_atomically,
+)
 
 # Firing frequencies of dead latents are drawn at this log10 value, left of every live one.
 _DEAD_LOG_FREQ = -10.0
 
 
-class SaeCheckpoint(FolderHolder, pl.Callback):
+class SaeCheckpoint(FolderHolder, Callback):
     def __init__(self, batches_between_ckpt: int = 5000, dirpath: str | None = None, save_final: bool = True) -> None:
         """
         Args:
@@ -63,6 +69,17 @@ class SaeCheckpoint(FolderHolder, pl.Callback):
         if trainer.global_step % self.every == 0:
             self._save(trainer, f"step_{trainer.global_step:07d}")
 
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        # Lightning stops on SIGTERM (and the neurolight command on a first Ctrl-C) between two steps, where the
+        # state is whole: that state is a checkpoint like any other. Any other exception may have struck mid-step.
+        try:
+            if isinstance(exception, SIGTERMException) and self.fired is not None:
+                self._save(trainer, f"step_{trainer.global_step:07d}")
+                if trainer.is_global_zero:
+                    print(f"stopped at step {trainer.global_step}; continue with --ckpt_path {self.written[-1]}")
+        finally:
+            self.release_folder()
+
     def on_train_end(self, trainer, pl_module) -> None:
         if self.save_final and self.fired is not None:
             # Training often ends right on a periodic checkpoint: then "last" shows that same window again.
@@ -81,7 +98,7 @@ class SaeCheckpoint(FolderHolder, pl.Callback):
         # Reset the window before saving so that the checkpoint holds the state the next step expects.
         self.fired.zero_()
         self.tokens = 0
-        trainer.save_checkpoint(path, weights_only=False)  # optimizer, loops and callbacks too: resumable
+        save_checkpoint_atomically(trainer, path)  # optimizer, loops and callbacks too: resumable
         if trainer.is_global_zero:
             plot_feature_density(fired, tokens, directory / f"{name}_feature_density.png", trainer.global_step)
             self.written.append(str(path))

@@ -7,7 +7,9 @@ neurolight fit --config configs/sae/demo.yaml --config configs/trainer/ddp.yaml
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 import warnings
 from argparse import ArgumentError
 from pathlib import Path
@@ -31,7 +33,25 @@ class NeurolightCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
         _lines_when_not_a_terminal(trainer)
+        _stop_between_steps_on_ctrl_c(trainer)
         return trainer
+
+
+def _stop_between_steps_on_ctrl_c(trainer) -> None:
+    """A first Ctrl-C stops the run at the end of the current step, as Lightning does on SIGTERM, so the checkpoint
+    callbacks save a whole state to resume from; a second one interrupts at once."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def stop(signum, frame) -> None:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        trainer._signal_connector.received_sigterm = True
+        print(
+            "\nneurolight: stopping after this step and saving a checkpoint (Ctrl-C again to abort now)",
+            file=sys.stderr,
+        )
+
+    signal.signal(signal.SIGINT, stop)
 
 
 def _lines_when_not_a_terminal(trainer) -> None:
@@ -100,15 +120,20 @@ def run(args: list[str] | None = None, exit_on_error: bool = True) -> LightningC
         for name in package.__all__:
             getattr(package, name)
 
-    return NeurolightCLI(
-        LightningModule,
-        LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={"exit_on_error": exit_on_error},
-        args=args,
-    )
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        return NeurolightCLI(
+            LightningModule,
+            LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"exit_on_error": exit_on_error},
+            args=args,
+        )
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, previous)
 
 
 def main(args: list[str] | None = None) -> None:

@@ -112,3 +112,42 @@ def test_csv_logger__a_resumed_run_keeps_the_history_and_logs_each_step_once(tin
         ckpt_path=str(folder / "last.ckpt"), checkpoint=ResumableCheckpoint(dirpath=str(folder)),
         logger=logger(tmp_path / "b"), log_every_n_steps=1)  # fmt: skip
     assert steps(tmp_path / "b" / "run" / "version_0") == expected and len(expected) > 6
+
+
+class Preempt(pl.Callback):
+    """Stands for a SIGTERM (or the CLI's first Ctrl-C): Lightning stops at the end of the current step."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if trainer.global_step == self.step:
+            trainer._signal_connector.received_sigterm = True
+
+
+def test_sigterm__stops_between_steps_and_leaves_a_checkpoint_of_that_step(tiny_model_dir, records_path, tmp_path):
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    folder = tmp_path / "checkpoints"
+    with pytest.raises(SIGTERMException):
+        fit(make_module(tiny_model_dir, tmp_path), make_datamodule(tiny_model_dir, records_path), tmp_path,
+            [Preempt(step=4)], 3, checkpoint=ResumableCheckpoint(dirpath=str(folder)))  # fmt: skip
+    assert torch.load(folder / "mid_epoch.ckpt", weights_only=False)["global_step"] == 5
+
+
+def test_cli_ctrl_c__the_first_one_asks_lightning_to_stop_after_the_step_the_second_interrupts(tmp_path):
+    import os
+    import signal
+
+    from neurolight.cli.main import _stop_between_steps_on_ctrl_c
+
+    previous = signal.getsignal(signal.SIGINT)
+    trainer = pl.Trainer(logger=False, default_root_dir=tmp_path)
+    try:
+        _stop_between_steps_on_ctrl_c(trainer)
+        os.kill(os.getpid(), signal.SIGINT)
+        assert trainer.received_sigterm
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, previous)
