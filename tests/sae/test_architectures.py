@@ -13,6 +13,7 @@ import torch
 from neurolight.lightning_modules import (
     BatchTopK,
     JumpReLU,
+    MatryoshkaBatchTopK,
     ReLU,
     SparseAutoencoder,
     SparseAutoencoderModule,
@@ -32,6 +33,7 @@ EXAMPLES = [
     TopK(k=8, auxk_coefficient=0.1, k_aux=4),
     BatchTopK(k=8, threshold_momentum=0.9),
     JumpReLU(l0_coefficient=3.0, bandwidth=0.2, init_threshold=0.5),
+    MatryoshkaBatchTopK(k=8, group_sizes=[8, 24, 32]),
 ]
 
 
@@ -45,7 +47,7 @@ def test_registry__finds_each_class_by_name_class_name_and_class_path():
 
 
 def test_registry__unknown_name_lists_the_valid_ones():
-    with pytest.raises(ValueError, match=r"'gated'.*relu \(ReLU\), topk \(TopK\), batchtopk \(BatchTopK\), jumprelu"):
+    with pytest.raises(ValueError, match=r"'gated'.*relu \(ReLU\), topk \(TopK\).*matryoshka_batchtopk"):
         architecture_class("gated")
     with pytest.raises(ValueError, match=r"unknown SAE architecture 'torch\.nn\.Linear'"):
         architecture_class("torch.nn.Linear")  # a class, but no Architecture
@@ -74,7 +76,7 @@ def test_tensors__registered_on_the_sae_under_the_checkpoint_keys():
     base = {"W_enc", "b_enc", "W_dec", "b_dec"}
     assert keys["relu"] == keys["topk"] == base
     assert keys["jumprelu"] == base | {"log_threshold"}
-    assert keys["batchtopk"] == base | {"threshold"}
+    assert keys["batchtopk"] == keys["matryoshka_batchtopk"] == base | {"threshold"}
     jumprelu = SparseAutoencoder(8, 16, JumpReLU(init_threshold=0.5))
     assert isinstance(jumprelu.log_threshold, torch.nn.Parameter)
     torch.testing.assert_close(jumprelu.log_threshold.exp(), torch.full((16,), 0.5))
@@ -84,7 +86,7 @@ def test_tensors__registered_on_the_sae_under_the_checkpoint_keys():
 def test_resample_resets__name_what_each_architecture_must_reset():
     assert ReLU().resample_resets() == TopK().resample_resets() == []
     assert JumpReLU(init_threshold=0.02).resample_resets() == [("log_threshold", math.log(0.02))]
-    assert BatchTopK().resample_resets() == [("threshold", -1.0)]
+    assert BatchTopK().resample_resets() == MatryoshkaBatchTopK().resample_resets() == [("threshold", -1.0)]
 
 
 def test_decoder_constraint__unit_norm_except_where_the_penalty_cannot_be_gamed():

@@ -18,6 +18,7 @@ from neurolight.lightning_modules.sae.architectures.base import (
 )
 from neurolight.lightning_modules.sae.architectures.batchtopk import BatchTopK
 from neurolight.lightning_modules.sae.architectures.jumprelu import JumpReLU
+from neurolight.lightning_modules.sae.architectures.matryoshka import MatryoshkaBatchTopK
 from neurolight.lightning_modules.sae.architectures.relu import ReLU
 from neurolight.lightning_modules.sae.architectures.topk import TopK
 
@@ -26,6 +27,7 @@ ARCHITECTURES: dict[str, type[Architecture]] = {
     "topk": TopK,
     "batchtopk": BatchTopK,
     "jumprelu": JumpReLU,
+    "matryoshka_batchtopk": MatryoshkaBatchTopK,
 }
 
 __all__ = [
