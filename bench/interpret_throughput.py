@@ -53,10 +53,10 @@ def build_samples(target: Path, contexts: int, latents: int, device: str, seed: 
     from neurolight.datamodules.llm.hooked import HookedLLM
     from neurolight.datamodules.llm.models import load_causal_lm
     from neurolight.datamodules.sae.tokenized_corpus import TokenizedCorpus
-    from neurolight.lightning_modules.sae.module import SparseAutoencoderModule
+    from neurolight.lightning_modules.sae.module import SparseAutoencoderModule, init_args_from_checkpoint
 
     checkpoint = torch.load(DEMO_SAE, map_location="cpu", weights_only=False)
-    sae_args = {k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")}
+    sae_args = init_args_from_checkpoint(checkpoint["hyper_parameters"])
     data_args = checkpoint["datamodule_hyper_parameters"]
     sae = SparseAutoencoderModule(**sae_args)
     sae.load_state_dict(checkpoint["state_dict"])

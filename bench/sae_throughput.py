@@ -377,7 +377,7 @@ def run_saelens(args, recipe: dict) -> dict:
         sae=TopKTrainingSAEConfig(
             d_in=int(model["act_vec_size"]),
             d_sae=int(model["dict_vec_size"]),
-            k=int(model["k"]),
+            k=int(model["architecture"]["init_args"]["k"]),
             dtype="float32",
             device=args.device,
             normalize_activations="none",

@@ -6,8 +6,13 @@ by these exports (``neurolight.lightning_modules.SendModule``), so a file can mo
 
 from neurolight._lazy import lazy_exports
 
+# Imports torch, not Lightning: the registry's classes are exported under their class names.
+from neurolight.lightning_modules.sae.architectures import ARCHITECTURES
+
 # Lazy: importing one export does not import Lightning for the others.
 _EXPORTS = {
+    "Architecture": "neurolight.lightning_modules.sae.architectures",
+    **{cls.__name__: "neurolight.lightning_modules.sae.architectures" for cls in ARCHITECTURES.values()},
     "SparseAutoencoder": "neurolight.lightning_modules.sae.sparse_autoencoder",
     "SparseAutoencoderModule": "neurolight.lightning_modules.sae.module",
     "SendModule": "neurolight.lightning_modules.send.module",

@@ -1,7 +1,9 @@
 """DeadLatentResampler: give latents that stopped firing a new direction, on a fixed step schedule.
 
-Needs a LightningModule with ``sae`` (a SparseAutoencoder), ``normalize(batch)``, and a ``training_step`` that
-returns ``fired`` (per-latent firing counts of the step, summed over ranks), as SparseAutoencoderModule does.
+Needs a LightningModule with ``sae`` (a SparseAutoencoder), ``normalize(batch)``, ``reset_latent_statistics(dead)``
+and a ``training_step`` that returns ``fired`` (per-latent firing counts of the step, summed over ranks), as
+SparseAutoencoderModule does. What to reset besides the encoder and decoder (JumpReLU's thresholds, BatchTopK's
+running threshold) the SAE's architecture says (``Architecture.resample_resets``).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import torch
 from torch import Tensor
 
 from neurolight.datamodules.llm import zero
+from neurolight.lightning_modules.sae.architectures import unit_norm_rows
 
 METHODS = ("replacement", "anthropic")
 
@@ -99,23 +102,25 @@ class DeadLatentResampler(pl.Callback):
             enc_scale = self.encoder_scale * enc_norm
         # Ranks drew from the same generator; rank 0's inputs are the ones used everywhere.
         directions = trainer.strategy.broadcast(directions.cpu(), src=0).to(w_dec)
-        directions = directions / directions.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        directions = unit_norm_rows(directions)
         dec_scale = w_dec[live].norm(dim=1).mean() if (live.any() and not sae.normalize_decoder) else 1.0
         w_dec[dead] = directions * dec_scale
         w_enc[dead] = directions * enc_scale
         zero.set_param(sae.W_dec, w_dec)
         zero.set_param(sae.W_enc, w_enc)
         zero.update_param(sae.b_enc, lambda b: b.masked_fill(dead.to(b.device), 0.0))
-        touched = [sae.W_enc, sae.W_dec, sae.b_enc]
-        if hasattr(sae, "log_threshold"):
-            init = torch.log(torch.tensor(sae.jumprelu_init_threshold))
-            zero.update_param(sae.log_threshold, lambda t: t.masked_fill(dead.to(t.device), init.item()))
-            touched.append(sae.log_threshold)
+        touched = [(sae.W_enc, dead), (sae.W_dec, dead), (sae.b_enc, dead)]
+        for reset in sae.architecture.resample_resets():
+            tensor = getattr(sae, reset.name)
+            if isinstance(tensor, torch.nn.Parameter):
+                zero.update_param(tensor, lambda t, value=reset.value: _reset(t, dead, value))
+                touched.append((tensor, dead if tensor.ndim else torch.tensor(True)))
+            else:
+                tensor.copy_(_reset(tensor, dead, reset.value))
         optimizer = trainer.optimizers[0]
-        for param in touched:
-            zero.zero_adam_rows(optimizer, param, dead)
-        if hasattr(pl_module, "tokens_since_fired"):
-            pl_module.tokens_since_fired[dead.to(pl_module.tokens_since_fired.device)] = 0
+        for param, rows in touched:
+            zero.zero_adam_rows(optimizer, param, rows)
+        pl_module.reset_latent_statistics(dead)
         return num_dead
 
     def _loss_weighted_inputs(self, sae, n: int, b_dec: Tensor) -> Tensor:
@@ -146,3 +151,10 @@ class DeadLatentResampler(pl.Callback):
         self.inputs = state["inputs"]
         self.inputs_seen = state["inputs_seen"]
         self.history = list(state["history"])
+
+
+def _reset(tensor: Tensor, dead: Tensor, value: float) -> Tensor:
+    """``tensor`` with ``value`` at the dead latents' entries, or everywhere for a tensor with no latent dimension."""
+    if tensor.ndim == 0:
+        return torch.full_like(tensor, value)
+    return tensor.masked_fill(dead.to(tensor.device).view(-1, *([1] * (tensor.ndim - 1))), value)

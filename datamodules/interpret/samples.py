@@ -4,11 +4,12 @@ A samples directory holds two files:
 
 ``metadata.json``
     ``format_version`` (1) and how the samples were made: ``sae_checkpoint``, ``model_name``, ``layer_id``,
-    ``layer_type``, ``d_in``, ``d_sae``, ``architecture``, ``learning_rate``, ``l1_coefficient``,
-    ``activation_scale`` (the SAE's normalisation scalar, applied as in training), ``num_tokens`` (context
-    length), ``frequency_tokens`` (tokens of the frequency pass), ``num_samples`` (contexts scanned by the
-    sampling pass), ``log_freq_lower`` / ``log_freq_upper`` and ``below_band`` / ``above_band`` (latents left out
-    on each side), ``exclude_first_position``. Writers may add keys; readers ignore what they do not know.
+    ``layer_type``, ``d_in``, ``d_sae``, ``architecture`` (its registered name), ``architecture_settings``,
+    ``learning_rate``, ``l1_coefficient``, ``activation_scale`` (the SAE's normalisation scalar, applied as in
+    training), ``num_tokens`` (context length), ``frequency_tokens`` (tokens of the frequency pass),
+    ``num_samples`` (contexts scanned by the sampling pass), ``log_freq_lower`` / ``log_freq_upper`` and
+    ``below_band`` / ``above_band`` (latents left out on each side), ``exclude_first_position``. Writers may add
+    keys; readers ignore what they do not know.
 
 ``samples.safetensors``
     ``latents`` (L,) int64

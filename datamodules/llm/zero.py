@@ -111,9 +111,3 @@ def zero_adam_rows(optimizer: torch.optim.Optimizer, param: nn.Parameter, rows: 
         for key in ("exp_avg", "exp_avg_sq"):
             if key in state:
                 state[key][rows.to(state[key].device)] = 0
-
-
-def remove_parallel_component(grad: Tensor, weight: Tensor) -> Tensor:
-    """Project out of each row of ``grad`` its component along the same row of ``weight`` (unit-norm decoder)."""
-    direction = weight / weight.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    return grad - (grad * direction).sum(1, keepdim=True) * direction

@@ -26,6 +26,8 @@ from torch import Tensor, nn
 
 from neurolight.datamodules.llm.hooked import HOOK_POINTS, LAYER_TYPES, HookedLLM
 from neurolight.lightning_modules.interpret.running_samples import RunningLatentSamples
+from neurolight.lightning_modules.sae.architectures import architecture_name, build_architecture
+from neurolight.lightning_modules.sae.module import SparseAutoencoderModule, init_args_from_checkpoint
 
 _SAE_CLASS = "SparseAutoencoderModule"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -147,7 +149,7 @@ class LatentSampler(pl.LightningModule):
             raise ValueError(f"unknown llm_dtype '{llm_dtype}'; choose one of {', '.join(_DTYPES)}")
         self.save_hyperparameters()
         checkpoint = load_sae_checkpoint(sae_checkpoint)
-        self.sae_hparams = {k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")}
+        self.sae_hparams = init_args_from_checkpoint(checkpoint["hyper_parameters"])
         self.activation_scale = float(checkpoint["state_dict"]["activation_scale"])
         trained = checkpoint.get("datamodule_hyper_parameters") or {}
         del checkpoint
@@ -199,7 +201,6 @@ class LatentSampler(pl.LightningModule):
         if self.sae_module is not None:
             return
         from neurolight.datamodules.llm.models import load_causal_lm
-        from neurolight.lightning_modules.sae.module import SparseAutoencoderModule
 
         sae_module = SparseAutoencoderModule(**self.sae_hparams)
         sae_module.load_state_dict(load_sae_checkpoint(self.hparams.sae_checkpoint)["state_dict"])
@@ -358,6 +359,7 @@ class LatentSampler(pl.LightningModule):
 
     def samples_metadata(self) -> dict:
         hp, settings, band = self.hparams, self.llm_settings, self.band
+        architecture = build_architecture(self.sae_hparams["architecture"])
         datamodule = self.trainer.datamodule
         return {
             "sae_checkpoint": str(hp.sae_checkpoint),
@@ -368,10 +370,11 @@ class LatentSampler(pl.LightningModule):
             "hook_point": self.hooked_llm.hook_point.name,
             "d_in": self.d_in,
             "d_sae": self.d_sae,
-            "architecture": self.sae_hparams.get("architecture"),
-            "k": self.sae_hparams.get("k"),
+            "architecture": architecture_name(architecture),
+            "architecture_settings": architecture.settings(),
+            "k": architecture.settings().get("k"),
             "learning_rate": self.sae_hparams.get("learning_rate"),
-            "l1_coefficient": self.sae_hparams.get("l1_coefficient"),
+            "l1_coefficient": architecture.settings().get("l1_coefficient"),
             "activation_scale": self.activation_scale,
             "dataset_path": str(getattr(datamodule, "dataset_path", "")),
             "num_tokens": datamodule.num_tokens,

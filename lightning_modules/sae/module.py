@@ -9,10 +9,22 @@ import math
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from neurolight.datamodules.llm import zero
-from neurolight.lightning_modules.sae.sparse_autoencoder import SparseAutoencoder
+from neurolight.lightning_modules.sae.architectures import (
+    Architecture,
+    ReLU,
+    architecture_config,
+    remove_parallel_component,
+    unit_norm_rows,
+)
+from neurolight.lightning_modules.sae.sparse_autoencoder import SaeOutput, SparseAutoencoder
+
+# Hyperparameters that checkpoints written before architectures were objects hold beside ``architecture`` (a name).
+_LEGACY_SETTINGS = ("k", "l1_coefficient", "auxk_coefficient", "k_aux")
+_DEFAULT_ARCHITECTURE = ReLU()
 
 
 class SparseAutoencoderModule(pl.LightningModule):
@@ -20,52 +32,47 @@ class SparseAutoencoderModule(pl.LightningModule):
         self,
         act_vec_size: int,
         dict_vec_size: int,
-        architecture: str = "relu",
-        k: int | None = None,
-        l1_coefficient: float = 1e-3,
+        architecture: Architecture = _DEFAULT_ARCHITECTURE,
         learning_rate: float = 2e-4,
         adam_betas: tuple[float, float] = (0.9, 0.999),
         lr_warmup_steps: int = 0,
-        auxk_coefficient: float = 1 / 32,
-        k_aux: int | None = None,
         dead_tokens_threshold: int = 10_000_000,
         dense_log_freq: float = -1.0,
         normalize_dataset: bool = True,
         metrics_every_n_steps: int = 50,
+        max_l0_fraction: float | None = 0.1,
     ) -> None:
         """
         Args:
             act_vec_size: Width of the hooked activation (d_in); checked against the LLM at setup.
             dict_vec_size: Number of latents (d_sae).
-            architecture: ``relu`` (L1 penalty), ``topk``, ``batchtopk`` or ``jumprelu``.
-            k: Active latents per token for ``topk`` / ``batchtopk`` (per token on average for batchtopk).
-            l1_coefficient: Sparsity coefficient: L1 for ``relu``, L0 for ``jumprelu``.
+            architecture: The SAE architecture and its settings, e.g. ``{class_path: TopK, init_args: {k: 32}}``;
+                a bare class name (``TopK``) takes its default settings. The classes are listed below as known
+                subclasses; ``neurolight fit --model SparseAutoencoderModule --model.architecture.help TopK``
+                lists the settings of one.
             learning_rate: Adam learning rate.
             adam_betas: Adam betas.
             lr_warmup_steps: Linear learning-rate warm-up steps (0: none).
-            auxk_coefficient: Weight of the AuxK loss on dead latents (TopK/BatchTopK; Gao et al. use 1/32).
-            k_aux: Dead latents used by AuxK; default d_in / 2.
             dead_tokens_threshold: A latent is dead when it has not fired for this many tokens (Gao et al.: 10M).
             dense_log_freq: A latent is dense when log10 of its firing frequency over a metrics window exceeds this.
             normalize_dataset: Scale activations by one scalar, estimated once on the first buffer so that
                 E||x|| = sqrt(d_in); it is stored in the checkpoint (buffer ``activation_scale``).
             metrics_every_n_steps: Steps between logs of L0, explained variance, dead and dense fractions.
+            max_l0_fraction: Warn, naming the architecture's sparsity setting, when L0 stays above this fraction of
+                d_in: above it in two consecutive metrics windows and down by less than 10% between them (None:
+                never).
         """
         super().__init__()
+        # A checkpoint's hyperparameters hold the architecture as its {class_path, init_args} mapping.
+        self.sae = SparseAutoencoder(act_vec_size, dict_vec_size, architecture)
+        architecture = architecture_config(self.sae.architecture)
         self.save_hyperparameters()
-        self.sae = SparseAutoencoder(
-            act_vec_size,
-            dict_vec_size,
-            architecture=architecture,
-            k=k,
-            l1_coefficient=l1_coefficient,
-            auxk_coefficient=auxk_coefficient,
-            k_aux=k_aux,
-        )
         self.register_buffer("activation_scale", torch.tensor(math.nan if normalize_dataset else 1.0))
         self.register_buffer("tokens_since_fired", torch.zeros(dict_vec_size, dtype=torch.long))
         self.register_buffer("window_fired", torch.zeros(dict_vec_size, dtype=torch.long))
         self.register_buffer("window_tokens", torch.zeros((), dtype=torch.long))
+        self._previous_l0: float | None = None  # L0 of the previous metrics window
+        self._warned_dense = False
 
     # ------------------------------------------------------------------------------------- normalisation
     def normalize(self, activations: Tensor) -> Tensor:
@@ -115,16 +122,19 @@ class SparseAutoencoderModule(pl.LightningModule):
         # per-step overhead, which dominates when the SAE step is a few small GPU kernels.
         if log_every and step % log_every == 0:
             self.log_dict(
-                {"train/loss": out.loss, "train/mse": out.mse, "train/sparsity": out.sparsity, "train/auxk": out.auxk},
+                {"train/loss": out.loss, "train/mse": out.mse, "train/sparsity": out.sparsity, "train/aux": out.aux},
                 prog_bar=False,
             )
+            if out.reconstruction is not out.mse:
+                self.log("train/reconstruction", out.reconstruction)
         if step % self.hparams.metrics_every_n_steps == 0:
             self._log_sparsity_metrics(x, out)
         return {"loss": out.loss, "fired": fired.detach(), "num_tokens": num_tokens}
 
     @torch.no_grad()
-    def _log_sparsity_metrics(self, x: Tensor, out) -> None:
+    def _log_sparsity_metrics(self, x: Tensor, out: SaeOutput) -> None:
         frequency = self.window_fired.float() / self.window_tokens.clamp_min(1)
+        self._warn_if_dense(float(self.window_fired.sum()) / max(int(self.window_tokens), 1))
         self.log_dict(
             {
                 "train/l0": (out.latents > 0).sum(-1).float().mean(),
@@ -138,14 +148,40 @@ class SparseAutoencoderModule(pl.LightningModule):
         self.window_fired.zero_()
         self.window_tokens.zero_()
 
+    def _warn_if_dense(self, l0: float) -> None:
+        """Warn once when L0, averaged over a metrics window, stays above max_l0_fraction * d_in: above it in two
+        consecutive windows and down by less than 10% from the first to the second (an L1 or L0 penalty that is
+        still pulling L0 down is left to work). The counts are summed over ranks, so ranks agree."""
+        limit = self.hparams.max_l0_fraction
+        previous, self._previous_l0 = self._previous_l0, l0
+        d_in = self.hparams.act_vec_size
+        if limit is None or self._warned_dense or previous is None or min(l0, previous) <= limit * d_in:
+            return
+        if l0 < 0.9 * previous:
+            return
+        self._warned_dense = True
+        architecture = self.sae.architecture
+        setting = architecture.sparsity_setting
+        rank_zero_warn(
+            f"the SAE is not sparse: L0 = {l0:.0f} active latents per token over the last "
+            f"{self.hparams.metrics_every_n_steps} steps ({previous:.0f} the window before), above "
+            f"max_l0_fraction = {limit} of d_in = {d_in}; {'raise' if architecture.raise_for_sparsity else 'lower'} "
+            f"model.init_args.architecture.init_args.{setting} (now {getattr(architecture, setting)}) of "
+            f"{type(architecture).__name__} for a sparser SAE{architecture.sparsity_note}"
+        )
+
+    def reset_latent_statistics(self, latents: Tensor) -> None:
+        """Forget when ``latents`` (a (d_sae,) bool mask) last fired: resampling gave them new weights."""
+        self.tokens_since_fired.masked_fill_(latents.to(self.tokens_since_fired.device), 0)
+
     def on_before_optimizer_step(self, optimizer) -> None:
         if self.sae.normalize_decoder:
-            zero.update_grad(self.sae.W_dec, zero.remove_parallel_component)
+            zero.update_grad(self.sae.W_dec, remove_parallel_component)
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         # After the optimizer step: Towards Monosemanticity keeps decoder rows at unit norm.
         if self.sae.normalize_decoder:
-            zero.update_param(self.sae.W_dec, lambda w: w / w.norm(dim=1, keepdim=True).clamp_min(1e-12))
+            zero.update_param(self.sae.W_dec, unit_norm_rows)
 
     # ---------------------------------------------------------------------------------------- validation
     def validation_step(self, input_ids: Tensor, batch_idx: int) -> None:
@@ -187,3 +223,24 @@ def explained_variance(x: Tensor, x_hat: Tensor) -> Tensor:
     residual = (x - x_hat).float().pow(2).sum()
     total = (x - x.mean(0)).float().pow(2).sum()
     return 1 - residual / total
+
+
+def init_args_from_checkpoint(hyperparameters: dict) -> dict:
+    """The ``SparseAutoencoderModule`` init arguments of a checkpoint's hyperparameters (Lightning's private ``_``
+    keys left out). A checkpoint written before architectures were objects names its architecture (``"topk"``)
+    with the settings beside it (``k``, ``l1_coefficient`` ...); those are moved into the architecture, JumpReLU's
+    ``l1_coefficient`` becoming its ``l0_coefficient`` and its bandwidth and initial threshold the 1e-3 it was
+    trained with."""
+    args = {key: value for key, value in hyperparameters.items() if not key.startswith("_")}
+    name = args.get("architecture", "relu")
+    if not isinstance(name, str):
+        return args
+    settings = {key: args.pop(key) for key in _LEGACY_SETTINGS if key in args}
+    if name == "relu":
+        settings = {"l1_coefficient": settings.get("l1_coefficient", 1e-3)}
+    elif name == "jumprelu":
+        settings = {"l0_coefficient": settings.get("l1_coefficient", 1e-3), "bandwidth": 1e-3, "init_threshold": 1e-3}
+    else:
+        settings.pop("l1_coefficient", None)
+    args["architecture"] = {"class_path": name, "init_args": settings}
+    return args

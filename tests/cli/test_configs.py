@@ -124,7 +124,7 @@ def test_debug_overlay__runs_a_short_fit_of_the_demo_recipe(tmp_path, tiny_model
         "--data.val_contexts": "16",
         "--model.act_vec_size": "64",
         "--model.dict_vec_size": "256",
-        "--model.k": "8",
+        "--model.architecture.init_args.k": "8",
     }
     args = ["fit", "--config", str(BASE_RECIPE), "--config", str(CONFIGS / "trainer" / "debug.yaml")]
     cli = run([*args, *(item for pair in small.items() for item in pair)])
@@ -140,6 +140,39 @@ def test_help__model_and_data_arguments_show_their_docstrings(capsys):
     assert "--model.dict_vec_size" in model_help and "Number of latents" in model_help
     data_help = run_cli(["fit", "--data.help", "ActivationDataModule"], capsys)
     assert "--data.dataset_path" in data_help and "neurolight-tokenize" in data_help
+
+
+def test_help__architecture_settings_show_their_docstrings(capsys):
+    model_help = run_cli(["fit", "--model.help", "SparseAutoencoderModule"], capsys)
+    assert "--model.architecture" in model_help and "neurolight.lightning_modules.JumpReLU" in model_help
+    topk_help = run_cli(["fit", "--model", "SparseAutoencoderModule", "--model.architecture.help", "TopK"], capsys)
+    assert "--architecture.k K" in topk_help and "Latents kept active per token" in topk_help
+
+
+@pytest.mark.parametrize(
+    ("written", "expected"), [("BatchTopK", "BatchTopK"), ({"class_path": "JumpReLU"}, "JumpReLU")]
+)
+def test_architecture__short_forms_take_the_default_settings(written, expected, tmp_path, capsys):
+    overlay = tmp_path / "architecture.yaml"
+    overlay.write_text(yaml.safe_dump({"model": {"init_args": {"architecture": written}}}))
+    architecture = print_config([BASE_RECIPE, overlay], capsys)["model"]["init_args"]["architecture"]
+    assert architecture["class_path"] == f"neurolight.lightning_modules.{expected}"
+    assert "k" not in architecture["init_args"] or expected == "BatchTopK"
+
+
+def test_architecture__another_class_drops_the_recipe_settings_and_foreign_settings_are_refused(tmp_path, capsys):
+    # The demo recipe sets TopK's k: 32; switching the class must not keep it.
+    config = print_config([BASE_RECIPE], capsys, "--model.architecture", "ReLU")
+    assert config["model"]["init_args"]["architecture"]["init_args"] == {
+        "l1_coefficient": 5.0,
+        "normalize_decoder": True,
+    }
+    overlay = tmp_path / "relu_with_k.yaml"
+    relu_with_k = {"class_path": "neurolight.lightning_modules.ReLU", "init_args": {"k": 32}}
+    overlay.write_text(yaml.safe_dump({"model": {"init_args": {"architecture": relu_with_k}}}))
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(BASE_RECIPE), "--config", str(overlay), "--print_config"])
+    assert "Option 'k' is not accepted" in capsys.readouterr().err
 
 
 def test_python_m_neurolight__help_lists_the_subcommands_outside_the_repository(tmp_path):

@@ -9,15 +9,24 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from neurolight.lightning_modules.sae.sparse_autoencoder import ARCHITECTURES, SaeOutput, SparseAutoencoder
+from neurolight.lightning_modules.sae.architectures import BatchTopK, JumpReLU, ReLU, TopK
+from neurolight.lightning_modules.sae.sparse_autoencoder import SaeOutput, SparseAutoencoder
 
 D_IN, D_SAE, K, BATCH = 16, 48, 4, 32
+ARCHITECTURES = {"relu": ReLU, "topk": TopK, "batchtopk": BatchTopK, "jumprelu": JumpReLU}
+# The settings these tests were written with: the defaults are chosen for LLM activations scaled to
+# E||x|| = sqrt(d_in), these inputs have E||x|| ~ 4.
+SETTINGS = {
+    "relu": {"l1_coefficient": 1e-3},
+    "topk": {"k": K},
+    "batchtopk": {"k": K},
+    "jumprelu": {"l0_coefficient": 1e-3, "bandwidth": 1e-3, "init_threshold": 1e-3},
+}
 
 
-def make_sae(architecture: str, seed: int = 0, **kwargs) -> SparseAutoencoder:
+def make_sae(architecture: str, seed: int = 0, **settings) -> SparseAutoencoder:
     torch.manual_seed(seed)
-    kwargs.setdefault("k", K if architecture in ("topk", "batchtopk") else None)
-    sae = SparseAutoencoder(D_IN, D_SAE, architecture, **kwargs)
+    sae = SparseAutoencoder(D_IN, D_SAE, ARCHITECTURES[architecture](**{**SETTINGS[architecture], **settings}))
     with torch.no_grad():
         # Spread the biases so that pre-activations straddle zero and the threshold.
         sae.b_enc.copy_(0.3 * torch.randn(D_SAE))
@@ -75,7 +84,7 @@ def test_batchtopk__keeps_the_global_top_k_times_batch_in_training():
 
 def test_batchtopk__eval_uses_ema_of_smallest_kept_activation_as_threshold():
     momentum = 0.9
-    sae = make_sae("batchtopk", batchtopk_threshold_momentum=momentum)
+    sae = make_sae("batchtopk", threshold_momentum=momentum)
     x1, x2 = make_x(seed=1), make_x(seed=2)
 
     sae.eval()
@@ -116,9 +125,12 @@ def test_jumprelu__zero_below_threshold_and_equal_to_pre_acts_above():
     assert 0 < above.sum() < above.numel()
 
 
+SPARSITY_COEFFICIENT = {"relu": {"l1_coefficient": 0.01}, "jumprelu": {"l0_coefficient": 0.01}}
+
+
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
 def test_forward__mse_and_sparsity_match_manual_formulas(architecture):
-    sae, x = make_sae(architecture, l1_coefficient=0.01), make_x()
+    sae, x = make_sae(architecture, **SPARSITY_COEFFICIENT.get(architecture, {})), make_x()
     out = sae(x)
     assert isinstance(out, SaeOutput)
     pre = manual_pre_acts(sae, x)
@@ -132,8 +144,9 @@ def test_forward__mse_and_sparsity_match_manual_formulas(architecture):
     else:
         expected_sparsity = torch.tensor(0.0)
     close(out.sparsity, expected_sparsity)
-    close(out.auxk, torch.tensor(0.0))
-    close(out.loss, out.mse + out.sparsity + out.auxk)
+    close(out.aux, torch.tensor(0.0))
+    close(out.reconstruction, out.mse)
+    close(out.loss, out.mse + out.sparsity + out.aux)
     close(sae.decode(sae.encode(x)), out.x_hat)
 
 
@@ -154,16 +167,16 @@ def test_encode__accepts_leading_token_dimensions():
 
 def test_init__tied_unit_norm_rows_zero_biases_and_deterministic_given_seed():
     torch.manual_seed(3)
-    a = SparseAutoencoder(D_IN, D_SAE, "jumprelu", jumprelu_init_threshold=0.02)
+    a = SparseAutoencoder(D_IN, D_SAE, JumpReLU(init_threshold=0.02))
     torch.manual_seed(3)
-    b = SparseAutoencoder(D_IN, D_SAE, "jumprelu", jumprelu_init_threshold=0.02)
+    b = SparseAutoencoder(D_IN, D_SAE, JumpReLU(init_threshold=0.02))
     for name, tensor in a.state_dict().items():
         assert torch.equal(tensor, b.state_dict()[name]), name
     close(a.W_dec.norm(dim=1), torch.ones(D_SAE))
     assert torch.equal(a.W_enc, a.W_dec)
     assert not a.b_enc.any() and not a.b_dec.any()
     close(a.log_threshold.exp(), torch.full((D_SAE,), 0.02))
-    assert a.jumprelu_init_threshold == 0.02  # resampling resets revived thresholds to it
+    assert a.architecture.resample_resets() == [("log_threshold", math.log(0.02))]  # revived thresholds get it back
     assert not a.normalize_decoder and make_sae("relu").normalize_decoder and make_sae("topk").normalize_decoder
 
 
@@ -211,7 +224,7 @@ def test_training__reduces_reconstruction_error_on_synthetic_sparse_data(archite
     data = synthetic_sparse_data(4096)
     held_out = synthetic_sparse_data(1024, seed=1)
     torch.manual_seed(0)
-    sae = SparseAutoencoder(32, 64, architecture, k=4 if architecture in ("topk", "batchtopk") else None)
+    sae = SparseAutoencoder(32, 64, ARCHITECTURES[architecture](**SETTINGS[architecture]))
     optimizer = torch.optim.Adam(sae.parameters(), lr=1e-2)
     sae.eval()
     with torch.no_grad():
@@ -253,14 +266,14 @@ def test_auxk__equals_normalised_error_of_top_dead_latents_on_the_residual(archi
     dead = torch.zeros(D_SAE, dtype=torch.bool)
     dead[::4] = True
     out = sae(x, dead_mask=dead)
-    close(out.auxk, 0.5 * manual_auxk(sae, x, out, dead, k_aux=3))
-    close(out.loss, out.mse + out.auxk)
+    close(out.aux, 0.5 * manual_auxk(sae, x, out, dead, k_aux=3))
+    close(out.loss, out.mse + out.aux)
     # The default k_aux = d_in // 2 = 8 is capped at the 2 dead latents.
     few_dead = torch.zeros(D_SAE, dtype=torch.bool)
     few_dead[[5, 40]] = True
     sae = make_sae(architecture)
     out = sae(x, dead_mask=few_dead)
-    close(out.auxk, sae.auxk_coefficient * manual_auxk(sae, x, out, few_dead, k_aux=2))
+    close(out.aux, sae.architecture.auxk_coefficient * manual_auxk(sae, x, out, few_dead, k_aux=2))
 
 
 def test_auxk__sends_gradient_to_dead_latents_encoder_rows_only():
@@ -268,7 +281,7 @@ def test_auxk__sends_gradient_to_dead_latents_encoder_rows_only():
     dead = torch.zeros(D_SAE, dtype=torch.bool)
     dead[:6] = True
     out = sae(x, dead_mask=dead)
-    out.auxk.backward()
+    out.aux.backward()
     grad_norms = sae.W_enc.grad.norm(dim=1)
     assert (grad_norms[:6] > 0).all()
     assert not grad_norms[6:].any()
@@ -277,18 +290,18 @@ def test_auxk__sends_gradient_to_dead_latents_encoder_rows_only():
 def test_auxk__is_zero_without_dead_latents_and_finite_without_residual_variance():
     x = make_x()
     sae = make_sae("topk")
-    assert sae(x).auxk == 0
-    assert sae(x, dead_mask=torch.zeros(D_SAE, dtype=torch.bool)).auxk == 0
-    assert make_sae("relu")(x, dead_mask=torch.ones(D_SAE, dtype=torch.bool)).auxk == 0
+    assert sae(x).aux == 0
+    assert sae(x, dead_mask=torch.zeros(D_SAE, dtype=torch.bool)).aux == 0
+    assert make_sae("relu")(x, dead_mask=torch.ones(D_SAE, dtype=torch.bool)).aux == 0
     out = sae(x[:1], dead_mask=torch.ones(D_SAE, dtype=torch.bool))  # one row: the residual has no variance
     out.loss.backward()
-    assert out.auxk == 0 and torch.isfinite(out.loss)
+    assert out.aux == 0 and torch.isfinite(out.loss)
     assert all(torch.isfinite(p.grad).all() for p in sae.parameters())
 
 
 def test_jumprelu__threshold_gets_straight_through_gradient_from_sparsity_term():
     bandwidth, coefficient = 0.2, 0.01
-    sae, x = make_sae("jumprelu", jumprelu_bandwidth=bandwidth, l1_coefficient=coefficient), make_x()
+    sae, x = make_sae("jumprelu", bandwidth=bandwidth, l0_coefficient=coefficient), make_x()
     threshold = torch.full((D_SAE,), 0.3)
     with torch.no_grad():
         sae.log_threshold.copy_(threshold.log())
@@ -305,7 +318,7 @@ def test_jumprelu__threshold_gets_straight_through_gradient_from_sparsity_term()
 
 def test_jumprelu__reconstruction_gradient_to_threshold_follows_the_rectangle_kernel():
     bandwidth = 0.2
-    sae, x = make_sae("jumprelu", jumprelu_bandwidth=bandwidth), make_x()
+    sae, x = make_sae("jumprelu", bandwidth=bandwidth), make_x()
     with torch.no_grad():
         sae.log_threshold.fill_(math.log(0.3))
     out = sae(x)
@@ -329,15 +342,13 @@ def test_bfloat16__forward_and_backward_stay_finite(architecture):
 
 
 def test_bad_arguments__raise_errors_naming_the_fix():
-    with pytest.raises(ValueError, match=r"architecture 'topk' needs k \(number of active latents per token\)"):
-        SparseAutoencoder(D_IN, D_SAE, "topk")
-    with pytest.raises(ValueError, match="architecture 'batchtopk' needs k"):
-        SparseAutoencoder(D_IN, D_SAE, "batchtopk")
-    with pytest.raises(ValueError, match=r"'gated'.*relu, topk, batchtopk, jumprelu"):
+    with pytest.raises(ValueError, match=r"'gated'.*relu \(ReLU\), topk \(TopK\), batchtopk \(BatchTopK\), jumprelu"):
         SparseAutoencoder(D_IN, D_SAE, "gated")
-    for bad_k in (0, D_SAE + 1):
-        with pytest.raises(ValueError, match=f"k={bad_k} .*d_sae={D_SAE}"):
-            SparseAutoencoder(D_IN, D_SAE, "topk", k=bad_k)
+    for architecture in (TopK, BatchTopK):
+        with pytest.raises(ValueError, match="k=0 must be at least 1"):
+            architecture(k=0)
+        with pytest.raises(ValueError, match=f"k={D_SAE + 1} .*d_sae={D_SAE}"):
+            SparseAutoencoder(D_IN, D_SAE, architecture(k=D_SAE + 1))
     sae = make_sae("topk")
     with pytest.raises(ValueError, match=f"d_in={D_IN}"):
         sae(torch.randn(4, D_IN + 1))

@@ -1,0 +1,63 @@
+"""BatchTopK SAE (Bussmann et al. 2024, "BatchTopK sparse autoencoders"): k * batch latents over the whole batch
+while training, a learned global threshold at inference."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from neurolight.lightning_modules.sae.architectures.base import Architecture, ResampleReset
+from neurolight.lightning_modules.sae.architectures.topk import TopK, row_topk
+
+
+class BatchTopK(TopK):
+    """f keeps the k * batch largest pre-activations of the batch, so tokens use more or fewer than k; at inference
+    the latents above a running estimate of the smallest kept activation (buffer ``threshold``)."""
+
+    def __init__(
+        self, k: int = 32, auxk_coefficient: float = 1 / 32, k_aux: int | None = None, threshold_momentum: float = 0.99
+    ) -> None:
+        """
+        Args:
+            k: Mean latents active per token over a batch; lower it for a lower L0 (Bussmann et al. 2024 train at
+                k = 32 among others).
+            auxk_coefficient: Weight of the AuxK loss on dead latents (Gao et al. 2024, appendix A.2: 1/32).
+            k_aux: Dead latents the AuxK loss uses per token; default d_in / 2.
+            threshold_momentum: Momentum of the exponential moving average of the smallest kept activation, the
+                threshold used at inference.
+        """
+        super().__init__(k, auxk_coefficient, k_aux)
+        if not 0 <= threshold_momentum <= 1:
+            raise ValueError(f"threshold_momentum={threshold_momentum} must be in [0, 1]")
+        self.threshold_momentum = threshold_momentum
+
+    def tensors(self, d_in: int, d_sae: int) -> dict[str, Tensor]:
+        # -1 means "not estimated yet": inference falls back to per-token TopK until a training batch has been seen.
+        return {"threshold": torch.tensor(-1.0)}
+
+    def inference_threshold(self, sae) -> Tensor | None:
+        return sae.threshold if sae.threshold >= 0 else None
+
+    def activation(self, sae, pre_acts: Tensor, update: bool) -> Tensor:
+        if not sae.training:
+            return row_topk(pre_acts, self.k)  # no threshold estimated yet
+        flat = F.relu(pre_acts).flatten()
+        values, indices = flat.topk(self.k * pre_acts.shape[0], sorted=False)
+        if update:
+            with torch.no_grad():
+                # The smallest kept positive activation, tracked as an EMA, replaces the batch dependence at
+                # inference. Written without .item() so it does not stall the GPU.
+                threshold = sae.threshold
+                batch_min = torch.where(values > 0, values, torch.inf).min().to(threshold.dtype)
+                m = self.threshold_momentum
+                ema = torch.where(threshold < 0, batch_min, m * threshold + (1 - m) * batch_min)
+                threshold.copy_(torch.where(batch_min.isfinite(), ema, threshold))
+        return torch.zeros_like(flat).scatter(0, indices, values).view_as(pre_acts)
+
+    # Dense decoding, not TopK's gather: a token may hold up to k * batch latents.
+    encode_decode = Architecture.encode_decode
+
+    def resample_resets(self) -> list[ResampleReset]:
+        # The estimate describes the activations before resampling; the next training batch estimates it afresh.
+        return [ResampleReset("threshold", -1.0)]

@@ -1,0 +1,71 @@
+"""TopK SAE with the AuxK loss on dead latents (Gao et al. 2024, "Scaling and evaluating sparse autoencoders")."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from neurolight.lightning_modules.sae.architectures.base import Architecture
+
+
+def row_topk(pre_acts: Tensor, k: int) -> Tensor:
+    """ReLU of the k largest pre-activations of each row, zero elsewhere; (batch, d_sae)."""
+    values, indices = pre_acts.topk(k, dim=-1, sorted=False)
+    return torch.zeros_like(pre_acts).scatter(-1, indices, F.relu(values))
+
+
+class TopK(Architecture):
+    """f = ReLU of the k largest pre-activations of each token; L0 <= k by construction."""
+
+    sparsity_setting = "k"
+    raise_for_sparsity = False
+
+    def __init__(self, k: int = 32, auxk_coefficient: float = 1 / 32, k_aux: int | None = None) -> None:
+        """
+        Args:
+            k: Latents kept active per token; lower it for a lower L0. Gao et al. 2024 train most of their SAEs
+                at k = 32.
+            auxk_coefficient: Weight of the AuxK loss, which lets dead latents model the reconstruction's residual
+                (Gao et al. 2024, appendix A.2: 1/32).
+            k_aux: Dead latents the AuxK loss uses per token; default d_in / 2 (Gao et al. 2024, appendix A.2).
+        """
+        if k < 1:
+            raise ValueError(f"k={k} must be at least 1")
+        if k_aux is not None and k_aux < 1:
+            raise ValueError(f"k_aux={k_aux} must be at least 1")
+        self.k, self.auxk_coefficient, self.k_aux = k, auxk_coefficient, k_aux
+
+    def check(self, d_in: int, d_sae: int) -> None:
+        if self.k > d_sae:
+            raise ValueError(f"k={self.k} is out of range; it must be between 1 and d_sae={d_sae}")
+
+    def activation(self, sae, pre_acts: Tensor, update: bool) -> Tensor:
+        return row_topk(pre_acts, self.k)
+
+    def encode_decode(self, sae, pre_acts: Tensor, update: bool) -> tuple[Tensor, Tensor]:
+        # Only k of d_sae latents are nonzero: decoding by gathering their rows costs k/d_sae of the dense
+        # product, forward and backward (Gao et al. 2024 use a sparse kernel for the same reason).
+        values, indices = pre_acts.topk(self.k, dim=-1, sorted=False)
+        values = F.relu(values)
+        latents = torch.zeros_like(pre_acts).scatter(-1, indices, values)
+        return latents, sae.decode_sparse(indices, values) + sae.b_dec
+
+    def aux_loss(self, sae, x: Tensor, x_hat: Tensor, pre_acts: Tensor, dead: Tensor) -> Tensor:
+        zero = pre_acts.new_zeros(())
+        n_dead = int(dead.sum())  # topk needs a Python int
+        if n_dead == 0:
+            return zero
+        k_aux = max(1, sae.d_in // 2) if self.k_aux is None else self.k_aux
+        # Gao et al. 2024, section A.2: the top k_aux dead latents model the main reconstruction's residual,
+        # giving dead latents a gradient that points where live ones fall short.
+        values, indices = pre_acts.masked_fill(~dead, float("-inf")).topk(min(k_aux, n_dead), dim=-1)
+        residual = x - x_hat.detach()
+        error = (residual - sae.decode_sparse(indices, F.relu(values))).pow(2).sum(-1).mean()
+        # Normalised like OpenAI's normalized MSE, so auxk_coefficient does not depend on the residual's scale.
+        # A residual with no variance (e.g. a batch of one) gives nothing to normalise by: the loss is 0 there,
+        # with a safe denominator so that the unused branch's gradient is not NaN.
+        variance = (residual - residual.mean(0)).pow(2).sum(-1).mean()
+        has_variance = variance > 0
+        normalised = error / torch.where(has_variance, variance, torch.ones_like(variance))
+        return self.auxk_coefficient * torch.where(has_variance, normalised, zero)
