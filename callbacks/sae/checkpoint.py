@@ -54,6 +54,10 @@ class SaeCheckpoint(FolderHolder, Callback):
         return run_directory(trainer) / "checkpoints"
 
     def setup(self, trainer, pl_module, stage: str) -> None:
+        # Last among the callbacks (as Lightning orders its own checkpoint callbacks): a checkpoint then holds what
+        # the others did at its step, such as a resampling, and resuming from it repeats none of it.
+        trainer.callbacks.remove(self)
+        trainer.callbacks.append(self)
         if stage == "fit" and trainer.is_global_zero:
             self.hold(self.directory(trainer), "neurolight fit")
 

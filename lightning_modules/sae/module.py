@@ -178,8 +178,10 @@ class SparseAutoencoderModule(pl.LightningModule):
         if self.sae.normalize_decoder:
             zero.update_grad(self.sae.W_dec, remove_parallel_component)
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        # After the optimizer step: Towards Monosemanticity keeps decoder rows at unit norm.
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Right after the step (Towards Monosemanticity: decoder rows at unit norm), before any callback's
+        # on_train_batch_end: a step checkpoint then holds the renormalised decoder that the next step starts from.
         if self.sae.normalize_decoder:
             zero.update_param(self.sae.W_dec, unit_norm_rows)
 

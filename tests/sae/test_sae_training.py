@@ -236,3 +236,29 @@ def test_bf16_buffer__sae_trains_in_float32_weights_with_a_unit_norm_decoder(
     assert {p.dtype for p in module.parameters()} == {torch.float32}
     assert explained(initial) < 0 and explained(module.sae) > 0.5
     torch.testing.assert_close(module.sae.W_dec.norm(dim=1), torch.ones(256))
+
+
+@pytest.mark.parametrize("step", [8, 12], ids=["at_a_resampling", "between_resamplings"])
+def test_resume_from_a_step_checkpoint__is_bit_identical_to_an_uninterrupted_run(
+    tmp_path, corpus, tiny_model_dir, step
+):
+    torch.manual_seed(0)
+    straight = make_module()
+    make_trainer(tmp_path / "a", max_steps=20, ckpt_every=4, resample_every=8).fit(
+        straight, make_datamodule(corpus, tiny_model_dir)
+    )
+    checkpoint = tmp_path / "a" / "checkpoints" / f"step_{step:07d}.ckpt"
+    saved = torch.load(checkpoint, weights_only=False)["state_dict"]["sae.W_dec"]
+    assert torch.allclose(saved.norm(dim=1), torch.ones(len(saved)), atol=1e-6)  # saved after the renormalisation
+    resumed = make_module()
+    make_trainer(tmp_path / "b", max_steps=20, ckpt_every=4, resample_every=8).fit(
+        resumed, make_datamodule(corpus, tiny_model_dir), ckpt_path=checkpoint
+    )
+    for name, value in straight.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], value), name
+    a = torch.load(tmp_path / "a/checkpoints/last.ckpt", weights_only=False)
+    b = torch.load(tmp_path / "b/checkpoints/last.ckpt", weights_only=False)
+    for group_a, group_b in zip(a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values()):
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(group_a[key], group_b[key]), key
+    assert a["lr_schedulers"] == b["lr_schedulers"]
