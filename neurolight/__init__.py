@@ -1,19 +1,41 @@
 """neurolight: neuron-level work on language models with PyTorch Lightning.
 
-The public API, importable from here (``from neurolight import SparseAutoencoder``): every export of
-``neurolight.datamodules``, ``neurolight.lightning_modules`` and ``neurolight.callbacks``. The command line is
-``neurolight`` or ``python -m neurolight``. Imports run one way: ``datamodules`` (data, the frozen LLM) <-
-``lightning_modules`` <- ``callbacks`` <- ``cli``.
+The public API, importable from here (``from neurolight import SparseAutoencoder``): the LightningModules, the data
+modules, the callbacks, the SAE and the model loaders. Everything else stays under its package
+(``neurolight.lightning_modules.TopK``), which is also how recipes name classes. The command line is ``neurolight``
+or ``python -m neurolight``. Imports run one way: ``datamodules`` (data, the frozen LLM) <- ``lightning_modules`` <-
+``callbacks`` <- ``cli``.
 """
 
-from neurolight import callbacks, datamodules, lightning_modules
+from neurolight import callbacks
 from neurolight._lazy import lazy_exports
 
-# The three packages export lazily, so ``import neurolight`` stays cheap (the tokenizer's worker processes import a
-# submodule of it) and a name is imported on first use.
-_EXPORTS = {
-    name: package.__name__ for package in (datamodules, lightning_modules, callbacks) for name in package.__all__
+_PUBLIC = {
+    "neurolight.lightning_modules": (
+        "AnswerGenerator",
+        "LatentInterpreter",
+        "LatentSampler",
+        "RunningLatentSamples",
+        "SendModule",
+        "SparseAutoencoder",
+        "SparseAutoencoderModule",
+    ),
+    "neurolight.datamodules": (
+        "ActivationDataModule",
+        "CorpusContextDataModule",
+        "HookedLLM",
+        "InterpretationDataModule",
+        "InterpretationSamples",
+        "MODELS",
+        "QADataModule",
+        "load_causal_lm",
+        "load_tokenizer",
+    ),
+    "neurolight.callbacks": tuple(callbacks.__all__),
 }
+
+# Lazy, like the three packages: ``import neurolight`` stays cheap and a name is imported on first use.
+_EXPORTS = {name: package for package, names in _PUBLIC.items() for name in names}
 
 __all__ = sorted(_EXPORTS)
 

@@ -50,7 +50,7 @@ class KillThenRecord(pl.Callback):
 
 
 def moments_of(trainer, param) -> dict[str, torch.Tensor]:
-    if zero._zero_stage(param):
+    if zero.zero_stage(param):
         from deepspeed.utils import safe_get_full_optimizer_state
 
         return {key: safe_get_full_optimizer_state(param, key).clone() for key in ("exp_avg", "exp_avg_sq")}
@@ -109,7 +109,7 @@ def test_zero3__resampling_a_jumprelu_sae_matches_the_single_device_run(
         strategy=CpuDeepSpeedStrategy(stage=3, logging_batch_size_per_gpu=1),
         precision="32-true",
     )
-    assert zero._zero_stage(sharded.module.sae.log_threshold) == 3
+    assert zero.zero_stage(sharded.module.sae.log_threshold) == 3
     for step in (9, 10):
         for key, value in single.records[step].items():
             torch.testing.assert_close(sharded.records[step][key], value, atol=1e-5, rtol=1e-4, msg=f"{step} {key}")
