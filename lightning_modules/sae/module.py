@@ -20,6 +20,7 @@ from neurolight.lightning_modules.sae.architectures import (
     remove_parallel_component,
     unit_norm_rows,
 )
+from neurolight.lightning_modules.sae.metrics import ExplainedVariance, explained_variance
 from neurolight.lightning_modules.sae.sparse_autoencoder import SaeOutput, SparseAutoencoder
 
 # Hyperparameters that checkpoints written before architectures were objects hold beside ``architecture`` (a name).
@@ -71,6 +72,7 @@ class SparseAutoencoderModule(pl.LightningModule):
         self.register_buffer("tokens_since_fired", torch.zeros(dict_vec_size, dtype=torch.long))
         self.register_buffer("window_fired", torch.zeros(dict_vec_size, dtype=torch.long))
         self.register_buffer("window_tokens", torch.zeros((), dtype=torch.long))
+        self.val_explained_variance = ExplainedVariance()
         self._previous_l0: float | None = None  # L0 of the previous metrics window
         self._warned_dense = False
 
@@ -201,7 +203,6 @@ class SparseAutoencoderModule(pl.LightningModule):
         )
         metrics = {
             "val/l0": (out.latents > 0).sum(-1).float().mean(),
-            "val/explained_variance": explained_variance(x, out.x_hat),
             "val/mse": out.mse,
             "val/ce_loss_recovered": splice["ce_loss_recovered"],
             "val/kl": splice["kl"],
@@ -209,6 +210,9 @@ class SparseAutoencoderModule(pl.LightningModule):
             "val/ce_clean": splice["ce_clean"],
         }
         self.log_dict({k: v.to(self.device) for k, v in metrics.items()}, sync_dist=True)
+        # A torchmetrics Metric: Lightning computes it once over the whole validation set at the epoch's end.
+        self.val_explained_variance.update(x, out.x_hat)
+        self.log("val/explained_variance", self.val_explained_variance)
 
     # ------------------------------------------------------------------------------------------ optimiser
     def configure_optimizers(self):
@@ -218,13 +222,6 @@ class SparseAutoencoderModule(pl.LightningModule):
         warmup = self.hparams.lr_warmup_steps
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-
-def explained_variance(x: Tensor, x_hat: Tensor) -> Tensor:
-    """1 - FVU: 1 - ||x - x_hat||^2 / ||x - mean(x)||^2 over the batch (ALGORITHMS.md §3)."""
-    residual = (x - x_hat).float().pow(2).sum()
-    total = (x - x.mean(0)).float().pow(2).sum()
-    return 1 - residual / total
 
 
 def init_args_from_checkpoint(hyperparameters: dict) -> dict:

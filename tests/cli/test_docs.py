@@ -15,11 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).parents[2]
 DOCS = ROOT / "docs"
 
-PENDING = frozenset(
-    {
-        "lightning_modules/sae/module.py",
-    }
-)
+PENDING: frozenset[str] = frozenset()
 """Files that still cite a file outside the repository, left alone while other branches rewrite them (the SAE
 architecture registry and the interpretation-scorer registry, issue 12). The lead engineer replaces their citations
 after merging those branches and empties this set; ``test_pending__lists_only_files_that_still_need_the_fix`` fails

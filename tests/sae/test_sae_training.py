@@ -7,7 +7,7 @@ import torch
 
 from neurolight.callbacks import DeadLatentResampler
 from neurolight.lightning_modules import SparseAutoencoderModule
-from neurolight.lightning_modules.sae.module import explained_variance
+from neurolight.lightning_modules.sae.metrics import explained_variance
 from tests.helpers.sae import build_tiny_corpus, make_datamodule, make_module, make_trainer
 
 
@@ -262,3 +262,19 @@ def test_resume_from_a_step_checkpoint__is_bit_identical_to_an_uninterrupted_run
         for key in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(group_a[key], group_b[key]), key
     assert a["lr_schedulers"] == b["lr_schedulers"]
+
+
+def test_explained_variance_metric__is_the_whole_sets_not_a_mean_of_batch_ratios():
+    from neurolight.lightning_modules.sae.metrics import ExplainedVariance
+
+    generator = torch.Generator().manual_seed(0)
+    # Two batches of different sizes and means: the mean of their ratios differs from the ratio over the set.
+    batches = [torch.randn(7, 5, generator=generator) + 3, torch.randn(40, 5, generator=generator) * 2]
+    reconstructions = [x + 0.5 * torch.randn(x.shape, generator=generator) for x in batches]
+    metric = ExplainedVariance()
+    for x, x_hat in zip(batches, reconstructions):
+        metric.update(x, x_hat)
+    x, x_hat = torch.cat(batches), torch.cat(reconstructions)
+    assert torch.allclose(metric.compute(), explained_variance(x, x_hat), atol=1e-6)
+    mean_of_ratios = sum(explained_variance(a, b) for a, b in zip(batches, reconstructions)) / 2
+    assert abs(float(mean_of_ratios - metric.compute())) > 0.01

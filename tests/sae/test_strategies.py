@@ -19,7 +19,7 @@ import yaml
 
 from neurolight.callbacks import DeadLatentResampler
 from neurolight.datamodules.llm import zero
-from neurolight.lightning_modules.sae.module import explained_variance
+from neurolight.lightning_modules.sae.metrics import explained_variance
 from tests.helpers.sae import build_tiny_corpus, make_datamodule, make_module, make_trainer
 
 deepspeed = pytest.importorskip("deepspeed")
