@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from neurolight.callbacks.run_folder import FolderHolder, refuse_other_runs_checkpoints
 
@@ -84,7 +85,11 @@ class ResumableCheckpoint(FolderHolder, ModelCheckpoint):
     def _save_on_exception(self, trainer, exception: BaseException) -> None:
         if not self._should_save_on_exception(trainer):
             return
-        path = self._save_as(trainer, MID_EPOCH)
+        try:
+            path = self._save_as(trainer, MID_EPOCH)
+        except OSError as error:  # a full disk: the run's own error is the one to report, not this one
+            rank_zero_warn(f"{error}; no {MID_EPOCH} either")
+            return
         rank_zero_info(
             f"{type(exception).__name__} at step {trainer.global_step}: saved {path}; continue with --ckpt_path {path} "
             f"(or --ckpt_path {Path(self.dirpath) / LAST}, the end of the last complete epoch, for an exact resume)"
@@ -99,6 +104,12 @@ class ResumableCheckpoint(FolderHolder, ModelCheckpoint):
             self._save_checkpoint(trainer, str(temporary))
             if trainer.is_global_zero:
                 _replace(temporary, final)
+        except OSError as error:  # a full disk names the temporary file (and fsspec's in /tmp): name this one
+            raise OSError(
+                f"could not write the checkpoint {final} ({error.strerror or error}); free space on, or "
+                f"fix the permissions of, {directory} (and the temporary folder, {tempfile.gettempdir()}) and resume "
+                "from the last checkpoint written",
+            ) from error
         finally:
             if trainer.is_global_zero:
                 _remove(temporary)
