@@ -17,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from neurolight.callbacks.run_folder import FolderHolder, refuse_other_runs_checkpoints, save_checkpoint_atomically
 
@@ -83,7 +83,11 @@ class ResumableCheckpoint(FolderHolder, ModelCheckpoint):
         # A second Ctrl-C (the first stops between steps, as SIGTERM does) means: out, now, whatever the state.
         if isinstance(exception, KeyboardInterrupt) or not self._should_save_on_exception(trainer):
             return
-        path = self._save_as(trainer, MID_EPOCH)
+        try:
+            path = self._save_as(trainer, MID_EPOCH)
+        except OSError as error:  # a full disk: the run's own error is the one to report, not this one
+            rank_zero_warn(f"{error}; no {MID_EPOCH} either")
+            return
         rank_zero_info(
             f"{type(exception).__name__} at step {trainer.global_step}: saved {path}; continue with --ckpt_path {path} "
             f"(or --ckpt_path {Path(self.dirpath) / LAST}, the end of the last complete epoch, for an exact resume)"

@@ -17,6 +17,7 @@ import os
 import shutil
 import socket
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -133,10 +134,11 @@ def save_checkpoint_atomically(trainer, path: Path, weights_only: bool = False) 
         trainer.save_checkpoint(temporary, weights_only=weights_only)  # ends with a barrier of all ranks
         if trainer.is_global_zero:
             _replace(temporary, path)
-    except OSError as error:
+    except OSError as error:  # a full disk names the temporary file (and fsspec's in /tmp): name this one
         raise OSError(
-            f"could not write the checkpoint {path} ({error.strerror or error}); free space on {path.parent} "
-            "and resume from the previous checkpoint"
+            f"could not write the checkpoint {path} ({error.strerror or error}); free space on, or fix the "
+            f"permissions of, {path.parent} (and the temporary folder, {tempfile.gettempdir()}) and resume from "
+            "the last checkpoint written"
         ) from error
     finally:
         if trainer.is_global_zero:

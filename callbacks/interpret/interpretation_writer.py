@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -144,11 +145,28 @@ class InterpretationWriter(BasePredictionWriter):
             self.written += latents
         except LatentStoreError as error:
             path = self.fallback_file(trainer, trainer.global_rank)
+            self._keep(path, documents, error)
+            self.unstored += latents
+            log.warning(f"{error}; kept latents {latents} in {path} (the next run uploads them first)")
+
+    @staticmethod
+    def _keep(path: Path, documents: list[dict], error: LatentStoreError) -> None:
+        """Appends ``documents`` to the fallback file; where that fails too (the same full disk), the file is cut back
+        to its whole lines and the run stops: nothing more it computes could be kept."""
+        size = path.stat().st_size if path.is_file() else None
+        try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with path.open("a") as f:
                 f.writelines(json.dumps(doc) + "\n" for doc in documents)
-            self.unstored += latents
-            log.warning(f"{error}; kept latents {latents} in {path} (the next run uploads them first)")
+        except OSError as fallback_error:
+            if size is None:
+                path.unlink(missing_ok=True)
+            elif path.is_file():
+                os.truncate(path, size)
+            raise LatentStoreError(
+                f"{error}; nor could latents {[doc['latent'] for doc in documents]} be kept in {path} "
+                f"({fallback_error.strerror or fallback_error})"
+            ) from fallback_error
 
     def on_predict_end(self, trainer, pl_module) -> None:
         self._nothing_to_do = False

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from neurolight.datamodules.files import atomic_path
+
 FOLDER = ".resume"
 """Snapshots go to this hidden folder inside the writer's ``save_path``."""
 
@@ -42,12 +44,11 @@ class SamplerSnapshots:
         """Write ``state`` under a temporary name, flush it to disk and rename it: a kill at any moment leaves
         either the previous snapshot or this one, never half of one."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = self.folder / f".{self.path.name}.tmp"
-        with tmp.open("wb") as file:
-            torch.save(state, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, self.path)
+        with atomic_path(self.path, "progress snapshot of the latent sampler") as temporary:
+            with temporary.open("wb") as file:
+                torch.save(state, file)
+                file.flush()
+                os.fsync(file.fileno())
         return self.path
 
     def exist(self) -> bool:

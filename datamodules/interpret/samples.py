@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -70,7 +71,10 @@ def save_interpretation_samples(path: str | Path, tensors: dict[str, Tensor], me
     path.mkdir(parents=True, exist_ok=True)
     # The tensors first: a directory is complete only once its metadata exists.
     with atomic_path(path / _TENSORS, "interpretation samples") as temporary:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(temporary))
+        try:
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(temporary))
+        except SafetensorError as error:  # its I/O errors (a full disk) are not OSErrors
+            raise OSError(str(error)) from error
     with atomic_path(path / _META, "interpretation samples' metadata") as temporary:
         temporary.write_text(json.dumps({"format_version": FORMAT_VERSION, **metadata}, indent=2, default=str))
     return path

@@ -284,9 +284,8 @@ def build_tokenized_corpus(
                     num_processes=num_processes, dtype=dtype, seed=seed, dataset=_describe(source),
                     counts={key: sum(r[key] for r in results) for key in results[0]},
                     shards=[shard.name for shard in shards])  # fmt: skip
-    tmp = output / f".{METADATA_FILE}.tmp"
-    tmp.write_text(json.dumps(metadata, indent=2))
-    os.replace(tmp, output / METADATA_FILE)
+    with atomic_path(output / METADATA_FILE, "corpus metadata") as temporary:
+        temporary.write_text(json.dumps(metadata, indent=2))
     return output
 
 

@@ -138,9 +138,10 @@ def run(args: list[str] | None = None, exit_on_error: bool = True) -> LightningC
 
 def main(args: list[str] | None = None) -> None:
     """Console entry point (returns nothing, so the script prints nothing extra at exit). A user error (a bad
-    setting, a missing file, a store's refusal) is one line that names the cause and the fix, not a traceback;
-    ``--debug`` or ``NEUROLIGHT_DEBUG=1`` shows the trace."""
+    setting, a missing file, a store's refusal, a folder that another live run holds) is one line that names the
+    cause and the fix, not a traceback; ``--debug`` or ``NEUROLIGHT_DEBUG=1`` shows the trace."""
     from neurolight.callbacks.interpret.stores import LatentStoreError
+    from neurolight.callbacks.run_folder import FolderInUseError
 
     argv = sys.argv[1:] if args is None else list(args)
     debug, argv = debug_requested(argv)
@@ -152,7 +153,7 @@ def main(args: list[str] | None = None) -> None:
         subcommand = next((arg for arg in argv if not arg.startswith("-")), None)
         print(f"neurolight: error: {config_error_line(str(error), subcommand)}", file=sys.stderr)
         sys.exit(2)
-    except (LatentStoreError, ValueError, OSError) as error:
+    except (LatentStoreError, FolderInUseError, ValueError, OSError) as error:
         exit_with(error, debug)
 
 
