@@ -42,8 +42,16 @@ class _KeepHistoryWriter(ExperimentWriter):
 
 
 class ResumableCSVLogger(CSVLogger):
-    """Lightning's ``CSVLogger`` (same arguments: ``save_dir``, ``name``, ``version``, ``prefix``,
-    ``flush_logs_every_n_steps``) whose ``metrics.csv`` survives a resume."""
+    """Lightning's ``CSVLogger`` whose ``metrics.csv`` survives a resume.
+
+    Args:
+        save_dir: Folder of the logs; a run's files go to ``<save_dir>/<name>/version_<version>``.
+        name: Experiment name (a folder under ``save_dir``).
+        version: Run version; default: the next free ``version_N``. Give the stopped run's version to resume into
+            its folder and keep its metrics.
+        prefix: String put at the beginning of metric keys.
+        flush_logs_every_n_steps: How often to flush the rows to ``metrics.csv``.
+    """
 
     @property
     def experiment(self) -> ExperimentWriter:

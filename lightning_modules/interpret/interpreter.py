@@ -34,7 +34,16 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from neurolight.datamodules.interpret.tasks import LatentTask
-from neurolight.datamodules.llm.models import load_tokenizer, native_bfloat16, resolve_model
+from neurolight.datamodules.llm import zero
+from neurolight.datamodules.llm.models import (
+    DTYPES,
+    dtype_from_name,
+    load_causal_lm,
+    load_tokenizer,
+    native_bfloat16,
+    resolve_model,
+)
+from neurolight.datamodules.llm.padding import pad_left
 from neurolight.lightning_modules.interpret.prompts import (
     PromptBuilder,
     answer_token,
@@ -45,7 +54,6 @@ from neurolight.lightning_modules.interpret.scorers import DEFAULT_SCORERS, Scor
 from neurolight.lightning_modules.interpret.scorers.base import VALUES, YES_NO, yes_no_prompt
 from neurolight.lightning_modules.interpret.simulation import (
     discretize,
-    pad_left,
     read_logits,
     simulate_generate,
     simulate_logits,
@@ -53,7 +61,6 @@ from neurolight.lightning_modules.interpret.simulation import (
 )
 
 SIMULATORS = ("logits", "generate")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class LatentInterpreter(pl.LightningModule):
@@ -132,23 +139,11 @@ class LatentInterpreter(pl.LightningModule):
         self.model.requires_grad_(False)
 
     def _load_model(self) -> torch.nn.Module:
-        from transformers import AutoModelForCausalLM
-
-        dtype = self._explainer_dtype()
-        # Under DeepSpeed stage 3 Lightning opened zero.Init around this hook; Hugging Face loads weights into the
-        # partitioned parameters only when it knows the DeepSpeed config (as in SendModule).
-        hf_ds_config = None
-        if self._zero3():
-            from transformers.integrations import HfDeepSpeedConfig
-
-            hf_ds_config = HfDeepSpeedConfig(self._trainer.strategy.config)  # kept alive: HF holds a weak reference
-        try:
-            return AutoModelForCausalLM.from_pretrained(resolve_model(self.hparams.explainer_model), dtype=dtype)
-        finally:
-            if hf_ds_config is not None:
-                from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
-                unset_hf_deepspeed_config()
+        # Inside configure_model: under DeepSpeed stage 3 the weights load straight into partitioned parameters.
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        return load_causal_lm(
+            self.hparams.explainer_model, dtype=self._explainer_dtype(), device=None, strategy=strategy
+        )
 
     def _explainer_dtype(self) -> torch.dtype:
         name = self.hparams.explainer_dtype
@@ -158,10 +153,10 @@ class LatentInterpreter(pl.LightningModule):
             # configure_model runs before the strategy moves the module: ask the strategy where it will run.
             device = self._trainer.strategy.root_device if self._trainer is not None else self.device
             return torch.bfloat16 if native_bfloat16(device) else torch.float32
-        return DTYPES[name]
+        return dtype_from_name(name, "explainer_dtype")
 
     def _zero3(self) -> bool:
-        return self._trainer is not None and bool(getattr(self._trainer.strategy, "zero_stage_3", False))
+        return self._trainer is not None and zero.strategy_is_zero3(self._trainer.strategy)
 
     @property
     def pad_id(self) -> int:

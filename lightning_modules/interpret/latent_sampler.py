@@ -25,12 +25,12 @@ import torch
 from torch import Tensor, nn
 
 from neurolight.datamodules.llm.hooked import HOOK_POINTS, LAYER_TYPES, HookedLLM
+from neurolight.datamodules.llm.models import dtype_from_name
 from neurolight.lightning_modules.interpret.running_samples import RunningLatentSamples
 from neurolight.lightning_modules.sae.architectures import architecture_name, build_architecture
 from neurolight.lightning_modules.sae.module import SparseAutoencoderModule, init_args_from_checkpoint
 
 _SAE_CLASS = "SparseAutoencoderModule"
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _HOOKPOINT_ARGS = {f"{layer_type}_hookpoint": layer_type for layer_type in LAYER_TYPES}
 
 
@@ -145,8 +145,8 @@ class LatentSampler(pl.LightningModule):
             )
         if layer_type is not None and layer_type not in LAYER_TYPES:
             raise ValueError(f"unknown layer_type '{layer_type}'; choose one of {', '.join(LAYER_TYPES)}")
-        if llm_dtype is not None and llm_dtype not in _DTYPES:
-            raise ValueError(f"unknown llm_dtype '{llm_dtype}'; choose one of {', '.join(_DTYPES)}")
+        if llm_dtype is not None:
+            dtype_from_name(llm_dtype, "llm_dtype")  # refused here, before the checkpoint is read
         self.save_hyperparameters()
         checkpoint = load_sae_checkpoint(sae_checkpoint)
         self.sae_hparams = init_args_from_checkpoint(checkpoint["hyper_parameters"])
@@ -207,7 +207,9 @@ class LatentSampler(pl.LightningModule):
         self.sae_module = sae_module.eval().requires_grad_(False)
         settings = self.llm_settings
         device = torch.device(self.hparams.device_llm) if self.hparams.device_llm else self._trainer_device()
-        model = load_causal_lm(settings["model_name"], dtype=_DTYPES[settings["llm_dtype"]], device=device)
+        model = load_causal_lm(
+            settings["model_name"], dtype=dtype_from_name(settings["llm_dtype"], "llm_dtype"), device=device
+        )
         self.hooked_llm = HookedLLM(model, settings["layer_type"], settings["layer_id"], settings["hook_points"])
         if self.hooked_llm.d_in != self.d_in:
             raise ValueError(

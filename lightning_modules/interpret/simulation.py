@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from neurolight.datamodules.llm.padding import pad_left, pad_right
 from neurolight.lightning_modules.interpret.prompts import SimulationPrompt, escape_token, value_lines
 
 
@@ -61,28 +62,6 @@ def expected_values(value_logits: Tensor) -> Tensor:
     """(..., V) logits of the value tokens 0..V-1 -> (...) expected value under their renormalised softmax."""
     probabilities = value_logits.float().softmax(-1)
     return probabilities @ torch.arange(value_logits.shape[-1], dtype=torch.float32, device=value_logits.device)
-
-
-def pad_right(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """(rows, max_len) ids and attention mask; right padding leaves every causal read before it untouched."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(sequences), width, dtype=torch.long)
-    for row, sequence in enumerate(sequences):
-        ids[row, : len(sequence)] = torch.tensor(sequence)
-        mask[row, : len(sequence)] = 1
-    return ids.to(device), mask.to(device)
-
-
-def pad_left(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """(rows, max_len) ids and attention mask for ``generate``, which continues every row at the last column."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(sequences), width, dtype=torch.long)
-    for row, sequence in enumerate(sequences):
-        ids[row, width - len(sequence) :] = torch.tensor(sequence)
-        mask[row, width - len(sequence) :] = 1
-    return ids.to(device), mask.to(device)
 
 
 def common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:

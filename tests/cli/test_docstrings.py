@@ -14,12 +14,15 @@ import neurolight.lightning_modules
 
 
 def _configurable_classes() -> list[type]:
-    """The exported classes a recipe names by ``class_path``: modules, data modules, callbacks and stores."""
+    """The exported classes a recipe names by ``class_path``: modules, data modules, callbacks, stores, loggers and
+    SAE architectures."""
     from lightning.pytorch import Callback, LightningDataModule, LightningModule
+    from lightning.pytorch.loggers import Logger
 
     from neurolight.callbacks.interpret.stores import LatentStore
+    from neurolight.lightning_modules.sae.architectures import Architecture
 
-    bases = (LightningModule, LightningDataModule, Callback, LatentStore)
+    bases = (LightningModule, LightningDataModule, Callback, LatentStore, Logger, Architecture)
     classes = []
     for package in (neurolight.datamodules, neurolight.lightning_modules, neurolight.callbacks):
         for name in package.__all__:
@@ -51,3 +54,4 @@ def test_every_init_argument__has_a_docstring(cls):
 def test_the_classes_a_recipe_can_name__are_all_checked():
     names = {cls.__name__ for cls in _configurable_classes()}
     assert {"SparseAutoencoderModule", "SendModule", "QADataModule", "SensitiveNeuronDropout", "SQLiteStore"} <= names
+    assert {"TopK", "MatryoshkaBatchTopK", "ResumableCSVLogger"} <= names
