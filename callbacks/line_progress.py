@@ -30,6 +30,7 @@ class LineProgress(ProgressBar):
         self._enabled = True
         self._started = self._printed = 0.0
         self._done = 0
+        self._total: int | float = float("inf")
 
     def disable(self) -> None:
         self._enabled = False
@@ -64,13 +65,15 @@ class LineProgress(ProgressBar):
     # fit
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._start()
+        # Read once, as tqdm's bar does: with max_steps Lightning reports the batches left, not the epoch's.
+        self._total = self.total_train_batches
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         self._done += 1
-        self._line(trainer, "fit", self._done, self.total_train_batches)
+        self._line(trainer, "fit", self._done, self._total)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        self._line(trainer, "fit", self._done, self.total_train_batches, final=True)
+        self._line(trainer, "fit", self._done, self._total, final=True)
 
     # predict (validation runs inside fit's epochs and is short; it prints nothing of its own)
     def on_predict_start(self, trainer, pl_module) -> None:
