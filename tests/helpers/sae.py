@@ -1,4 +1,5 @@
-"""Builders for end-to-end SAE runs on the tiny model (shared by the training and strategy tests)."""
+"""Builders for end-to-end SAE runs on the tiny model (shared by the training and strategy tests), and synthetic
+sparse data with a plain training loop for the SparseAutoencoder alone."""
 
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from torch.nn import functional as F
 
 from neurolight.callbacks import DeadLatentResampler, SaeCheckpoint
 from neurolight.datamodules import ActivationDataModule
 from neurolight.datamodules.sae.tokenized_corpus import build_tokenized_corpus
-from neurolight.lightning_modules import ReLU, SparseAutoencoderModule, TopK
+from neurolight.lightning_modules import ReLU, SparseAutoencoder, SparseAutoencoderModule, TopK
 from tests.conftest import make_sentences
 
 
@@ -90,3 +92,42 @@ def build_sampler_sae(root: Path, model_dir: Path) -> tuple[Path, Path, Path]:
     module = make_module(act_vec_size=128, dict_vec_size=256, architecture=TopK(k=8))
     make_trainer(root / "sae", max_steps=4, ckpt_every=100).fit(module, make_datamodule(corpus, model_dir))
     return root, corpus, root / "sae" / "checkpoints" / "last.ckpt"
+
+
+def synthetic_sparse_data(
+    n: int,
+    d_in: int = 32,
+    n_features: int = 48,
+    active: int = 3,
+    seed: int = 0,
+    magnitudes: tuple[float, float] = (1.0, 2.0),
+) -> torch.Tensor:
+    """x = sparse non-negative codes @ a fixed random unit-norm dictionary: ``active`` features per sample, each with
+    a magnitude drawn uniformly from ``magnitudes``."""
+    dictionary = F.normalize(torch.randn(n_features, d_in, generator=torch.Generator().manual_seed(1234)), dim=1)
+    generator = torch.Generator().manual_seed(seed)
+    support = torch.rand(n, n_features, generator=generator).argsort(dim=1)[:, :active]
+    low, high = magnitudes
+    values = low + (high - low) * torch.rand(n, active, generator=generator)
+    return torch.zeros(n, n_features).scatter(1, support, values) @ dictionary
+
+
+def train_sae(
+    sae: SparseAutoencoder, data: torch.Tensor, steps: int, lr: float, batch: int = 256, dead_after: int | None = None
+) -> SparseAutoencoder:
+    """Train ``sae`` on ``data`` in order, as SparseAutoencoderModule does but without Lightning: Adam, the decoder
+    constraint around each step, and (``dead_after``) the auxiliary loss on latents silent for that many tokens."""
+    optimizer = torch.optim.Adam(sae.parameters(), lr=lr)
+    tokens_since_fired = torch.zeros(sae.d_sae)
+    for step in range(steps):
+        dead = None if dead_after is None else tokens_since_fired > dead_after
+        out = sae(data[(step * batch) % len(data) :][:batch], dead_mask=dead)
+        optimizer.zero_grad()
+        out.loss.backward()
+        if sae.normalize_decoder:
+            sae.remove_parallel_decoder_grad_()
+        optimizer.step()
+        if sae.normalize_decoder:
+            sae.normalize_decoder_()
+        tokens_since_fired = torch.where((out.latents > 0).any(0), 0, tokens_since_fired + batch)
+    return sae

@@ -1,6 +1,7 @@
 """The architecture extension point: the registry finds classes by name and refuses unknown names and foreign
 settings, an architecture round-trips through its checkpoint form, its tensors keep their state-dict keys, the
-module records it as a mapping (and reads checkpoints of the earlier flat form), and warns when L0 stays high."""
+module records it as a mapping (and reads checkpoints of the earlier flat form) and warns when L0 stays high, and
+the default settings give a sparse SAE."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from neurolight.lightning_modules.sae.architectures import (
     build_architecture,
 )
 from neurolight.lightning_modules.sae.module import init_args_from_checkpoint
+from tests.helpers.sae import synthetic_sparse_data, train_sae
 
 EXAMPLES = [
     ReLU(l1_coefficient=2.0, normalize_decoder=False),
@@ -148,3 +150,24 @@ def test_dense_warning__names_the_setting_once_l0_stays_above_the_fraction_of_d_
     assert "lower model.init_args.architecture.init_args.k (now 64) of TopK" in record_dense_warnings(topk, [64, 64])[0]
     quiet = SparseAutoencoderModule(100, 400, ReLU(), max_l0_fraction=None)
     assert record_dense_warnings(quiet, [99, 99, 99]) == []
+
+
+def trained_l0(architecture) -> float:
+    """L0 on held-out rows of 4 of 256 features (magnitudes 2 to 6) in 64 dimensions, scaled as the module scales
+    LLM activations (E||x|| = sqrt(d_in)), after 300 steps."""
+    data = synthetic_sparse_data(8192, 64, 256, active=4, seed=0, magnitudes=(2, 6))
+    held_out = synthetic_sparse_data(2048, 64, 256, active=4, seed=1, magnitudes=(2, 6))
+    scale = 64**0.5 / data.norm(dim=1).mean()
+    torch.manual_seed(0)
+    sae = train_sae(SparseAutoencoder(64, 256, architecture), data * scale, steps=300, lr=1e-3)
+    with torch.no_grad():
+        return float((sae.eval().encode(held_out * scale) > 0).sum(-1).float().mean())
+
+
+@pytest.mark.parametrize(
+    ("default", "earlier_default"), [(ReLU(), ReLU(l1_coefficient=1e-3)), (JumpReLU(), JumpReLU(1e-3, 1e-3, 1e-3))]
+)
+def test_defaults__give_a_sparse_sae_where_the_earlier_ones_did_not(default, earlier_default):
+    # 4 features per row: the defaults stay under 16 latents of 256 (d_in / 4); the earlier 1e-3 gave over 100.
+    assert trained_l0(default) < 16
+    assert trained_l0(earlier_default) > 100

@@ -12,7 +12,7 @@ from torch.nn import functional as F
 
 from neurolight.lightning_modules import BatchTopK, MatryoshkaBatchTopK, SparseAutoencoder, SparseAutoencoderModule
 from neurolight.lightning_modules.sae.module import init_args_from_checkpoint
-from tests.helpers.sae import build_tiny_corpus, make_datamodule, make_module, make_trainer
+from tests.helpers.sae import build_tiny_corpus, make_datamodule, make_module, make_trainer, train_sae
 
 D_IN, GROUPS, K, BATCH = 16, [4, 12, 32], 6, 64
 ACTIVE = 0.2  # rows of the hierarchical data with a parent feature; the rest are 0
@@ -81,23 +81,12 @@ def hierarchical_data(n: int, generator: torch.Generator, parents: int = 4, chil
     return a * parent_dirs[parent] + b * child_dirs[parent, child], parent_dirs
 
 
-def train(architecture, seed: int, steps: int = 600, batch: int = 256) -> tuple[SparseAutoencoder, torch.Tensor]:
+def train(architecture, seed: int) -> tuple[SparseAutoencoder, torch.Tensor]:
     """An SAE of 32 latents trained on hierarchical data as the module trains (AuxK on latents silent for 2048
     tokens, unit-norm decoder); returns it and the parent directions."""
     data, parents = hierarchical_data(8192, torch.Generator().manual_seed(seed))
     torch.manual_seed(seed)
-    sae = SparseAutoencoder(32, 32, architecture)
-    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-2)
-    tokens_since_fired = torch.zeros(32)
-    for step in range(steps):
-        out = sae(data[(step * batch) % len(data) :][:batch], dead_mask=tokens_since_fired > 2048)
-        optimizer.zero_grad()
-        out.loss.backward()
-        sae.remove_parallel_decoder_grad_()
-        optimizer.step()
-        sae.normalize_decoder_()
-        tokens_since_fired = torch.where((out.latents > 0).any(0), 0, tokens_since_fired + batch)
-    return sae, parents
+    return train_sae(SparseAutoencoder(32, 32, architecture), data, steps=600, lr=1e-2, dead_after=2048), parents
 
 
 def parent_cosines(sae: SparseAutoencoder, parents: torch.Tensor, latents: int) -> torch.Tensor:

@@ -11,6 +11,7 @@ from torch.nn import functional as F
 
 from neurolight.lightning_modules.sae.architectures import BatchTopK, JumpReLU, ReLU, TopK
 from neurolight.lightning_modules.sae.sparse_autoencoder import SaeOutput, SparseAutoencoder
+from tests.helpers.sae import synthetic_sparse_data, train_sae
 
 D_IN, D_SAE, K, BATCH = 16, 48, 4, 32
 ARCHITECTURES = {"relu": ReLU, "topk": TopK, "batchtopk": BatchTopK, "jumprelu": JumpReLU}
@@ -205,16 +206,6 @@ def test_adam_step_then_normalize_decoder__rows_are_unit_norm():
     close(sae.W_dec.norm(dim=1), torch.ones(D_SAE))
 
 
-def synthetic_sparse_data(n: int, d_in: int = 32, n_features: int = 48, active: int = 3, seed: int = 0):
-    """x = sparse non-negative codes @ a fixed random unit-norm dictionary: `active` features per sample."""
-    dictionary = F.normalize(torch.randn(n_features, d_in, generator=torch.Generator().manual_seed(1234)), dim=1)
-    generator = torch.Generator().manual_seed(seed)
-    support = torch.rand(n, n_features, generator=generator).argsort(dim=1)[:, :active]
-    magnitudes = 1 + torch.rand(n, active, generator=generator)
-    codes = torch.zeros(n, n_features).scatter(1, support, magnitudes)
-    return codes @ dictionary
-
-
 def explained_variance(x: torch.Tensor, x_hat: torch.Tensor) -> float:
     return 1 - ((x - x_hat) ** 2).sum().item() / ((x - x.mean(0)) ** 2).sum().item()
 
@@ -225,20 +216,10 @@ def test_training__reduces_reconstruction_error_on_synthetic_sparse_data(archite
     held_out = synthetic_sparse_data(1024, seed=1)
     torch.manual_seed(0)
     sae = SparseAutoencoder(32, 64, ARCHITECTURES[architecture](**SETTINGS[architecture]))
-    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-2)
     sae.eval()
     with torch.no_grad():
         before = explained_variance(held_out, sae(held_out).x_hat)
-    sae.train()
-    for step in range(200):
-        out = sae(data[(step * 256) % 4096 :][:256])
-        optimizer.zero_grad()
-        out.loss.backward()
-        if sae.normalize_decoder:
-            sae.remove_parallel_decoder_grad_()
-        optimizer.step()
-        if sae.normalize_decoder:
-            sae.normalize_decoder_()
+    train_sae(sae.train(), data, steps=200, lr=1e-2)
     sae.eval()
     with torch.no_grad():
         out = sae(held_out)

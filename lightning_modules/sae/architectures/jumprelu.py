@@ -62,17 +62,22 @@ class JumpReLU(Architecture):
 
     def __init__(
         self,
-        l0_coefficient: float = 1.0,
+        l0_coefficient: float = 4.0,
         bandwidth: float = 0.05,
-        init_threshold: float = 0.05,
+        init_threshold: float = 2.0,
         normalize_decoder: bool = False,
     ) -> None:
         """
         Args:
-            l0_coefficient: Weight of the L0 penalty: the squared error a latent must remove to be worth firing;
-                raise it for a lower L0.
-            bandwidth: Width ε of the rectangle kernel of the straight-through threshold gradients.
-            init_threshold: Initial threshold θ of every latent; resampled latents get it back.
+            l0_coefficient: Weight of the L0 penalty: the squared error a latent must remove to be worth firing,
+                so thresholds settle near sqrt(l0_coefficient); raise it for a lower L0.
+            bandwidth: Width ε of the rectangle kernel of the straight-through threshold gradients. Rajamanoharan
+                et al. 2024 use 0.001 on inputs of unit mean squared norm; inputs scaled to E||x|| = sqrt(d_in)
+                are sqrt(d_in) times larger, and 0.05 is that 0.001 for d_in of about 2500.
+            init_threshold: Initial threshold θ of every latent; resampled latents get it back. Adam moves log θ
+                by about the learning rate per step, so θ stays near it for thousands of steps: it starts at
+                sqrt(l0_coefficient), where it would settle, and not at the paper's small value, which leaves half
+                the latents firing until θ has grown.
             normalize_decoder: Keep decoder rows at unit norm. Off by default: the L0 penalty cannot be lowered by
                 shrinking f and growing W_dec, as an L1 penalty can.
         """
