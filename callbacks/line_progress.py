@@ -44,6 +44,9 @@ class LineProgress(ProgressBar):
 
     def _line(self, trainer, stage: str, done: int, total: int | float, final: bool = False) -> None:
         now = time.monotonic()
+        if not self._started:  # a run resumed mid-epoch gets no epoch start
+            self._start()
+            now = self._started
         if not self._enabled or not trainer.is_global_zero or (not final and now - self._printed < self.interval_s):
             return
         self._printed = now
