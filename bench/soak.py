@@ -47,7 +47,8 @@ CORPUS = ["--dataset", "pydoc", "--min_tokens", "64", "--context_length", "64", 
 SHRINK = {
     "corpus": {"num_samples_per_file": 320},  # the demo: 640
     "send": {"trainer.max_epochs": 3, "data.init_args.max_samples": 48,  # 4 epochs of 300 questions
-             "callbacks.SensitiveNeuronDropout.identify_every": 1, "callbacks.SensitiveNeuronDropout.drop_epochs": 2},
+             "callbacks.SensitiveNeuronDropout.identify_every_n_epochs": 1,
+             "callbacks.SensitiveNeuronDropout.drop_epochs": 2},
     "sae": {"trainer.max_steps": 24, "trainer.val_check_interval": 24,  # 160 steps, a checkpoint every 80
             "callbacks.SaeCheckpoint.batches_between_ckpt": 8,
             "callbacks.DeadLatentResampler.neuron_resampling_interval": 8,
@@ -57,7 +58,7 @@ SHRINK = {
     "sample": {"data.init_args.frequency_tokens": 4096, "data.init_args.num_samples": 128,  # 8192, 256
                "data.init_args.batch_size": 8,
                # the demo's default (4096 contexts) is more than the whole demo run: a kill would redo all of it
-               "callbacks.InterpretationSamplesWriter.snapshot_every": 32},
+               "callbacks.InterpretationSamplesWriter.snapshot_every_n_contexts": 32},
     "interpret": {"data.init_args.max_latents": 4, "data.init_args.batch_size": 2,  # 24 latents, batches of 4
                   "model.init_args.max_explanation_tokens": 12},  # 24
 }  # fmt: skip

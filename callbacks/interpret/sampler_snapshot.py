@@ -3,10 +3,10 @@
     neurolight predict --config configs/interpret/sample.yaml      (the same command again, after a kill)
 
 ``neurolight.callbacks.InterpretationSamplesWriter`` saves each rank's ``progress_state(sampler)`` to
-``<save_path>/.resume/rank{r}.pt`` every ``snapshot_every`` contexts, and removes the folder once the samples are
-written. A rerun compares the fingerprint in every rank's snapshot with its own settings, gives each rank its state
-back (``LatentSampler.resume_from``) and tells the datamodule to leave out the contexts already taken in, which are
-then neither read nor run through the LLM.
+``<save_path>/.resume/rank{r}.pt`` every ``snapshot_every_n_contexts`` contexts, and removes the folder once the
+samples are written. A rerun compares the fingerprint in every rank's snapshot with its own settings, gives each rank
+its state back (``LatentSampler.resume_from``) and tells the datamodule to leave out the contexts already taken in,
+which are then neither read nor run through the LLM.
 
 A snapshot is this rank's progress: the contexts of each pass it took in, its OWN firing counts (also in pass 1,
 after the band was chosen from the counts of all ranks) and, in pass 1, the band and the ``RunningLatentSamples``

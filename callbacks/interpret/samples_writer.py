@@ -4,9 +4,9 @@ directory.
 The directory's format is documented in ``neurolight.datamodules.interpret.samples``; the interpreter reads it. Under
 DDP the sampler merges every rank's selections (exactly what one process would select) and global rank zero writes.
 
-- Resume: every ``snapshot_every`` contexts each rank saves its progress to ``<save_path>/.resume/rank{r}.pt``
-  (``neurolight.callbacks.interpret.sampler_snapshot``). Rerunning the same command after a kill continues from there:
-  the
+- Resume: every ``snapshot_every_n_contexts`` contexts each rank saves its progress to
+  ``<save_path>/.resume/rank{r}.pt`` (``neurolight.callbacks.interpret.sampler_snapshot``). Rerunning the same command
+  after a kill continues from there: the
   contexts already taken in are neither read nor run through the LLM again, and the samples are those of one
   uninterrupted run. A snapshot of other settings is refused (``overwrite`` discards it); the folder is removed
   once the samples are written.
@@ -24,23 +24,27 @@ from neurolight.datamodules.interpret.samples import save_interpretation_samples
 
 
 class InterpretationSamplesWriter(FolderHolder, BasePredictionWriter):
-    def __init__(self, save_path: str, overwrite: bool = False, snapshot_every: int | None = 4096) -> None:
+    def __init__(self, save_path: str, overwrite: bool = False, snapshot_every_n_contexts: int | None = 4096) -> None:
         """
         Args:
             save_path: Directory to write ``metadata.json`` and ``samples.safetensors`` to.
             overwrite: Replace the samples in an existing, non-empty ``save_path``, and discard the progress
                 snapshot of a killed run with other settings; without it either is refused before any work is
                 done. A directory that holds only a killed run's snapshot is not refused: the run continues.
-            snapshot_every: Save each rank's progress to ``save_path/.resume`` after every this many contexts it
-                takes in (null: never), so that rerunning the same command after a kill continues from there. In
-                the sampling pass a snapshot holds all kept latents' samples (as much as they take on the device).
+            snapshot_every_n_contexts: Save each rank's progress to ``save_path/.resume`` after every this many
+                contexts it takes in (null: never), so that rerunning the same command after a kill continues from
+                there. In the sampling pass a snapshot holds all kept latents' samples (as much as they take on the
+                device).
         """
         super().__init__(write_interval="epoch")
-        if snapshot_every is not None and snapshot_every < 1:
-            raise ValueError(f"snapshot_every={snapshot_every} must be at least 1 (contexts), or null for no snapshots")
+        if snapshot_every_n_contexts is not None and snapshot_every_n_contexts < 1:
+            raise ValueError(
+                f"snapshot_every_n_contexts={snapshot_every_n_contexts} must be at least 1 (contexts), or null for "
+                "no snapshots"
+            )
         self.save_path = Path(save_path).expanduser()
         self.overwrite = overwrite
-        self.snapshot_every = snapshot_every
+        self.snapshot_every_n_contexts = snapshot_every_n_contexts
         self.written: Path | None = None
         self._snapshots: SamplerSnapshots | None = None
         self._unsaved = 0  # contexts taken in since the last snapshot
@@ -104,14 +108,14 @@ class InterpretationSamplesWriter(FolderHolder, BasePredictionWriter):
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         super().on_predict_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
-        if self.snapshot_every is None:
+        if self.snapshot_every_n_contexts is None:
             return
         self._unsaved += int(outputs)  # LatentSampler.predict_step returns the contexts it took in
         # After the last batch only the writing is left, and a run resumed there would have no batch to predict
         # (Lightning then skips the epoch end that writes): it redoes that batch instead.
         last_loader = len(trainer.num_predict_batches) - 1
         last = dataloader_idx == last_loader and batch_idx == trainer.num_predict_batches[last_loader] - 1
-        if self._unsaved >= self.snapshot_every and not last:
+        if self._unsaved >= self.snapshot_every_n_contexts and not last:
             self._snapshots.save(progress_state(pl_module))
             self._unsaved = 0
 

@@ -41,25 +41,27 @@ class DropPhase(NamedTuple):
     """At the end of the epoch the sensitive neurons are identified, for the window that starts next epoch."""
 
 
-def drop_schedule(epoch: int, identify_every: int = 2, drop_epochs: int = 3) -> DropPhase:
+def drop_schedule(epoch: int, identify_every_n_epochs: int = 2, drop_epochs: int = 3) -> DropPhase:
     """SEND's schedule as a pure function of the (0-based, Lightning's ``current_epoch``) epoch.
 
-    "Identify every ``identify_every`` epochs, drop for the next ``drop_epochs``, repeat" is a cycle of
-    ``identify_every + drop_epochs`` epochs: ``identify_every`` epochs train the whole model, at the end of the
-    last of them the sensitive neurons are identified, and the following ``drop_epochs`` epochs train with them
-    dropped. Windows never overlap, and each one drops the neurons identified right before it. With the defaults
+    "Identify every ``identify_every_n_epochs`` epochs, drop for the next ``drop_epochs``, repeat" is a cycle of
+    ``identify_every_n_epochs + drop_epochs`` epochs: ``identify_every_n_epochs`` epochs train the whole model, at the
+    end of the last of them the sensitive neurons are identified, and the following ``drop_epochs`` epochs train with
+    them dropped. Windows never overlap, and each one drops the neurons identified right before it. With the defaults
     (2, 3), counting epochs from 1: identify after epoch 2, drop in epochs 3-5, identify after epoch 7, drop in
     8-10, ...; so a 4-epoch run drops in epochs 3 and 4 (docs/send.md, Schedule).
 
     Returns:
         ``DropPhase(drop, identify)`` for ``epoch``.
     """
-    if identify_every < 1 or drop_epochs < 1:
-        raise ValueError(f"identify_every={identify_every} and drop_epochs={drop_epochs} must both be >= 1")
+    if identify_every_n_epochs < 1 or drop_epochs < 1:
+        raise ValueError(
+            f"identify_every_n_epochs={identify_every_n_epochs} and drop_epochs={drop_epochs} must both be >= 1"
+        )
     if epoch < 0:
         raise ValueError(f"epoch={epoch} must be >= 0")
-    position = epoch % (identify_every + drop_epochs)
-    return DropPhase(drop=position >= identify_every, identify=position == identify_every - 1)
+    position = epoch % (identify_every_n_epochs + drop_epochs)
+    return DropPhase(drop=position >= identify_every_n_epochs, identify=position == identify_every_n_epochs - 1)
 
 
 def _frozen_prefix(model: nn.Module) -> int:
@@ -81,7 +83,7 @@ class SensitiveNeuronDropout(pl.Callback):
     def __init__(
         self,
         sensitivity_threshold: float = 0.3,
-        identify_every: int = 2,
+        identify_every_n_epochs: int = 2,
         drop_epochs: int = 3,
         num_checkpoints: int = 3,
         drop_mode: str = "weights",
@@ -94,7 +96,7 @@ class SensitiveNeuronDropout(pl.Callback):
             sensitivity_threshold: Fraction of the penultimate layer's d residual dimensions dropped: the most
                 sensitive ``round(threshold * d)``; strictly between 0 and 1 (paper: 0.2 for Pythia-1B, 0.3 for
                 Llama-3.1-8B).
-            identify_every: Epochs of full training before each identification (see ``drop_schedule``).
+            identify_every_n_epochs: Epochs of full training before each identification (see ``drop_schedule``).
             drop_epochs: Epochs each drop window lasts.
             num_checkpoints: C: the sensitivity sums the net changes of the tracking embeddings over the last C
                 checkpoints (paper: 3).
@@ -105,7 +107,7 @@ class SensitiveNeuronDropout(pl.Callback):
                 output are zeroed in training forward passes (a forward hook, removed when the window ends). See
                 docs/send.md, Drop modes.
             track_initial: Also embed the tracking set before the first epoch, so the first identification
-                compares ``identify_every + 1`` checkpoints instead of ``identify_every``.
+                compares ``identify_every_n_epochs + 1`` checkpoints instead of ``identify_every_n_epochs``.
             log_eigenscore: Log the EigenScore and efficient EigenScore (EES) of the (N_tracking, d) embeddings
                 every epoch, and ``send/ees_estimated``: 1 where EES ran its estimate, 0 where the exact score was
                 cheaper (tracking sets below ~800 on their smaller side).
@@ -117,12 +119,12 @@ class SensitiveNeuronDropout(pl.Callback):
             )
         if drop_mode not in DROP_MODES:
             raise ValueError(f"unknown drop_mode '{drop_mode}'; choose one of {', '.join(DROP_MODES)}")
-        drop_schedule(0, identify_every, drop_epochs)  # validates both
+        drop_schedule(0, identify_every_n_epochs, drop_epochs)  # validates both
         if num_checkpoints < 1:
             raise ValueError(f"num_checkpoints must be >= 1, got {num_checkpoints}")
         self.hparams = {
             "sensitivity_threshold": sensitivity_threshold,
-            "identify_every": identify_every,
+            "identify_every_n_epochs": identify_every_n_epochs,
             "drop_epochs": drop_epochs,
             "num_checkpoints": num_checkpoints,
             "drop_mode": drop_mode,
@@ -131,7 +133,7 @@ class SensitiveNeuronDropout(pl.Callback):
             "eigenscore_alpha": eigenscore_alpha,
         }
         self.threshold = sensitivity_threshold
-        self.identify_every = identify_every
+        self.identify_every_n_epochs = identify_every_n_epochs
         self.drop_epochs = drop_epochs
         self.num_checkpoints = num_checkpoints
         self.drop_mode = drop_mode
@@ -156,7 +158,7 @@ class SensitiveNeuronDropout(pl.Callback):
         return f"SensitiveNeuronDropout[{self.drop_mode}]"
 
     def schedule(self, epoch: int) -> DropPhase:
-        return drop_schedule(epoch, self.identify_every, self.drop_epochs)
+        return drop_schedule(epoch, self.identify_every_n_epochs, self.drop_epochs)
 
     # ------------------------------------------------------------------------------------------- hooks
     def setup(self, trainer, pl_module, stage: str) -> None:

@@ -97,10 +97,10 @@ def test_samples__a_full_disk_fails_naming_the_file_and_leaves_no_partial_file(w
     _, corpus, checkpoint = sampler_inputs
     with small_tmpfs(tmp_path / "disk", 4 << 20) as disk:
         if write == "samples":  # no snapshots; the disk fills before the last batch, so the final write fails
-            snapshot_every, fill_before, name = None, 16, "samples.safetensors"
+            snapshot_every_n_contexts, fill_before, name = None, 16, "samples.safetensors"
         else:  # a snapshot every 2 batches: the one after batch 4 fails, the one after batch 2 is kept
-            snapshot_every, fill_before, name = 2 * SAMPLER_BATCH, 3, ".resume/rank0.pt"
-        recipe = sample_recipe(disk / "samples", checkpoint, corpus, snapshot_every)
+            snapshot_every_n_contexts, fill_before, name = 2 * SAMPLER_BATCH, 3, ".resume/rank0.pt"
+        recipe = sample_recipe(disk / "samples", checkpoint, corpus, snapshot_every_n_contexts)
         recipe["trainer"]["callbacks"].append(fill_disk(disk, fill_before))
         message = failure(["predict", "--config", str(write_recipe(tmp_path / "sample.yaml", recipe))])
         if write == "samples":

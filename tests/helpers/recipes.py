@@ -32,7 +32,7 @@ def send_recipe(root: Path, model_dir: Path, records: Path, checkpoints: Path | 
                 {"class_path": "lightning.pytorch.callbacks.TQDMProgressBar"},
                 STOPPER,
                 {"class_path": "neurolight.callbacks.SensitiveNeuronDropout",
-                 "init_args": {"sensitivity_threshold": 0.25, "identify_every": 1, "drop_epochs": 2,
+                 "init_args": {"sensitivity_threshold": 0.25, "identify_every_n_epochs": 1, "drop_epochs": 2,
                                "log_eigenscore": False}},
             ],
         },
@@ -79,7 +79,7 @@ def sae_recipe(root: Path, corpus: Path, model_dir: Path) -> dict:
     }  # fmt: skip
 
 
-def sample_recipe(save_path: Path, checkpoint: Path, corpus: Path, snapshot_every: int | None = 16) -> dict:
+def sample_recipe(save_path: Path, checkpoint: Path, corpus: Path, snapshot_every_n_contexts: int | None = 16) -> dict:
     """configs/interpret/sample.yaml on the SAE of ``tests.helpers.sae.build_sampler_sae``: 6 batches of the
     frequency pass, 10 of the sampling pass, a snapshot every 2 batches."""
     return {
@@ -89,7 +89,8 @@ def sample_recipe(save_path: Path, checkpoint: Path, corpus: Path, snapshot_ever
             "callbacks": [
                 STOPPER,
                 {"class_path": "neurolight.callbacks.InterpretationSamplesWriter",
-                 "init_args": {"save_path": str(save_path), "overwrite": True, "snapshot_every": snapshot_every}},
+                 "init_args": {"save_path": str(save_path), "overwrite": True,
+                               "snapshot_every_n_contexts": snapshot_every_n_contexts}},
             ],
         },
         "model": {"class_path": "neurolight.lightning_modules.LatentSampler",

@@ -68,14 +68,18 @@ def llm_contexts(monkeypatch) -> list[torch.Tensor]:
     return seen
 
 
-def run(sae_run, save_path, kill_after=-1, snapshot_every=16, overwrite=False, batch_size=BATCH, **settings) -> None:
+def run(
+    sae_run, save_path, kill_after=-1, snapshot_every_n_contexts=16, overwrite=False, batch_size=BATCH, **settings
+) -> None:
     """One `neurolight predict` of the sampler (``settings``: its own), killed after ``kill_after`` batches (None:
     before writing; -1: never). The killer comes first among the callbacks, so it stops a run before it writes."""
     _, corpus, checkpoint = sae_run
     settings = {"log_freq_lower": -2.0, "log_freq_upper": -1.3, "seed": SEED, **SIZES, **settings}
     module = LatentSampler(str(checkpoint), **settings)
     datamodule = CorpusContextDataModule(str(corpus), FREQUENCY_CONTEXTS * 16, NUM_SAMPLES, batch_size=batch_size)
-    writer = InterpretationSamplesWriter(str(save_path), overwrite=overwrite, snapshot_every=snapshot_every)
+    writer = InterpretationSamplesWriter(
+        str(save_path), overwrite=overwrite, snapshot_every_n_contexts=snapshot_every_n_contexts
+    )
     callbacks = [writer] if kill_after == -1 else [KillAfter(kill_after), writer]
     trainer = pl.Trainer(
         accelerator="cpu", logger=False, callbacks=callbacks, enable_progress_bar=False, enable_model_summary=False
@@ -142,7 +146,7 @@ def test_resume__killed_before_writing_redoes_only_the_last_batch(
 ):
     path = tmp_path / "samples"
     with pytest.raises(Killed):  # every batch done, a snapshot after each but the last
-        run(sae_run, path, kill_after=None, snapshot_every=BATCH)
+        run(sae_run, path, kill_after=None, snapshot_every_n_contexts=BATCH)
     assert snapshot(path)["contexts_done"].tolist() == [FREQUENCY_CONTEXTS, NUM_SAMPLES - BATCH]
     llm_contexts.clear()
     run(sae_run, path, batch_size=4)  # another batch_size may resume (after an out-of-memory kill)

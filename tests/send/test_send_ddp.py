@@ -35,7 +35,7 @@ def test_ddp_bf16_true__ranks_drop_the_same_neurons_and_keep_bit_identical_weigh
         probe.bind(("127.0.0.1", 0))
         monkeypatch.setenv("MASTER_PORT", str(probe.getsockname()[1]))
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    send = SensitiveNeuronDropout(sensitivity_threshold=0.25, identify_every=1, drop_epochs=1)
+    send = SensitiveNeuronDropout(sensitivity_threshold=0.25, identify_every_n_epochs=1, drop_epochs=1)
     module = make_module(tiny_model_dir, tmp_path, learning_rate=1e-3)
     fit(module, make_datamodule(tiny_model_dir, records_path), tmp_path, [send, _RankRecord(send, tmp_path)],
         max_epochs=3, devices=2, strategy="ddp_spawn", precision="bf16-true")  # fmt: skip

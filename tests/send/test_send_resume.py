@@ -33,7 +33,9 @@ def _files(folder) -> list[str]:
 
 
 def _send():
-    return SensitiveNeuronDropout(sensitivity_threshold=0.25, identify_every=1, drop_epochs=2, log_eigenscore=False)
+    return SensitiveNeuronDropout(
+        sensitivity_threshold=0.25, identify_every_n_epochs=1, drop_epochs=2, log_eigenscore=False
+    )
 
 
 def test_crash_in_epoch_2__resumes_from_last_ckpt_to_the_weights_of_an_uninterrupted_run(

@@ -46,7 +46,7 @@ def test_sensitivity_threshold_outside_0_1__errors(bad):
 
 
 @pytest.mark.parametrize(
-    ("identify_every", "drop_epochs", "identify_after", "dropped"),
+    ("identify_every_n_epochs", "drop_epochs", "identify_after", "dropped"),
     [
         (2, 3, [1, 6, 11], [2, 3, 4, 7, 8, 9]),  # the defaults: 1-based, identify after 2, drop in 3-5, ...
         (1, 1, [0, 2, 4, 6, 8, 10], [1, 3, 5, 7, 9, 11]),
@@ -55,9 +55,9 @@ def test_sensitivity_threshold_outside_0_1__errors(bad):
     ],
 )
 def test_drop_schedule__windows_follow_identification_and_never_overlap(
-    identify_every, drop_epochs, identify_after, dropped
+    identify_every_n_epochs, drop_epochs, identify_after, dropped
 ):
-    phases = [drop_schedule(epoch, identify_every, drop_epochs) for epoch in range(12)]
+    phases = [drop_schedule(epoch, identify_every_n_epochs, drop_epochs) for epoch in range(12)]
     assert [e for e, p in enumerate(phases) if p.identify] == identify_after
     assert [e for e, p in enumerate(phases) if p.drop] == dropped
     for epoch, phase in enumerate(phases[:-1]):
@@ -68,8 +68,8 @@ def test_drop_schedule__windows_follow_identification_and_never_overlap(
 
 def test_drop_schedule__defaults_fire_within_the_users_four_epochs():
     assert [drop_schedule(epoch).drop for epoch in range(4)] == [False, False, True, True]
-    with pytest.raises(ValueError, match="identify_every=0"):
-        drop_schedule(0, identify_every=0)
+    with pytest.raises(ValueError, match="identify_every_n_epochs=0"):
+        drop_schedule(0, identify_every_n_epochs=0)
 
 
 # ------------------------------------------------------------------------------------------- embeddings
@@ -112,7 +112,9 @@ def test_tracking_embeddings__frozen_prefix_replay_equals_the_full_forward(tiny_
     tiny_tokenizer.save_pretrained(model_dir)
     # Embeddings and layer 0 frozen: after the first pass only layers 1 and 2 (the penultimate) run again.
     module = make_module(model_dir, tmp_path, freeze_layers=1, freeze_embeddings=True)
-    send = SensitiveNeuronDropout(sensitivity_threshold=0.25, identify_every=1, drop_epochs=1, log_eigenscore=False)
+    send = SensitiveNeuronDropout(
+        sensitivity_threshold=0.25, identify_every_n_epochs=1, drop_epochs=1, log_eigenscore=False
+    )
     datamodule = make_datamodule(model_dir, records_path)
     replayed_from = []
     probe = pl.callbacks.LambdaCallback(

@@ -46,8 +46,11 @@ class _WriterRowsProbe(pl.Callback):
 def test_weights_mode__rows_held_at_exactly_zero_through_the_window_then_train_again(
     tiny_model_dir, records_path, tmp_path
 ):
-    # identify_every=1, drop_epochs=1: epoch 0 trains fully and identifies, epoch 1 drops, epoch 2 trains fully.
-    send = SensitiveNeuronDropout(sensitivity_threshold=0.25, identify_every=1, drop_epochs=1, log_eigenscore=False)
+    # identify_every_n_epochs=1, drop_epochs=1: epoch 0 trains fully and identifies, epoch 1 drops, epoch 2 trains
+    # fully.
+    send = SensitiveNeuronDropout(
+        sensitivity_threshold=0.25, identify_every_n_epochs=1, drop_epochs=1, log_eigenscore=False
+    )
     probe = _WriterRowsProbe(send)
     module = make_module(tiny_model_dir, tmp_path, weight_decay=0.1, learning_rate=1e-2)
     fit(module, make_datamodule(tiny_model_dir, records_path), tmp_path, [send, probe], max_epochs=3)
@@ -93,7 +96,11 @@ def test_activations_mode__zeroes_the_dims_in_training_forward_only_and_removes_
     tiny_model_dir, records_path, tmp_path
 ):
     send = SensitiveNeuronDropout(
-        sensitivity_threshold=0.25, identify_every=1, drop_epochs=1, drop_mode="activations", log_eigenscore=False
+        sensitivity_threshold=0.25,
+        identify_every_n_epochs=1,
+        drop_epochs=1,
+        drop_mode="activations",
+        log_eigenscore=False,
     )
     probe = _ActivationProbe(send)
     module = make_module(tiny_model_dir, tmp_path)
@@ -157,7 +164,7 @@ def test_bf16__window_holds_rows_at_zero_eigenscores_match_and_the_model_reloads
     from tests.send.test_metrics import numpy_eigenscore
 
     # The recipes' precisions (configs/send/*.yaml: bf16-true; configs/trainer/deepspeed.yaml: bf16-mixed), on CPU.
-    send = SensitiveNeuronDropout(sensitivity_threshold=0.25, identify_every=1, drop_epochs=1)
+    send = SensitiveNeuronDropout(sensitivity_threshold=0.25, identify_every_n_epochs=1, drop_epochs=1)
     probe = _WriterRowsProbe(send)
     forward_dtypes = set()
     record_dtype = pl.callbacks.LambdaCallback(
@@ -205,7 +212,7 @@ def test_send_folder__safetensors_tokenizer_and_config_that_reload_to_identical_
 
     monkeypatch.chdir(tmp_path)
     module = make_module(tiny_model_dir, tmp_path, save_model=True, run_name=None, output_dir="out")  # relative
-    send = SensitiveNeuronDropout(identify_every=1, drop_epochs=1, log_eigenscore=False)
+    send = SensitiveNeuronDropout(identify_every_n_epochs=1, drop_epochs=1, log_eigenscore=False)
     fit(module, make_datamodule(tiny_model_dir, records_path), tmp_path, [send], max_epochs=2)
     folder = tmp_path / "out" / f"{tiny_model_dir.name}_triviaqa_SEND"
     # The end of fit says where the model went, as an absolute path, once.
@@ -268,7 +275,9 @@ def test_zero3__loads_sharded_holds_dropped_rows_and_saves_the_whole_model(
                 value = max(float(w[self.send.sensitive].abs().max()) for w in weights)
                 self.rows_abs_max.setdefault(trainer.current_epoch, []).append(value)
 
-    send = SensitiveNeuronDropout(sensitivity_threshold=0.25, identify_every=1, drop_epochs=1, log_eigenscore=False)
+    send = SensitiveNeuronDropout(
+        sensitivity_threshold=0.25, identify_every_n_epochs=1, drop_epochs=1, log_eigenscore=False
+    )
     probe = FullRows(send)
     module = make_module(tiny_model_dir, tmp_path, save_model=True, run_name="zero3")
     try:
