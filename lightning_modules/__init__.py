@@ -15,6 +15,8 @@ _EXPORTS = {
     **{cls.__name__: "neurolight.lightning_modules.sae.architectures" for cls in ARCHITECTURES.values()},
     "SparseAutoencoder": "neurolight.lightning_modules.sae.sparse_autoencoder",
     "SparseAutoencoderModule": "neurolight.lightning_modules.sae.module",
+    "SaeEvaluator": "neurolight.lightning_modules.sae.evaluator",
+    "SaeMetadata": "neurolight.lightning_modules.sae.metadata",
     "SendModule": "neurolight.lightning_modules.send.module",
     "AnswerGenerator": "neurolight.lightning_modules.send.answer_generator",
     "LatentInterpreter": "neurolight.lightning_modules.interpret.interpreter",

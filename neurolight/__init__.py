@@ -16,6 +16,7 @@ _PUBLIC = {
         "LatentInterpreter",
         "LatentSampler",
         "RunningLatentSamples",
+        "SaeEvaluator",
         "SendModule",
         "SparseAutoencoder",
         "SparseAutoencoderModule",

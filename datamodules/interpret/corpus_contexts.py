@@ -1,4 +1,5 @@
-"""CorpusContextDataModule: contexts of a tokenized corpus, for the two predict passes of the latent sampler.
+"""CorpusContextDataModule: contexts of a tokenized corpus, for the two predict passes of the latent sampler, and
+for ``neurolight validate`` of an SAE (``SaeEvaluator``), which reads the frequency pass's contexts.
 
 Batches are ``(context_rows, input_ids)``: (B,) rows of the corpus and their (B, num_tokens) token ids. Predict
 dataloader 0 holds the contexts of the frequency pass, dataloader 1 the ``num_samples`` contexts of the sampling
@@ -170,3 +171,10 @@ class CorpusContextDataModule(pl.LightningDataModule):
             start = world * skip if skip < share else len(rows)
             loaders.append(DataLoader(_Contexts(self.corpus, rows[start:], self.num_tokens), batch_size=batch_size))
         return loaders
+
+    def val_dataloader(self) -> DataLoader:
+        """The frequency pass's contexts (``frequency_tokens`` tokens), for ``SaeEvaluator``. Under DDP Lightning's
+        distributed sampler splits them, repeating up to world_size - 1 contexts to even out the ranks."""
+        return DataLoader(
+            _Contexts(self.corpus, self.frequency_rows(), self.num_tokens), batch_size=self.hparams.batch_size
+        )

@@ -1,16 +1,20 @@
 """Reading and replacing one activation site of a frozen language model.
 
-The three sites of a Llama-style decoder layer (docs/sae.md, Sites):
+The five sites of a Llama-style decoder layer (docs/sae.md, Sites):
 
+- ``resid_pre``: the residual stream entering ``model.layers.{}`` (its input; for layer 0, the token embeddings).
+- ``resid_post``: the residual stream leaving ``model.layers.{}`` (its output, before the next layer; for the last
+  layer, before the final norm).
 - ``attn_sublayer``: the output of ``model.layers.{}.self_attn`` (a tuple; element 0 is what enters the residual).
 - ``mlp_sublayer``: the output of ``model.layers.{}.mlp``.
 - ``mlp_activations``: the INPUT of ``model.layers.{}.mlp.down_proj``, i.e. ``act_fn(gate_proj x) * up_proj x``.
   Hooking ``mlp.act_fn`` would miss the ``up_proj`` product.
 
 Harvesting runs only what the site needs: the embedding, the decoder layers before the hooked one, and of the
-hooked layer its attention (plus its MLP for the two MLP sites), calling the model's own modules in the order its
-forward does, so the activations are bit-identical to a hooked full forward (checked on a probe input at
-construction; models whose layout differs fall back to the hooked forward stopped by an exception).
+hooked layer its attention (plus its MLP for the two MLP sites, the whole layer for ``resid_post``), calling the
+model's own modules in the order its forward does, so the activations are bit-identical to a hooked full forward
+(checked on a probe input at construction; models whose layout differs fall back to the hooked forward stopped by
+an exception).
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 HOOK_POINTS: dict[str, str] = {
+    "resid_pre": "model.layers.{}",
+    "resid_post": "model.layers.{}",
     "attn_sublayer": "model.layers.{}.self_attn",
     "mlp_sublayer": "model.layers.{}.mlp",
     "mlp_activations": "model.layers.{}.mlp.down_proj",
@@ -34,7 +40,7 @@ HOOK_POINTS: dict[str, str] = {
 LAYER_TYPES = tuple(HOOK_POINTS)
 
 # For these layer types the hooked module's input is the activation; for the others its output.
-_READS_INPUT = frozenset({"mlp_activations"})
+_READS_INPUT = frozenset({"mlp_activations", "resid_pre"})
 
 
 class HookPoint(NamedTuple):
@@ -66,6 +72,7 @@ def resolve_hook_point(
     if n is not None and not 0 <= layer_id < n:
         raise ValueError(f"layer_id {layer_id} is out of range: the model has {n} layers (0-{n - 1})")
     name = templates[layer_type].format(layer_id)
+    _refuse_mislabelled_site(layer_type, templates[layer_type], name, layer_id)
     modules = dict(model.named_modules())
     if name not in modules:
         close = difflib.get_close_matches(name, list(modules), n=3, cutoff=0.5)
@@ -77,12 +84,48 @@ def resolve_hook_point(
     return HookPoint(name, modules[name], layer_type in _READS_INPUT)
 
 
+def _refuse_mislabelled_site(layer_type: str, template: str, name: str, layer_id: int) -> None:
+    """A template override that names another site's default module would be labelled by the wrong site in runs,
+    checkpoints and stores (an MLP-output template pointed at ``model.layers.{}`` reads the residual stream)."""
+    if template == HOOK_POINTS[layer_type]:
+        return
+    reads_input = layer_type in _READS_INPUT
+    for other, other_template in HOOK_POINTS.items():
+        if other != layer_type and other_template.format(layer_id) == name and (other in _READS_INPUT) == reads_input:
+            raise ValueError(
+                f"the {layer_type}_hookpoint template '{template}' names the {other} site's module '{name}'; set "
+                f"layer_type: {other} (and drop the template override) so the run is labelled by its real site"
+            )
+
+
 def _first(value):
     return value[0] if isinstance(value, tuple) else value
 
 
 def _replace_first(value, replacement: Tensor):
     return (replacement, *value[1:]) if isinstance(value, tuple) else replacement
+
+
+# A decoder layer may receive its residual input by keyword (transformers passes it positionally today).
+_INPUT_KEYWORDS = ("hidden_states", "input", "x")
+
+
+def _input_of(args: tuple, kwargs: dict) -> Tensor:
+    """The first input of a module call, positional or by keyword."""
+    if args:
+        return args[0]
+    for key in _INPUT_KEYWORDS:
+        if key in kwargs:
+            return kwargs[key]
+    raise RuntimeError(f"cannot find the module's input among its keyword arguments {sorted(kwargs)}")
+
+
+def _replace_input(args: tuple, kwargs: dict, replace: Callable[[Tensor], Tensor]) -> tuple[tuple, dict]:
+    """(args, kwargs) of a module call with its first input passed through ``replace``."""
+    if args:
+        return (replace(args[0]), *args[1:]), kwargs
+    key = next(key for key in _INPUT_KEYWORDS if key in kwargs)
+    return args, {**kwargs, key: replace(kwargs[key])}
 
 
 def _truncation_blocker(model: nn.Module, layer_type: str, layer_id: int, hook_point: HookPoint) -> str | None:
@@ -93,7 +136,10 @@ def _truncation_blocker(model: nn.Module, layer_type: str, layer_id: int, hook_p
     if not all(hasattr(inner, name) for name in ("embed_tokens", "rotary_emb", "layers")):
         return f"{type(model).__name__} has no model.embed_tokens / rotary_emb / layers"
     layer = inner.layers[layer_id]
-    needed = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+    # The residual sites call whole layers; the sublayer sites call the layer's parts in its own order.
+    needed = (
+        () if layer_type.startswith("resid_") else ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+    )
     if not all(hasattr(layer, name) for name in needed):
         return f"{type(layer).__name__} lacks one of {', '.join(needed)}"
     if layer_type == "mlp_activations" and not all(hasattr(layer.mlp, n) for n in ("act_fn", "gate_proj", "up_proj")):
@@ -201,7 +247,11 @@ class HookedLLM:
         context = {"attention_mask": causal_mask, "position_embeddings": position_embeddings}
         for layer in inner.layers[:layer_id]:
             hidden = layer(hidden, position_ids=position_ids, **context)
+        if self.layer_type == "resid_pre":
+            return hidden
         layer = inner.layers[layer_id]
+        if self.layer_type == "resid_post":
+            return _first(layer(hidden, position_ids=position_ids, **context))
         attn = layer.self_attn(layer.input_layernorm(hidden), position_ids=position_ids, **context)[0]
         if self.layer_type == "attn_sublayer":
             return attn
@@ -230,7 +280,9 @@ class HookedLLM:
 
         module = self.hook_point.module
         if self.hook_point.reads_input:
-            handle = module.register_forward_pre_hook(lambda _m, args: capture(args))
+            handle = module.register_forward_pre_hook(
+                lambda _m, args, kwargs: capture(_input_of(args, kwargs)), with_kwargs=True
+            )
         else:
             handle = module.register_forward_hook(lambda _m, _args, output: capture(output))
         try:
@@ -251,7 +303,9 @@ class HookedLLM:
 
         module = self.hook_point.module
         if self.hook_point.reads_input:
-            handle = module.register_forward_pre_hook(lambda _m, args: _replace_first(args, replace(args[0])))
+            handle = module.register_forward_pre_hook(
+                lambda _m, args, kwargs: _replace_input(args, kwargs, replace), with_kwargs=True
+            )
         else:
             handle = module.register_forward_hook(lambda _m, _a, out: _replace_first(out, replace(_first(out))))
         try:

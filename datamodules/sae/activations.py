@@ -54,6 +54,8 @@ class ActivationDataModule(pl.LightningDataModule):
         mlp_activations_hookpoint: str = HOOK_POINTS["mlp_activations"],
         mlp_sublayer_hookpoint: str = HOOK_POINTS["mlp_sublayer"],
         attn_sublayer_hookpoint: str = HOOK_POINTS["attn_sublayer"],
+        resid_pre_hookpoint: str = HOOK_POINTS["resid_pre"],
+        resid_post_hookpoint: str = HOOK_POINTS["resid_post"],
         val_contexts: int = 64,
         val_batch_size: int = 8,
         checkpoint_buffer: bool = True,
@@ -65,7 +67,8 @@ class ActivationDataModule(pl.LightningDataModule):
             model_name: LLM whose activations are harvested: a short name (see ``neurolight.datamodules.MODELS``),
                 a Hugging Face id, or a local directory.
             layer_id: Decoder layer to hook.
-            layer_type: ``attn_sublayer`` (attention output), ``mlp_sublayer`` (MLP output) or ``mlp_activations``
+            layer_type: ``resid_pre`` (residual stream entering the layer), ``resid_post`` (leaving it),
+                ``attn_sublayer`` (attention output), ``mlp_sublayer`` (MLP output) or ``mlp_activations``
                 (input of the MLP down projection).
             num_tokens: Tokens per context fed to the LLM (the first ``num_tokens`` of each stored context).
             batch_size_llm: Contexts per LLM forward pass.
@@ -87,6 +90,8 @@ class ActivationDataModule(pl.LightningDataModule):
             mlp_activations_hookpoint: Module whose INPUT is the MLP activation (``{}`` = layer index).
             mlp_sublayer_hookpoint: Module whose output is the MLP sublayer output.
             attn_sublayer_hookpoint: Module whose output (element 0) is the attention sublayer output.
+            resid_pre_hookpoint: Decoder layer whose INPUT is the residual stream entering it.
+            resid_post_hookpoint: Decoder layer whose output is the residual stream leaving it.
             val_contexts: Contexts held out at the end of the corpus for validation (never trained on).
             val_batch_size: Contexts per validation batch.
             checkpoint_buffer: Save the buffer contents in checkpoints so a resumed run continues exactly;
@@ -99,6 +104,8 @@ class ActivationDataModule(pl.LightningDataModule):
             "mlp_activations": mlp_activations_hookpoint,
             "mlp_sublayer": mlp_sublayer_hookpoint,
             "attn_sublayer": attn_sublayer_hookpoint,
+            "resid_pre": resid_pre_hookpoint,
+            "resid_post": resid_post_hookpoint,
         }
         self.hooked_llm: HookedLLM | None = None
         self.buffer: ActivationBuffer | None = None

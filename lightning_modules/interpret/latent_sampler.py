@@ -11,82 +11,37 @@ negative contexts with per-token activations in a ``RunningLatentSamples`` on th
 and snapshots the progress so that a killed run continues where it stopped
 (``neurolight.callbacks.interpret.sampler_snapshot``).
 
-Activations go LLM hook point -> the checkpoint's ``normalize`` (its ``activation_scale``) -> ``sae.encode``,
-exactly as in training.
+The SAE may come from any source ``SparseAutoencoder.from_pretrained`` reads (a neurolight checkpoint, or a
+neurolight, SAELens or sparsify directory); it encodes raw activations of its site, its training normalisation
+folded into its weights (docs/sae.md, Formats).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from pathlib import Path
+import hashlib
 
 import lightning.pytorch as pl
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from neurolight.datamodules.llm.hooked import HOOK_POINTS, LAYER_TYPES, HookedLLM
+from neurolight.datamodules.llm.hooked import LAYER_TYPES, HookedLLM
 from neurolight.datamodules.llm.models import dtype_from_name
 from neurolight.lightning_modules.interpret.running_samples import RunningLatentSamples
-from neurolight.lightning_modules.sae.architectures import architecture_name, build_architecture
-from neurolight.lightning_modules.sae.module import SparseAutoencoderModule, init_args_from_checkpoint
+from neurolight.lightning_modules.sae.architectures import architecture_name
+from neurolight.lightning_modules.sae.site import load_site_llm, resolve_site
+from neurolight.lightning_modules.sae.sparse_autoencoder import SparseAutoencoder
 
-_SAE_CLASS = "SparseAutoencoderModule"
 _HOOKPOINT_ARGS = {f"{layer_type}_hookpoint": layer_type for layer_type in LAYER_TYPES}
 
 
-def sae_fingerprint(sae_module: nn.Module | Mapping[str, Tensor]) -> str:
-    """A short hash of the SAE's weights and normalisation (of a module or its checkpoint's state dict): stores
-    refuse to mix the interpretations of two SAEs that share an index name (two checkpoints of one run have the
-    same hyperparameters, hence the same name)."""
-    import hashlib
-
-    state = sae_module.state_dict() if isinstance(sae_module, nn.Module) else sae_module
+def sae_fingerprint(sae: SparseAutoencoder) -> str:
+    """A short hash of the SAE's weights (raw-space, as loaded): stores refuse to mix the interpretations of two
+    SAEs that share an index name (two checkpoints of one run have the same hyperparameters, hence the same name)."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(state.items()):
-        if name.startswith("sae.") or name == "activation_scale":
-            digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    for name, tensor in sorted(sae.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
-
-
-def load_sae_checkpoint(path: str | Path) -> dict:
-    """The checkpoint dict of a ``SparseAutoencoderModule`` (memory-mapped: only what is read is loaded), or a
-    one-line error that says what ``path`` is instead."""
-    path = Path(path).expanduser()
-    fix = "pass the last.ckpt (or step_*.ckpt) that neurolight.callbacks.SaeCheckpoint wrote during `neurolight fit`"
-    if path.is_dir():
-        raise ValueError(
-            f"sae_checkpoint {path} is a directory, not a checkpoint file (a DeepSpeed checkpoint? merge it with "
-            "lightning.pytorch.utilities.deepspeed.convert_zero_checkpoint_to_fp32_state_dict); " + fix
-        )
-    if not path.is_file():
-        raise FileNotFoundError(f"sae_checkpoint {path} does not exist; {fix}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as error:  # whatever torch raises, the file is not a checkpoint this can use
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"sae_checkpoint {path} is not a loadable PyTorch checkpoint ({reason}); {fix}") from error
-    what = _describe_non_sae(checkpoint)
-    if what is not None:
-        raise ValueError(f"sae_checkpoint {path} is {what}, not a sparse autoencoder ({_SAE_CLASS}); {fix}")
-    return checkpoint
-
-
-def _describe_non_sae(checkpoint) -> str | None:
-    if not isinstance(checkpoint, dict):
-        return f"a pickled {type(checkpoint).__name__}"
-    if "state_dict" not in checkpoint:
-        keys = ", ".join(list(map(str, checkpoint))[:4])
-        return f"a plain state dict or dict (keys {keys}, ...) rather than a Lightning checkpoint"
-    hparams = checkpoint.get("hyper_parameters") or {}
-    class_path = hparams.get("_class_path", "")
-    state = checkpoint["state_dict"]
-    is_sae = "sae.W_enc" in state and "activation_scale" in state and {"act_vec_size", "dict_vec_size"} <= set(hparams)
-    if is_sae and (not class_path or class_path.endswith(_SAE_CLASS)):
-        return None
-    if class_path:
-        return f"a checkpoint of {class_path}"
-    return f"a Lightning checkpoint of another module (weights {', '.join(list(state)[:3])}, ...)"
 
 
 class LatentSampler(pl.LightningModule):
@@ -99,6 +54,8 @@ class LatentSampler(pl.LightningModule):
         mlp_activations_hookpoint: str | None = None,
         mlp_sublayer_hookpoint: str | None = None,
         attn_sublayer_hookpoint: str | None = None,
+        resid_pre_hookpoint: str | None = None,
+        resid_post_hookpoint: str | None = None,
         llm_dtype: str | None = None,
         device_llm: str | None = None,
         exclude_first_position: bool | None = None,
@@ -113,20 +70,24 @@ class LatentSampler(pl.LightningModule):
     ) -> None:
         """
         Args:
-            sae_checkpoint: Checkpoint of a ``SparseAutoencoderModule`` written by
-                ``neurolight.callbacks.SaeCheckpoint`` (``.../checkpoints/last.ckpt``). It records the LLM and hook
-                point of its training run, which are the defaults of the arguments below.
+            sae_checkpoint: The SAE: a checkpoint of ``neurolight fit`` (``.../checkpoints/last.ckpt``), or a
+                directory in neurolight's, SAELens's or sparsify's format (``neurolight-export`` writes them). Its
+                metadata gives the LLM and site it was trained on, the defaults of the arguments below.
             model_name: LLM whose activations the SAE encodes; default: the one it was trained on.
             layer_id: Decoder layer of the hook point; default: the training run's.
-            layer_type: ``attn_sublayer``, ``mlp_sublayer`` or ``mlp_activations``; default: the training run's.
+            layer_type: ``resid_pre``, ``resid_post``, ``attn_sublayer``, ``mlp_sublayer`` or ``mlp_activations``;
+                default: the training run's (an SAELens hook name such as ``blocks.15.hook_mlp_out`` is mapped).
             mlp_activations_hookpoint: Module whose INPUT is the MLP activation (``{}`` = layer); default: the run's.
             mlp_sublayer_hookpoint: Module whose output is the MLP sublayer output; default: the training run's.
             attn_sublayer_hookpoint: Module whose output (element 0) is the attention output; default: the run's.
+            resid_pre_hookpoint: Decoder layer whose INPUT is the residual stream; default: the training run's.
+            resid_post_hookpoint: Decoder layer whose output is the residual stream; default: the training run's.
             llm_dtype: ``float32``, ``bfloat16`` or ``float16`` LLM weights; default: the training run's.
             device_llm: Device of the LLM, e.g. ``cuda:1``; default: the trainer's device for this rank (the SAE
                 always runs on the trainer's device).
             exclude_first_position: Set activations at position 0 (BOS / attention sink) to 0 and leave that
-                position out of the firing counts; default: as in training.
+                position out of the firing counts; default: as in training (True where the SAE does not record it,
+                as for a neurolight training run).
             log_freq_lower: Keep latents with log10(firing frequency) above this (rarer ones are left out).
             log_freq_upper: Keep latents with log10(firing frequency) below this (denser ones are left out).
             num_top: Top-activating contexts (ranked by max activation) kept per latent.
@@ -148,20 +109,27 @@ class LatentSampler(pl.LightningModule):
         if llm_dtype is not None:
             dtype_from_name(llm_dtype, "llm_dtype")  # refused here, before the checkpoint is read
         self.save_hyperparameters()
-        checkpoint = load_sae_checkpoint(sae_checkpoint)
-        self.sae_hparams = init_args_from_checkpoint(checkpoint["hyper_parameters"])
-        self.activation_scale = float(checkpoint["state_dict"]["activation_scale"])
-        trained = checkpoint.get("datamodule_hyper_parameters") or {}
-        del checkpoint
-        self.llm_settings = self._resolve_llm_settings(trained)
-        self.d_in, self.d_sae = int(self.sae_hparams["act_vec_size"]), int(self.sae_hparams["dict_vec_size"])
+        loaded = SparseAutoencoder.from_pretrained(sae_checkpoint).requires_grad_(False)
+        self.sae_metadata = loaded.metadata
+        self.llm_settings = resolve_site(
+            loaded.metadata,
+            sae_checkpoint,
+            model_name,
+            layer_type,
+            layer_id,
+            llm_dtype,
+            exclude_first_position,
+            {site: self.hparams[arg] for arg, site in _HOOKPOINT_ARGS.items()},
+        )
+        self.d_in, self.d_sae = loaded.d_in, loaded.d_sae
+        self._sae_fingerprint = sae_fingerprint(loaded)
+        self.sae = loaded  # a submodule: Lightning moves it to the trainer's device
         self.register_buffer("fired", torch.zeros(self.d_sae, dtype=torch.long))
         self.register_buffer("frequency_max", torch.zeros(self.d_sae))
         self.register_buffer("frequency_tokens", torch.zeros((), dtype=torch.long))
         # Contexts of each pass taken in, a resumed run's included. These buffers count this rank's contexts only;
         # frequency_totals (over all ranks) choose the band.
         self.register_buffer("contexts_done", torch.zeros(2, dtype=torch.long))
-        self.sae_module = None
         self.hooked_llm: HookedLLM | None = None
         self.samples: RunningLatentSamples | None = None
         self.band: dict | None = None  # the frequency band's outcome, set at the first sampling batch
@@ -169,54 +137,13 @@ class LatentSampler(pl.LightningModule):
         self._final: tuple[dict[str, Tensor], dict] | None = None
         self._resume: dict | None = None  # a killed run's progress_state, applied at on_predict_start
         self._resumed_pass_1: tuple[dict, dict] | None = None  # its band and samples, loaded with the band
-        self._sae_fingerprint: str | None = None
-
-    def _resolve_llm_settings(self, trained: dict) -> dict:
-        hp = self.hparams
-        settings = {
-            "model_name": hp.model_name or trained.get("model_name"),
-            "layer_id": hp.layer_id if hp.layer_id is not None else trained.get("layer_id"),
-            "layer_type": hp.layer_type or trained.get("layer_type"),
-            "llm_dtype": hp.llm_dtype or trained.get("llm_dtype", "float32"),
-            "exclude_first_position": bool(
-                trained.get("exclude_first_position", False)
-                if hp.exclude_first_position is None
-                else hp.exclude_first_position
-            ),
-        }
-        missing = [name for name in ("model_name", "layer_id", "layer_type") if settings[name] is None]
-        if missing:
-            raise ValueError(
-                f"sae_checkpoint {hp.sae_checkpoint} does not record its LLM (no datamodule hyperparameters); "
-                f"pass {', '.join(missing)}"
-            )
-        settings["hook_points"] = {
-            layer_type: hp[arg] or trained.get(arg) or HOOK_POINTS[layer_type]
-            for arg, layer_type in _HOOKPOINT_ARGS.items()
-        }
-        return settings
 
     # ------------------------------------------------------------------------------------------------ models
     def configure_model(self) -> None:
-        if self.sae_module is not None:
+        if self.hooked_llm is not None:
             return
-        from neurolight.datamodules.llm.models import load_causal_lm
-
-        sae_module = SparseAutoencoderModule(**self.sae_hparams)
-        sae_module.load_state_dict(load_sae_checkpoint(self.hparams.sae_checkpoint)["state_dict"])
-        self.sae_module = sae_module.eval().requires_grad_(False)
-        settings = self.llm_settings
         device = torch.device(self.hparams.device_llm) if self.hparams.device_llm else self._trainer_device()
-        model = load_causal_lm(
-            settings["model_name"], dtype=dtype_from_name(settings["llm_dtype"], "llm_dtype"), device=device
-        )
-        self.hooked_llm = HookedLLM(model, settings["layer_type"], settings["layer_id"], settings["hook_points"])
-        if self.hooked_llm.d_in != self.d_in:
-            raise ValueError(
-                f"the hook point '{self.hooked_llm.hook_point.name}' of {settings['model_name']} gives d_in="
-                f"{self.hooked_llm.d_in}, but the SAE in {self.hparams.sae_checkpoint} expects {self.d_in}; pass the "
-                "model_name / layer_type the SAE was trained on"
-            )
+        self.hooked_llm = load_site_llm(self.llm_settings, device, self.d_in, self.hparams.sae_checkpoint)
 
     def _trainer_device(self) -> torch.device:
         trainer = self._trainer
@@ -225,8 +152,8 @@ class LatentSampler(pl.LightningModule):
     @torch.no_grad()
     def encode(self, input_ids: Tensor) -> Tensor:
         """(B, T) token ids -> (B, T, d_sae) SAE latents; position 0 is 0 with ``exclude_first_position``."""
-        acts = self.hooked_llm.harvest(input_ids).to(self.device)
-        latents = self.sae_module.sae.encode(self.sae_module.normalize(acts))
+        acts = self.hooked_llm.harvest(input_ids).to(self.device, self.sae.W_enc.dtype)
+        latents = self.sae.encode(acts)
         if self.llm_settings["exclude_first_position"]:
             latents[:, 0] = 0
         return latents
@@ -307,9 +234,7 @@ class LatentSampler(pl.LightningModule):
 
     # ------------------------------------------------------------------------------------------ resuming
     def checkpoint_fingerprint(self) -> str:
-        """``sae_fingerprint`` of the checkpoint's weights, hashed once (a progress snapshot records it)."""
-        if self._sae_fingerprint is None:
-            self._sae_fingerprint = sae_fingerprint(load_sae_checkpoint(self.hparams.sae_checkpoint)["state_dict"])
+        """``sae_fingerprint`` of the SAE as loaded (a progress snapshot records it)."""
         return self._sae_fingerprint
 
     def resume_from(self, state: dict | None) -> None:
@@ -360,12 +285,14 @@ class LatentSampler(pl.LightningModule):
         return tensors, self.samples_metadata()
 
     def samples_metadata(self) -> dict:
-        hp, settings, band = self.hparams, self.llm_settings, self.band
-        architecture = build_architecture(self.sae_hparams["architecture"])
+        hp, settings, band, meta = self.hparams, self.llm_settings, self.band, self.sae_metadata
+        architecture = self.sae.architecture
         datamodule = self.trainer.datamodule
         return {
             "sae_checkpoint": str(hp.sae_checkpoint),
-            "sae_fingerprint": sae_fingerprint(self.sae_module),
+            "sae_source_format": meta.source_format,
+            "sae_hook_name": meta.hook_name,
+            "sae_fingerprint": self._sae_fingerprint,
             "model_name": settings["model_name"],
             "layer_id": settings["layer_id"],
             "layer_type": settings["layer_type"],
@@ -375,9 +302,9 @@ class LatentSampler(pl.LightningModule):
             "architecture": architecture_name(architecture),
             "architecture_settings": architecture.settings(),
             "k": architecture.settings().get("k"),
-            "learning_rate": self.sae_hparams.get("learning_rate"),
+            "learning_rate": meta.training.get("learning_rate"),
             "l1_coefficient": architecture.settings().get("l1_coefficient"),
-            "activation_scale": self.activation_scale,
+            "activation_scale": meta.activation_scale,
             "dataset_path": str(getattr(datamodule, "dataset_path", "")),
             "num_tokens": datamodule.num_tokens,
             "frequency_tokens": int(self.frequency_totals["tokens"]),

@@ -7,6 +7,9 @@ A plain ``nn.Module`` (no Lightning), so a trained SAE loads and runs on its own
     out = sae(x, dead_mask=dead)  # SaeOutput(x_hat, latents, pre_acts, mse, reconstruction, sparsity, aux, loss)
     out.loss.backward()
 
+``from_pretrained`` reads one from a neurolight checkpoint or directory, or from SAELens's or sparsify's format;
+``save_pretrained`` writes those directories (docs/sae.md, Formats).
+
 Sources: Bricken et al. 2023 "Towards Monosemanticity" (ReLU + L1, unit-norm decoder); Anthropic circuits update,
 April 2024 (tied init); the architectures' own files cite theirs.
 """
@@ -14,6 +17,7 @@ April 2024 (tied init); the architectures' own files cite theirs.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -26,6 +30,7 @@ from neurolight.lightning_modules.sae.architectures import (
     remove_parallel_component,
     unit_norm_rows,
 )
+from neurolight.lightning_modules.sae.metadata import SaeMetadata
 
 
 class SaeOutput(NamedTuple):
@@ -70,6 +75,7 @@ class SparseAutoencoder(nn.Module):
         if d_in < 1 or d_sae < 1:
             raise ValueError(f"d_in and d_sae must be positive, got d_in={d_in}, d_sae={d_sae}")
         self.d_in, self.d_sae = d_in, d_sae
+        self.metadata = SaeMetadata()
         self.architecture = build_architecture(architecture)
         self.architecture.check(d_in, d_sae)
 
@@ -83,6 +89,33 @@ class SparseAutoencoder(nn.Module):
             else:
                 self.register_buffer(name, tensor)
         self.reset_parameters()
+
+    # ------------------------------------------------------------------------------------------------ formats
+    @classmethod
+    def from_pretrained(cls, source: str | Path) -> SparseAutoencoder:
+        """An SAE from ``source``, working on RAW activations (any training normalisation folded in), in eval mode:
+
+        - a neurolight checkpoint (``.ckpt`` of ``neurolight fit``);
+        - a directory written by ``save_pretrained`` in any format: neurolight's, SAELens's (``cfg.json`` +
+          ``sae_weights.safetensors``; standard, topk, batchtopk, jumprelu) or sparsify's (``cfg.json`` +
+          ``sae.safetensors``; TopK).
+
+        ``.metadata`` says where it reads (model, site, layer), its data settings and the source format.
+        """
+        from neurolight.lightning_modules.sae.formats import load_sae
+
+        return load_sae(source)
+
+    def save_pretrained(
+        self, directory: str | Path, format: str = "neurolight", firing_frequency: Tensor | None = None
+    ) -> list[Path]:
+        """Write this SAE (raw activation space, as ``from_pretrained`` returns it) into ``directory`` as
+        ``neurolight``, ``saelens`` or ``sparsify``; a format that cannot represent the architecture is refused with
+        the formats that can. ``firing_frequency`` (d_sae,) goes to SAELens's ``sparsity.safetensors`` (log10) or
+        neurolight's ``firing_frequency.safetensors``. Returns the files written."""
+        from neurolight.lightning_modules.sae.formats import save_sae
+
+        return save_sae(self, directory, format, firing_frequency)
 
     @property
     def normalize_decoder(self) -> bool:

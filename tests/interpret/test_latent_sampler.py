@@ -17,7 +17,8 @@ from neurolight.datamodules.interpret.corpus_contexts import CorpusContextDataMo
 from neurolight.datamodules.interpret.samples import KINDS, InterpretationSamples
 from neurolight.lightning_modules.interpret.latent_sampler import LatentSampler, frequency_band, sae_fingerprint
 from neurolight.lightning_modules.interpret.running_samples import RunningLatentSamples, random_keys
-from tests.helpers.sae import build_sampler_sae, make_module
+from neurolight.lightning_modules.sae.sparse_autoencoder import SparseAutoencoder
+from tests.helpers.sae import build_sampler_sae
 
 SIZES = dict(num_top=4, num_quantiles=4, num_per_quantile=2, num_random=3, num_negative=3)
 SEED = 7
@@ -214,11 +215,10 @@ def test_latent_sampler__written_samples_match_brute_force_from_the_weights(sae_
     assert meta["below_band"] == int((log_f <= -2).sum()) > 0 and meta["above_band"] == int((log_f >= -1.3).sum()) > 0
     assert meta["d_in"] == 128 and meta["d_sae"] == 256 and meta["frequency_tokens"] == len(freq_rows) * 15
     assert meta["activation_scale"] == pytest.approx(float(torch.load(checkpoint)["state_dict"]["activation_scale"]))
-    sae = make_module(**{k: v for k, v in torch.load(checkpoint)["hyper_parameters"].items() if k != "_instantiator"})
-    sae.load_state_dict(torch.load(checkpoint)["state_dict"])
+    sae = SparseAutoencoder.from_pretrained(checkpoint)
     assert meta["sae_fingerprint"] == sae_fingerprint(sae)
     with torch.no_grad():
-        sae.sae.W_enc[0, 0] += 1e-3
+        sae.W_enc[0, 0] += 1e-3
     assert sae_fingerprint(sae) != meta["sae_fingerprint"]
 
     rows = datamodule.sample_rows()
@@ -313,7 +313,7 @@ def test_latent_sampler__checkpoint_that_is_not_an_sae_says_what_it_is(tmp_path)
     text.write_text("hello")
     with pytest.raises(ValueError, match=r"is not a loadable PyTorch checkpoint"):
         LatentSampler(str(text))
-    with pytest.raises(FileNotFoundError, match=r"does not exist; pass the last.ckpt"):
+    with pytest.raises(FileNotFoundError, match=r"does not exist; a neurolight checkpoint is a .ckpt file"):
         LatentSampler(str(tmp_path / "missing.ckpt"))
 
 

@@ -34,16 +34,32 @@ def manual_layer(model, layer_id, hidden):
     y = rms_norm(middle, layer.post_attention_layernorm)
     mlp_act = F.silu(F.linear(y, mlp.gate_proj.weight)) * F.linear(y, mlp.up_proj.weight)
     mlp_out = F.linear(mlp_act, mlp.down_proj.weight)
-    return {"attn_sublayer": attn_out, "mlp_activations": mlp_act, "mlp_sublayer": mlp_out, "next": middle + mlp_out}
+    return {
+        "resid_pre": hidden,
+        "attn_sublayer": attn_out,
+        "mlp_activations": mlp_act,
+        "mlp_sublayer": mlp_out,
+        "resid_post": middle + mlp_out,
+        "next": middle + mlp_out,
+    }
 
 
-@pytest.mark.parametrize("layer_type", ["attn_sublayer", "mlp_sublayer", "mlp_activations"])
+ALL_SITES = ["resid_pre", "attn_sublayer", "mlp_sublayer", "mlp_activations", "resid_post"]
+
+
+@pytest.mark.parametrize("layer_type", ALL_SITES)
 @pytest.mark.parametrize("layer_id", [0, 1])
 def test_harvest__equals_manual_computation_from_weights(tiny_model, layer_type, layer_id):
     ids = torch.randint(3, tiny_model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        hidden = tiny_model(ids, output_hidden_states=True).hidden_states
-        manual = manual_layer(tiny_model, layer_id, hidden[layer_id])
+        # The residual entering layer 0 is the token embedding; each later one is the manual layer's output.
+        hidden = F.embedding(ids, tiny_model.model.embed_tokens.weight)
+        for earlier in range(layer_id):
+            hidden = manual_layer(tiny_model, earlier, hidden)["next"]
+        manual = manual_layer(tiny_model, layer_id, hidden)
+        hf_hidden = tiny_model(ids, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(hidden, hf_hidden[layer_id], atol=1e-5, rtol=1e-4)
+    hidden = hf_hidden
     if layer_id + 1 < len(hidden) - 1:  # the last entry is after the final norm
         torch.testing.assert_close(manual["next"], hidden[layer_id + 1], atol=1e-5, rtol=1e-4)
     harvested = HookedLLM(tiny_model, layer_type, layer_id).harvest(ids)
@@ -51,7 +67,7 @@ def test_harvest__equals_manual_computation_from_weights(tiny_model, layer_type,
 
 
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
-@pytest.mark.parametrize("layer_type", ["attn_sublayer", "mlp_sublayer", "mlp_activations"])
+@pytest.mark.parametrize("layer_type", ALL_SITES)
 @pytest.mark.parametrize("layer_id", [0, 1])
 def test_truncated_harvest__bit_identical_to_hooked_full_forward(tiny_model, layer_type, layer_id, attn_implementation):
     tiny_model.config._attn_implementation = attn_implementation  # eager needs an explicit causal mask
@@ -163,3 +179,32 @@ def test_bad_hook_points__name_the_fix(tiny_model):
         resolve_hook_point(tiny_model, "residual", 0)
     with pytest.raises(ValueError, match=r"closest module paths: model\.layers\.0\.mlp"):
         resolve_hook_point(tiny_model, "mlp_sublayer", 0, {"mlp_sublayer": "model.layers.{}.mlpp"})
+
+
+@pytest.mark.parametrize("layer_type", ["resid_pre", "resid_post"])
+def test_residual_sites__splice_replaces_the_layer_input_or_output(tiny_model, layer_type):
+    ids = torch.randint(3, tiny_model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(6))
+    hooked = HookedLLM(tiny_model, layer_type, 1)
+    assert hooked.truncated and hooked.d_in == tiny_model.config.hidden_size
+    metrics = hooked.splice_metrics(ids, lambda a: a)
+    torch.testing.assert_close(metrics["ce_spliced"], metrics["ce_clean"])
+    assert metrics["kl"].abs() < 1e-6
+    # Halving the residual by hand, at the layer's input (pre-hook) or output (hook), gives the spliced logits.
+    layer = tiny_model.model.layers[1]
+    if layer_type == "resid_pre":
+        handle = layer.register_forward_pre_hook(lambda m, args: (args[0] * 0.5, *args[1:]))
+    else:
+        handle = layer.register_forward_hook(lambda m, a, out: out * 0.5 if torch.is_tensor(out) else (out[0] * 0.5,))
+    try:
+        with torch.no_grad():
+            expected = tiny_model(ids).logits
+    finally:
+        handle.remove()
+    torch.testing.assert_close(hooked.logits_with(ids, lambda a: a * 0.5), expected)
+
+
+def test_template_override_naming_another_site__refused_with_the_real_site(tiny_model):
+    with pytest.raises(
+        ValueError, match=r"names the resid_post site's module 'model.layers.1'; set layer_type: resid_post"
+    ):
+        resolve_hook_point(tiny_model, "mlp_sublayer", 1, {"mlp_sublayer": "model.layers.{}"})

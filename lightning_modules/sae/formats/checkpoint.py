@@ -1,0 +1,124 @@
+"""A ``SparseAutoencoderModule`` checkpoint (``last.ckpt``, ``step_*.ckpt``) read as an SAE: the weights with the
+normalisation scalar folded in, and the metadata from the checkpoint's datamodule hyperparameters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from neurolight.lightning_modules.sae.formats.base import SaeFormat, fold_input_scale_
+from neurolight.lightning_modules.sae.metadata import SaeMetadata
+
+_SAE_CLASS = "SparseAutoencoderModule"
+_FIX = "pass the last.ckpt (or step_*.ckpt) that neurolight.callbacks.SaeCheckpoint wrote during `neurolight fit`"
+# The datamodule's template arguments, ``mlp_sublayer_hookpoint`` -> ``mlp_sublayer``.
+_HOOKPOINT_SUFFIX = "_hookpoint"
+
+
+def load_sae_checkpoint(path: str | Path) -> dict:
+    """The checkpoint dict of a ``SparseAutoencoderModule`` (memory-mapped: only what is read is loaded), or a
+    one-line error that says what ``path`` is instead."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise ValueError(
+            f"{path} is a directory, not a checkpoint file (a DeepSpeed checkpoint? merge it with "
+            "lightning.pytorch.utilities.deepspeed.convert_zero_checkpoint_to_fp32_state_dict); " + _FIX
+        )
+    if not path.is_file():
+        raise FileNotFoundError(f"the SAE checkpoint {path} does not exist; {_FIX}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # whatever torch raises, the file is not a checkpoint this can use
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"{path} is not a loadable PyTorch checkpoint ({reason}); {_FIX}") from error
+    what = _describe_non_sae(checkpoint)
+    if what is not None:
+        raise ValueError(f"{path} is {what}, not a sparse autoencoder ({_SAE_CLASS}); {_FIX}")
+    return checkpoint
+
+
+def _describe_non_sae(checkpoint) -> str | None:
+    if not isinstance(checkpoint, dict):
+        return f"a pickled {type(checkpoint).__name__}"
+    if "state_dict" not in checkpoint:
+        keys = ", ".join(list(map(str, checkpoint))[:4])
+        return f"a plain state dict or dict (keys {keys}, ...) rather than a Lightning checkpoint"
+    hparams = checkpoint.get("hyper_parameters") or {}
+    class_path = hparams.get("_class_path", "")
+    state = checkpoint["state_dict"]
+    is_sae = "sae.W_enc" in state and "activation_scale" in state and {"act_vec_size", "dict_vec_size"} <= set(hparams)
+    if is_sae and (not class_path or class_path.endswith(_SAE_CLASS)):
+        return None
+    if class_path:
+        return f"a checkpoint of {class_path}"
+    return f"a Lightning checkpoint of another module (weights {', '.join(list(state)[:3])}, ...)"
+
+
+def checkpoint_metadata(checkpoint: dict, init_args: dict) -> SaeMetadata:
+    """The site, data settings and training hyperparameters a checkpoint records."""
+    data = checkpoint.get("datamodule_hyper_parameters") or {}
+    layer_type = data.get("layer_type")
+    overrides = {}
+    for key, template in data.items():
+        if key.endswith(_HOOKPOINT_SUFFIX) and template:
+            overrides[key[: -len(_HOOKPOINT_SUFFIX)]] = template
+    from neurolight.datamodules.llm.hooked import HOOK_POINTS
+
+    overrides = {site: template for site, template in overrides.items() if HOOK_POINTS.get(site) != template}
+    layer_id = data.get("layer_id")
+    hook_name = None
+    if layer_type is not None and layer_id is not None:
+        hook_name = {**HOOK_POINTS, **overrides}.get(layer_type, "").format(layer_id) or None
+    training = {
+        key: init_args[key]
+        for key in ("learning_rate", "lr_warmup_steps", "dead_tokens_threshold", "normalize_dataset")
+        if key in init_args
+    }
+    return SaeMetadata(
+        model_name=data.get("model_name"),
+        layer_type=layer_type,
+        layer_id=layer_id,
+        hook_name=hook_name,
+        hook_points=overrides or None,
+        context_size=data.get("num_tokens"),
+        exclude_first_position=data.get("exclude_first_position"),
+        llm_dtype=data.get("llm_dtype"),
+        dataset=data.get("dataset_path"),
+        training=training,
+    )
+
+
+class CheckpointFormat(SaeFormat):
+    name = "neurolight-checkpoint"
+    files = "a neurolight checkpoint is a .ckpt file written by `neurolight fit`"
+
+    @classmethod
+    def detect(cls, path: Path) -> bool:
+        return path.is_file()
+
+    @classmethod
+    def load(cls, path: Path):
+        from neurolight.lightning_modules.sae.module import init_args_from_checkpoint
+        from neurolight.lightning_modules.sae.sparse_autoencoder import SparseAutoencoder
+
+        checkpoint = load_sae_checkpoint(path)
+        args = init_args_from_checkpoint(checkpoint["hyper_parameters"])
+        sae = SparseAutoencoder(int(args["act_vec_size"]), int(args["dict_vec_size"]), args.get("architecture", "relu"))
+        state = checkpoint["state_dict"]
+        sae.load_state_dict({key[len("sae.") :]: value for key, value in state.items() if key.startswith("sae.")})
+        scale = float(state["activation_scale"])
+        if scale != scale:  # NaN: estimated at the first training step, which this checkpoint never reached
+            raise ValueError(f"{path} was saved before its first training step (no normalisation scalar yet); {_FIX}")
+        sae.metadata = checkpoint_metadata(checkpoint, args)
+        fold_input_scale_(sae, scale)
+        return sae
+
+    @classmethod
+    def cannot_hold(cls, sae) -> str | None:
+        return "a .ckpt is written by `neurolight fit` only (it holds the optimiser state too)"
+
+    @classmethod
+    def save(cls, sae, directory: Path, firing_frequency: Tensor | None) -> list[Path]:
+        raise ValueError(cls.cannot_hold(sae))
