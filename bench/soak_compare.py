@@ -113,6 +113,8 @@ def compare_sae(folder: Path, reference: Path, inputs: dict) -> dict:
     def state(root):
         return torch.load(run_folder(root) / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
 
+    if not (run_folder(folder) / "checkpoints" / "last.ckpt").is_file():
+        return {"identical": False, "failed": f"the resumed run left no last.ckpt in {run_folder(folder)}"}
     got, want = state(folder), state(reference)
     same, largest, differ = _tensors_diff(got["state_dict"], want["state_dict"])
     # The step's own metrics: Lightning repeats the window metrics on the rows in between, which a resumed process

@@ -43,6 +43,7 @@ class SaeCheckpoint(FolderHolder, Callback):
         self.tokens = 0
         self.written: list[str] = []
         self._previous_window: tuple[Tensor, float] | None = None
+        self._trained = False  # whether this fit ran a training step loop (a finished one resumed does not)
 
     @property
     def state_key(self) -> str:
@@ -65,12 +66,22 @@ class SaeCheckpoint(FolderHolder, Callback):
         # Here, not in setup: Lightning knows the checkpoint a resumed run starts from only by now.
         if trainer.is_global_zero:
             refuse_other_runs_checkpoints(self.directory(trainer), trainer)
+        self._trained = False
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._trained = True
+
+    def _final_step(self, trainer) -> bool:
+        """Whether this step ends training (``max_steps``). Its step checkpoint is written at ``on_train_end``, after
+        the validation that may follow the step: one written here would resume into a finished loop, which runs
+        neither that validation nor ``on_train_end`` (no ``last.ckpt``)."""
+        return self.save_final and 0 < trainer.max_steps <= trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         fired = outputs["fired"].detach()
         self.fired = fired.clone() if self.fired is None else self.fired.to(fired.device) + fired
         self.tokens += int(outputs["num_tokens"])
-        if trainer.global_step % self.every == 0:
+        if trainer.global_step % self.every == 0 and not self._final_step(trainer):
             self._save(trainer, f"step_{trainer.global_step:07d}")
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
@@ -85,12 +96,23 @@ class SaeCheckpoint(FolderHolder, Callback):
             self.release_folder()
 
     def on_train_end(self, trainer, pl_module) -> None:
+        if self.fired is not None and trainer.global_step % self.every == 0 and self._final_step(trainer):
+            self._save(trainer, f"step_{trainer.global_step:07d}")
         if self.save_final and self.fired is not None:
             # Training often ends right on a periodic checkpoint: then "last" shows that same window again.
             window = self._previous_window if self.tokens == 0 else None
             self._save(trainer, "last", window)
         if trainer.is_global_zero:
             print(self.summary(trainer))
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        # Resumed from a checkpoint of a finished run (killed while writing last.ckpt, or a final step checkpoint of
+        # an older neurolight): Lightning skips the finished loop with every training hook, so last.ckpt is written
+        # here, from the restored state.
+        if not self._trained and self.save_final and self.fired is not None and trainer.state.fn == "fit":
+            self._save(trainer, "last")
+            if trainer.is_global_zero:
+                print(self.summary(trainer))
 
     def _save(self, trainer, name: str, window: tuple[Tensor, float] | None = None) -> None:
         if window is None:
@@ -104,7 +126,8 @@ class SaeCheckpoint(FolderHolder, Callback):
         self.tokens = 0
         save_checkpoint_atomically(trainer, path)  # optimizer, loops and callbacks too: resumable
         if trainer.is_global_zero:
-            plot_feature_density(fired, tokens, directory / f"{name}_feature_density.png", trainer.global_step)
+            if tokens > 0:  # a checkpoint written with no step since the last one has no window to show
+                plot_feature_density(fired, tokens, directory / f"{name}_feature_density.png", trainer.global_step)
             self.written.append(str(path))
 
     def summary(self, trainer) -> str:

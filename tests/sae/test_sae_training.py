@@ -77,6 +77,32 @@ def test_resume__continues_exactly_like_an_uninterrupted_run(tmp_path, corpus, t
     assert a["ActivationDataModule"]["ranks"][0]["position"] == b["ActivationDataModule"]["ranks"][0]["position"]
 
 
+def test_resume_from_the_final_step_checkpoint__writes_last_ckpt_after_the_final_validation(
+    tmp_path, corpus, tiny_model_dir
+):
+    trainer = make_trainer(tmp_path, max_steps=8, ckpt_every=4, limit_val_batches=1, val_check_interval=8)
+    trainer.fit(make_module(), make_datamodule(corpus, tiny_model_dir))
+    folder = tmp_path / "checkpoints"
+    final = torch.load(folder / "step_0000008.ckpt", weights_only=False)
+    last = torch.load(folder / "last.ckpt", weights_only=False)
+    # Written after the step's validation: resuming from it runs nothing that an uninterrupted run did not.
+    assert (
+        final["loops"]["fit_loop"]["epoch_loop.val_loop.state_dict"]
+        == last["loops"]["fit_loop"]["epoch_loop.val_loop.state_dict"]
+    )
+    assert final["loops"]["fit_loop"]["epoch_loop.val_loop.batch_progress"]["total"]["completed"] == 1
+    # Killed between the two files: the resume meets a finished loop, and still leaves last.ckpt.
+    (folder / "last.ckpt").unlink()
+    resumed = make_module()
+    make_trainer(tmp_path, max_steps=8, ckpt_every=4).fit(
+        resumed, make_datamodule(corpus, tiny_model_dir), ckpt_path=folder / "step_0000008.ckpt"
+    )
+    again = torch.load(folder / "last.ckpt", weights_only=False)
+    assert again["global_step"] == 8
+    for name, value in last["state_dict"].items():
+        assert torch.equal(again["state_dict"][name], value), name
+
+
 class KillLatents(pl.Callback):
     """Silences latents after step 2 (when they already have Adam moments); records those moments at step 10."""
 
