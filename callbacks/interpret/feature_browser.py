@@ -191,6 +191,14 @@ def _default_title(meta: dict) -> str:
     )
 
 
+def _source(meta: dict) -> str | None:
+    """The SAE's source format, and its hook name where a foreign library named the site its own way."""
+    fmt, hook = meta.get("sae_source_format"), meta.get("sae_hook_name")
+    if fmt is None:
+        return None
+    return f"{fmt} (hook {hook})" if hook and not str(fmt).startswith("neurolight") else fmt
+
+
 def _header(meta: dict, docs: dict[int, dict], num_sampled: int, columns: list[ScoreField]) -> str:
     means = ""
     for column in columns:
@@ -220,6 +228,7 @@ def _header(meta: dict, docs: dict[int, dict], num_sampled: int, columns: list[S
         ),
         ("explainer", ", ".join(explainers) or None),
         ("written", datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")),
+        ("format", _source(meta)),
         ("checkpoint", meta.get("sae_checkpoint")),
     ]
     return "".join(

@@ -136,6 +136,9 @@ def run(args: list[str] | None = None, exit_on_error: bool = True) -> LightningC
             signal.signal(signal.SIGINT, previous)
 
 
+_UNION_ERROR = "Does not validate against any of the Union subtypes"
+
+
 def main(args: list[str] | None = None) -> None:
     """Console entry point (returns nothing, so the script prints nothing extra at exit). A user error (a bad
     setting, a missing file, a store's refusal, a folder that another live run holds) is one line that names the
@@ -154,6 +157,11 @@ def main(args: list[str] | None = None) -> None:
         print(f"neurolight: error: {config_error_line(str(error), subcommand)}", file=sys.stderr)
         sys.exit(2)
     except (LatentStoreError, FolderInUseError, ValueError, OSError) as error:
+        if isinstance(error, ValueError) and str(error).startswith(_UNION_ERROR) and not debug:
+            # A class's own error while jsonargparse instantiates it (a missing SAE file) arrives wrapped in the
+            # list of Union subtypes it tried: keep the class's message.
+            subcommand = next((arg for arg in argv if not arg.startswith("-")), None)
+            error = ValueError(config_error_line(str(error), subcommand))
         exit_with(error, debug)
 
 

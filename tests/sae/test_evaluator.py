@@ -4,6 +4,7 @@ checkpoint and a sparsify SAE."""
 from __future__ import annotations
 
 import json
+import pathlib
 
 import lightning.pytorch as pl
 import pytest
@@ -122,3 +123,28 @@ def test_validate__sparsify_sae_on_the_residual_stream(sae_run, tiny_model_dir, 
     expected = by_hand(tiny_model_dir, sae, input_ids, "model.layers.0", reads_input=False)
     for name, value in expected.items():
         assert metrics[f"eval/{name}"] == pytest.approx(float(value), rel=TOLERANCE.get(name, 1e-4), abs=1e-5), name
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_validate_command__the_recipe_on_a_saelens_export_writes_its_report(sae_run, tmp_path, capsys):
+    import yaml
+
+    from neurolight.cli.main import main as neurolight
+    from neurolight.configs import __file__ as configs_init
+
+    _, corpus, checkpoint = sae_run
+    SparseAutoencoder.from_pretrained(checkpoint).save_pretrained(tmp_path / "saelens", format="saelens")
+    recipe = yaml.safe_load((pathlib.Path(configs_init).parent / "sae" / "validate.yaml").read_text())
+    recipe["trainer"].update(default_root_dir=str(tmp_path), enable_progress_bar=False)
+    recipe["model"]["init_args"].update(sae=str(tmp_path / "saelens"), report_path=str(tmp_path / "report.json"))
+    recipe["data"]["init_args"].update(dataset_path=str(corpus), frequency_tokens=CONTEXTS * T)
+    (tmp_path / "validate.yaml").write_text(yaml.safe_dump(recipe))
+    neurolight(["validate", "--config", str(tmp_path / "validate.yaml")])
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["metadata"]["source_format"] == "saelens" and report["metrics"]["tokens"] == CONTEXTS * (T - 1)
+    assert 0 < report["metrics"]["l0"] <= 8 and report["metrics"]["explained_variance"] is not None
+    with pytest.raises(SystemExit) as exit_info:  # a message: Python prints it and exits with status 1
+        neurolight(["validate", "--config", str(tmp_path / "validate.yaml"), "--model.init_args.sae", str(tmp_path)])
+    message = str(exit_info.value.code)
+    assert message.startswith("neurolight: error: ") and "\n" not in message and "Union" not in message
+    assert f"{tmp_path} holds SAEs in its subfolders (saelens)" in message

@@ -217,7 +217,7 @@ def test_from_sparsify__reproduces_its_encode_and_decode_and_reads_the_site_from
         1,
         64,
     )
-    with pytest.raises(ValueError, match=r"holds several SAEs \(layers.1.mlp\).*pass one of them"):
+    with pytest.raises(ValueError, match=r"holds SAEs in its subfolders \(layers.1.mlp\).*pass one of them"):
         (run / "config.json").unlink()
         SparseAutoencoder.from_pretrained(run)
 
@@ -277,3 +277,20 @@ def test_hook_names__map_to_sites_and_unknown_ones_list_the_accepted_forms():
     assert site_of_hook_name(sparsify_hook_name("resid_pre", 4)) == ("resid_post", 3)  # the same activation
     with pytest.raises(ValueError, match=r"no neurolight site for the hook name 'blocks.1.attn.hook_z'.*accepted"):
         site_of_hook_name("blocks.1.attn.hook_z")
+
+
+def test_export_command__bad_source_and_format_end_in_one_line(tmp_path, capsys):
+    from neurolight.cli.export import main
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path / "empty"), str(tmp_path / "out"), "--format", "saelens"])
+    message = str(exit_info.value.code)
+    assert message.startswith("neurolight-export: error: ") and "\n" not in message
+    assert "no known SAE format (it holds nothing)" in message and "cfg.json + sae.safetensors" in message
+    random_sae(ReLU()).save_pretrained(tmp_path / "relu")
+    with pytest.raises(SystemExit, match="formats that can: neurolight, saelens"):
+        main([str(tmp_path / "relu"), str(tmp_path / "out"), "--format", "sparsify"])
+    with pytest.raises(SystemExit, match=r"no neurolight site for the hook name 'blocks.0.hook_z'"):
+        main([str(tmp_path / "relu"), str(tmp_path / "out"), "--format", "saelens", "--hook_name", "blocks.0.hook_z"])
+    assert not (tmp_path / "out").exists()  # refused before anything was written

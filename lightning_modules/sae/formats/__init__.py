@@ -41,8 +41,8 @@ def detect_format(source: str | Path) -> type[SaeFormat]:
     inside = sorted(child.name for child in path.iterdir() if any(fmt.detect(child) for fmt in FORMATS.values()))
     if inside:
         raise ValueError(
-            f"{path} holds several SAEs ({', '.join(inside[:8])}{', ...' if len(inside) > 8 else ''}), e.g. a sparsify "
-            f"run with one folder per hookpoint; pass one of them, e.g. {path / inside[0]}"
+            f"{path} holds SAEs in its subfolders ({', '.join(inside[:8])}{', ...' if len(inside) > 8 else ''}), e.g. "
+            f"a sparsify run with one folder per hookpoint; pass one of them, e.g. {path / inside[0]}"
         )
     present = ", ".join(sorted(child.name for child in path.iterdir())[:8]) or "nothing"
     raise ValueError(f"{path} is in no known SAE format (it holds {present}); {_what_each_format_needs()}")
