@@ -164,8 +164,8 @@ class HookedLLM:
         hook_points: overrides of the ``HOOK_POINTS`` templates.
         compile: ``torch.compile`` the truncated forward (fixed shapes: ``dynamic=False``); ignored where the model
             falls back to the hooked forward.
-        compile_mode: ``torch.compile`` mode; default ``reduce-overhead`` (CUDA graphs) on CUDA, inductor's
-            default elsewhere.
+        compile_mode: ``torch.compile`` mode; default ``reduce-overhead`` (CUDA graphs) on CUDA, and on CPU
+            inductor's default with ``freezing`` (weights folded and prepacked for oneDNN, run in inference mode).
     """
 
     def __init__(
@@ -192,9 +192,14 @@ class HookedLLM:
         self.truncated = blocker is None
         self._site_fn = self._forward_to_site
         if compile and self.truncated:
+            options = None
             if compile_mode is None and self.device.type == "cuda":
                 compile_mode = "reduce-overhead"
-            self._site_fn = torch.compile(self._forward_to_site, dynamic=False, mode=compile_mode)
+            elif compile_mode is None and self.device.type == "cpu":
+                # Inductor's freezing turns the frozen weights into constants, folds what it can and prepacks the
+                # matrices for oneDNN (bf16 on AMX / AVX512-BF16); it needs inference mode (see harvest).
+                options = {"freezing": True}
+            self._site_fn = torch.compile(self._forward_to_site, dynamic=False, mode=compile_mode, options=options)
         self.compiled = compile and self.truncated
         self.d_in = self._probe_width()
 
@@ -267,9 +272,13 @@ class HookedLLM:
         input_ids = input_ids.to(self.device)
         if not self.truncated or attention_mask is not None:
             return self._harvest_hooked(input_ids, attention_mask)
-        acts = self._site_fn(input_ids, self._causal_mask(input_ids))
-        # A CUDA-graph replay reuses its output memory: the buffer may still hold the previous output's rows.
-        return acts.clone() if self.compiled else acts
+        if not self.compiled:
+            return self._site_fn(input_ids, self._causal_mask(input_ids))
+        with torch.inference_mode():  # what inductor's freezing compiles for; no autograd bookkeeping either
+            acts = self._site_fn(input_ids, self._causal_mask(input_ids))
+        # A CUDA-graph replay reuses its output memory: the buffer may still hold the previous output's rows. The
+        # copy, made outside inference mode, is also an ordinary tensor that later code may write into.
+        return acts.clone()
 
     def _harvest_hooked(self, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
         captured: list[Tensor] = []

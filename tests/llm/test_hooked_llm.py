@@ -121,11 +121,28 @@ def test_compile__wraps_the_truncated_forward_with_fixed_shapes_and_copies_outpu
 
     monkeypatch.setattr(torch, "compile", fake_compile)
     hooked = HookedLLM(tiny_model, "mlp_sublayer", 1, compile=True)
-    assert hooked.compiled and seen == {"dynamic": False, "mode": None}
+    # On CPU: inductor's freezing (weights as prepacked constants), which compiles for inference mode.
+    assert hooked.compiled and seen == {"dynamic": False, "mode": None, "options": {"freezing": True}}
     ids = torch.randint(3, tiny_model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(5))
     first = hooked.harvest(ids)
     assert torch.equal(first, hooked._harvest_hooked(ids, None))
     assert first.data_ptr() != hooked._forward_to_site(ids, None).data_ptr()
+    assert not first.is_inference()  # an ordinary tensor: the buffer and the SAE may write into it
+    seen.clear()
+    HookedLLM(tiny_model, "mlp_sublayer", 1, compile=True, compile_mode="max-autotune-no-cudagraphs")
+    assert seen == {"dynamic": False, "mode": "max-autotune-no-cudagraphs", "options": None}  # torch takes one
+
+
+def test_compile__inductor_freezing_on_cpu_gives_the_eager_activations(one_torch_thread):
+    from tests.conftest import make_llama
+
+    model = make_llama(64, num_layers=1, hidden=32, intermediate=64)  # small: inductor compiles it in seconds
+    eager = HookedLLM(model, "mlp_activations", 0)
+    compiled = HookedLLM(model, "mlp_activations", 0, compile=True)
+    generator = torch.Generator().manual_seed(6)
+    for _ in range(2):  # the second call replays the compiled graph
+        ids = torch.randint(3, 64, (2, 8), generator=generator)
+        torch.testing.assert_close(compiled.harvest(ids), eager.harvest(ids), atol=1e-5, rtol=1e-5)
 
 
 def test_harvest__does_not_run_layers_after_the_hook(tiny_model):

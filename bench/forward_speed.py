@@ -1,0 +1,108 @@
+"""How fast the truncated LLM forward of SAE training runs, against the machine's own bf16 matrix-product speed.
+
+    .venv/bin/python bench/forward_speed.py [--model smollm2-135m] [--layer 15] [--batch 16] [--tokens 64]
+        [--threads 2] [--repeats 20] [--device cpu|cuda]
+
+Measured in one run, in this order: a bf16 matrix product of the model's own linear shapes (the ceiling), then the
+forward up to the site (``HookedLLM.harvest``, mlp_sublayer of ``--layer``) eager in float32, eager in bfloat16, and
+compiled in bfloat16 (``compile_llm``: inductor with ``freezing`` on CPU, CUDA graphs on CUDA). Prints ms per
+forward, achieved TFLOP/s (2 x multiply-adds of the linear layers plus the attention products) and that as a
+fraction of the matmul ceiling, with the machine's load. Not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+
+import torch
+
+
+def linear_flops(model, layer_id: int, tokens: int, seq: int) -> float:
+    """Multiply-add FLOPs (x2) of the forward up to the MLP output of ``layer_id``: every Linear of the layers up
+    to it, plus QK^T and AV of their attention."""
+    layers = model.model.layers[: layer_id + 1]
+    weights = sum(m.weight.numel() for layer in layers for m in layer.modules() if isinstance(m, torch.nn.Linear))
+    config = model.config
+    head_dim = config.hidden_size // config.num_attention_heads
+    attention = len(layers) * 2 * 2 * tokens * seq * config.num_attention_heads * head_dim / 2  # causal: half
+    return 2.0 * weights * tokens + attention
+
+
+def time_it(fn, repeats: int, device: str) -> float:
+    fn()  # warm-up (and compilation)
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeats
+
+
+def matmul_ceiling(model, tokens: int, repeats: int, device: str) -> float:
+    """TFLOP/s of bf16 products (tokens x in) @ (in x out) over the distinct linear shapes of one decoder layer."""
+    shapes = {tuple(m.weight.shape) for m in model.model.layers[0].modules() if isinstance(m, torch.nn.Linear)}
+    flops, seconds = 0.0, 0.0
+    for out_features, in_features in sorted(shapes):
+        a = torch.randn(tokens, in_features, dtype=torch.bfloat16, device=device)
+        w = torch.randn(out_features, in_features, dtype=torch.bfloat16, device=device)
+        seconds += time_it(lambda a=a, w=w: torch.nn.functional.linear(a, w), repeats, device)
+        flops += 2.0 * tokens * in_features * out_features
+    return flops / seconds / 1e12
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--layer", type=int, default=15)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from neurolight.datamodules.llm.hooked import HookedLLM
+    from neurolight.datamodules.llm.models import load_causal_lm
+
+    cpu = platform.processor() or platform.machine()
+    flags = ""
+    if os.path.exists("/proc/cpuinfo"):
+        info = open("/proc/cpuinfo").read()
+        flags = " ".join(f for f in ("amx_bf16", "avx512_bf16", "avx512f") if f" {f}" in info)
+    print(f"load {os.getloadavg()}, {torch.get_num_threads()} threads, {cpu} [{flags}], torch {torch.__version__}")
+    ids = torch.randint(100, 40000, (args.batch, args.tokens), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(args.device)
+    tokens = args.batch * args.tokens
+    model32 = load_causal_lm(args.model, dtype=torch.float32, device=args.device)
+    flops = linear_flops(model32, args.layer, tokens, args.tokens)
+    ceiling = matmul_ceiling(model32, tokens, args.repeats, args.device)
+    print(f"bf16 matmul of the model's linear shapes, {tokens} rows: {ceiling:.3f} TFLOP/s (the ceiling)")
+    runs = [("eager float32", model32, False)]
+    model16 = load_causal_lm(args.model, dtype=torch.bfloat16, device=args.device)
+    runs += [("eager bfloat16", model16, False), ("compiled bfloat16", model16, True)]
+    baseline = None
+    for name, model, compiled in runs:
+        hooked = HookedLLM(model, "mlp_sublayer", args.layer, compile=compiled)
+        start = time.perf_counter()
+        hooked.harvest(ids)
+        first = time.perf_counter() - start
+        seconds = time_it(lambda hooked=hooked: hooked.harvest(ids), args.repeats, args.device)
+        baseline = baseline or seconds
+        achieved = flops / seconds / 1e12
+        print(
+            f"{name:18s} {1000 * seconds:8.1f} ms/forward  {tokens / seconds:9.0f} tokens/s  {achieved:.3f} TFLOP/s "
+            f"= {achieved / ceiling:5.1%} of the matmul ceiling  {baseline / seconds:4.2f}x eager float32  "
+            f"(first call {first:.1f} s)"
+        )
+    print(f"load at the end {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()
