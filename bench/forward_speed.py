@@ -65,6 +65,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--random-weights", action="store_true", help="build --model (a directory with config.json) with random weights"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -80,12 +83,22 @@ def main() -> None:
     ids = torch.randint(100, 40000, (args.batch, args.tokens), generator=torch.Generator().manual_seed(0))
     ids = ids.to(args.device)
     tokens = args.batch * args.tokens
-    model32 = load_causal_lm(args.model, dtype=torch.float32, device=args.device)
+
+    def load(dtype):
+        if not args.random_weights:
+            return load_causal_lm(args.model, dtype=dtype, device=args.device)
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        torch.manual_seed(0)  # the same weights in both dtypes; their values do not change the time
+        config = AutoConfig.from_pretrained(args.model)
+        return AutoModelForCausalLM.from_config(config).to(args.device, dtype).eval()
+
+    model32 = load(torch.float32)
     flops = linear_flops(model32, args.layer, tokens, args.tokens)
     ceiling = matmul_ceiling(model32, tokens, args.repeats, args.device)
     print(f"bf16 matmul of the model's linear shapes, {tokens} rows: {ceiling:.3f} TFLOP/s (the ceiling)")
     runs = [("eager float32", model32, False)]
-    model16 = load_causal_lm(args.model, dtype=torch.bfloat16, device=args.device)
+    model16 = load(torch.bfloat16)
     runs += [("eager bfloat16", model16, False), ("compiled bfloat16", model16, True)]
     baseline = None
     for name, model, compiled in runs:

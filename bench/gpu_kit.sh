@@ -5,7 +5,7 @@
 #   bash bench/gpu_kit.sh download        # here, with PyPI: .whl/ and .gpu_kit/smollm2-config/
 #   bash bench/gpu_kit.sh install         # there: .whl/* into /tmp/site, then version checks
 #   bash bench/gpu_kit.sh check [STEP..]  # there, after install: tests eigenscore sae sae-bf16 sae-compile
-#                                         # send-deepspeed
+#                                         # forward send-deepspeed
 #
 # The device tool runs a command for at most 10 minutes, so `check` runs the steps it is given; all of them take
 # about 20 minutes, i.e. four calls. Logs go to $OUT (the device sets it; at most 8 files come back per call).
@@ -139,7 +139,7 @@ check() {
     export PYTHONPATH=$SITE:$PWD PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/gpu_kit_out}
     mkdir -p "$OUT"
     local model=$KIT/smollm2-config name steps=("$@")
-    ((${#steps[@]})) || steps=(tests eigenscore sae sae-bf16 sae-compile send-deepspeed)
+    ((${#steps[@]})) || steps=(tests eigenscore sae sae-bf16 sae-compile forward send-deepspeed)
     for name in "${steps[@]}"; do
         case $name in
         # The fast tests, as CI runs them, less the browser tests (no Chromium there), the Elasticsearch store
@@ -147,8 +147,8 @@ check() {
         # (tests/cpu_deepspeed.py), so DeepSpeed gets its CPU accelerator, as on a machine without a GPU.
         tests)
             DS_ACCELERATOR=cpu step 01_tests 360 python3 -m pytest -q -x -p no:cacheprovider \
-                --ignore tests/test_feature_browser.py --ignore tests/test_latent_stores.py \
-                --ignore tests/test_smollm2.py
+                --ignore tests/interpret/test_feature_browser.py --ignore tests/interpret/test_latent_stores.py \
+                --ignore tests/interpret/test_interpret_kill9.py --ignore tests/llm/test_smollm2.py
             ;;
         # No device option: this times the GPU machine's 16 CPU cores (76 s on 2 shared cores here).
         eigenscore)
@@ -170,6 +170,12 @@ check() {
             step 06_sae_compile 540 python3 bench/sae_throughput.py --device cuda --model "$model" --random-weights \
                 --tokens 1048576 --repeats 2 --llm-dtype bfloat16 --compile-llm --json "$OUT/06_sae_compile.json"
             ;;
+        # The truncated forward to layer 15 against the GPU's own bf16 matmul speed (issue 13: >= 60%): eager fp32,
+        # eager bf16, compiled bf16 (CUDA graphs), batch 64 x 128 tokens as a GPU user would pick.
+        forward)
+            step 07_forward 300 python3 bench/forward_speed.py --device cuda --model "$model" --random-weights \
+                --batch 64 --tokens 128 --repeats 50
+            ;;
         # The SEND demo recipe under the DeepSpeed overlay (ZeRO-2, bf16-mixed) on random weights of SmolLM2's
         # shapes, since the real ones (a 94 MB GGUF) do not travel: whether it runs, and its epoch time.
         send-deepspeed)
@@ -189,7 +195,7 @@ AutoTokenizer.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2])' "$model
         # runs/demo/interpret/samples it builds them from the demo SAE checkpoint. Random weights would time
         # another workload.
         *)
-            echo "unknown step '$name'; steps: tests eigenscore sae sae-bf16 sae-compile send-deepspeed" >&2
+            echo "unknown step '$name'; steps: tests eigenscore sae sae-bf16 sae-compile forward send-deepspeed" >&2
             exit 2
             ;;
         esac
@@ -201,7 +207,7 @@ download) download ;;
 install) install ;;
 check) check "${@:2}" ;;
 *)
-    echo "usage: bash bench/gpu_kit.sh download | install | check [tests eigenscore sae sae-bf16 sae-compile send-deepspeed]" >&2
+    echo "usage: bash bench/gpu_kit.sh download | install | check [tests eigenscore sae sae-bf16 sae-compile forward send-deepspeed]" >&2
     exit 2
     ;;
 esac
