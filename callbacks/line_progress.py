@@ -78,7 +78,36 @@ class LineProgress(ProgressBar):
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self._line(trainer, "fit", self._done, self._total, final=True)
 
-    # predict (validation runs inside fit's epochs and is short; it prints nothing of its own)
+    # validate and test on their own (`neurolight validate`: an SAE evaluation reads thousands of contexts); the
+    # validation inside fit's epochs is short and prints nothing of its own
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if trainer.state.fn == "validate":
+            self._start()
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0):
+        if trainer.state.fn == "validate":
+            self._done += 1
+            self._line(trainer, "validate", self._done, self._eval_total(trainer.num_val_batches))
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.state.fn == "validate":
+            self._line(trainer, "validate", self._done, self._eval_total(trainer.num_val_batches), final=True)
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        self._start()
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0):
+        self._done += 1
+        self._line(trainer, "test", self._done, self._eval_total(trainer.num_test_batches))
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        self._line(trainer, "test", self._done, self._eval_total(trainer.num_test_batches), final=True)
+
+    @staticmethod
+    def _eval_total(totals: list) -> int | float:
+        return sum(totals) if totals and all(isinstance(n, int) for n in totals) else float("inf")
+
+    # predict
     def on_predict_start(self, trainer, pl_module) -> None:
         self._start()
 

@@ -22,6 +22,16 @@ def test_line_progress__prints_fit_and_predict_lines_with_counts_and_metrics(tmp
     assert lines[0].startswith("[fit] epoch 0, batch 1/4 (25%), ") and "ETA" in lines[0]
     assert any(line.startswith("[fit] epoch 0, batch 4/4 (100%)") for line in lines)
     assert lines[-1].startswith("[predict] batch 3/3 (100%), ") and "ETA" not in lines[-1]
+    assert not any(line.startswith("[validate]") for line in lines)  # fit's own validation prints nothing
+
+
+def test_line_progress__prints_lines_for_a_validate_run_on_its_own(tmp_path, capsys):
+    trainer = pl.Trainer(limit_val_batches=5, logger=False, callbacks=[LineProgress(interval_s=1e-9)],
+                         default_root_dir=tmp_path, enable_model_summary=False)  # fmt: skip
+    trainer.validate(BoringModel(), verbose=False)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[")]
+    assert lines[0].startswith("[validate] batch 1/5 (20%), ") and "ETA" in lines[0]
+    assert lines[-1].startswith("[validate] batch 5/5 (100%), ")
 
 
 def test_cli__swaps_the_tqdm_bar_for_lines_when_stderr_is_not_a_terminal(monkeypatch, tmp_path):
