@@ -28,6 +28,7 @@ class NeurolightCLI(LightningCLI):
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path and Path(ckpt_path).is_file():
             check_checkpoint_matches(ckpt_path, self.config[subcommand].get("model"))
+            resume_into_the_checkpoints_version(ckpt_path, self.config[subcommand].get("trainer"))
         super()._parse_ckpt_path()
 
     def instantiate_trainer(self, **kwargs):
@@ -64,6 +65,26 @@ def _lines_when_not_a_terminal(trainer) -> None:
         return
     line = LineProgress(float(os.environ.get(INTERVAL_ENV, 30)))
     trainer.callbacks[trainer.callbacks.index(trainer.progress_bar_callback)] = line
+
+
+def resume_into_the_checkpoints_version(ckpt_path: str, trainer_config) -> None:
+    """A resumed run whose logger leaves its version unset (the SEND recipes) continues in the version folder that
+    holds its checkpoint, ``<save_dir>/<name>/version_N/...``, instead of a new ``version_N+1``: its metrics and
+    later checkpoints stay with the run's earlier ones."""
+    logger = trainer_config.get("logger") if trainer_config is not None else None
+    init_args = (
+        getattr(logger, "init_args", None) if logger is not None and not isinstance(logger, (bool, list)) else None
+    )
+    if init_args is None or init_args.get("version") is not None or not init_args.get("save_dir"):
+        return
+    root = Path(init_args["save_dir"]) / (init_args.get("name") or "lightning_logs")
+    try:
+        relative = Path(ckpt_path).resolve().relative_to(root.resolve())
+    except ValueError:
+        return  # a checkpoint from elsewhere: a new version, as Lightning does
+    folder = relative.parts[0] if len(relative.parts) > 1 else ""
+    if folder.startswith("version_") and folder.removeprefix("version_").isdigit():
+        init_args["version"] = int(folder.removeprefix("version_"))
 
 
 # Init arguments that fix the shapes of a module's weights: a checkpoint must agree with the recipe on them.

@@ -70,3 +70,24 @@ def test_run_directory__every_logger_run_gets_its_own_folder(tmp_path):
     assert run_directory(trainer("project", "abc123")) == tmp_path / "project" / "abc123"
     assert run_directory(trainer("demo", 0)) == tmp_path / "demo" / "version_0"
     assert run_directory(trainer("demo", 1)) != run_directory(trainer("demo", 0))
+
+
+def test_resume__a_logger_without_a_version_continues_in_the_checkpoints_version_folder(tmp_path):
+    from jsonargparse import Namespace
+
+    from neurolight.cli.main import resume_into_the_checkpoints_version
+
+    def trainer(version=None):
+        init = Namespace(save_dir=str(tmp_path / "runs"), name="smollm2-135m_fanoutqa", version=version)
+        return Namespace(logger=Namespace(class_path="neurolight.callbacks.ResumableCSVLogger", init_args=init))
+
+    checkpoint = tmp_path / "runs" / "smollm2-135m_fanoutqa" / "version_3" / "checkpoints" / "last.ckpt"
+    config = trainer()
+    resume_into_the_checkpoints_version(str(checkpoint), config)
+    assert config.logger.init_args.version == 3  # not a new version_4 beside it
+    config = trainer(version=7)
+    resume_into_the_checkpoints_version(str(checkpoint), config)
+    assert config.logger.init_args.version == 7  # a version given stays
+    config = trainer()
+    resume_into_the_checkpoints_version(str(tmp_path / "elsewhere" / "last.ckpt"), config)
+    assert config.logger.init_args.version is None  # a checkpoint from another folder: a new version
