@@ -11,6 +11,7 @@ from neurolight._lazy import lazy_exports
 # importing Lightning.
 _EXPORTS = {
     "ActivationDataModule": "neurolight.datamodules.sae.activations",
+    "CachedActivationDataModule": "neurolight.datamodules.sae.cached_activations",
     "ActivationCache": "neurolight.datamodules.sae.activation_cache",
     "harvest_activations": "neurolight.datamodules.sae.harvest",
     "CorpusContextDataModule": "neurolight.datamodules.interpret.corpus_contexts",
