@@ -87,7 +87,8 @@ def harvest_activations(
         batch_size: Contexts per LLM forward pass.
         device: Device of the LLM, e.g. cuda:0.
         overwrite: Delete the cache in output_dir (its own files only) and harvest from scratch.
-        on_shard: Called with (contexts done, contexts in all) after each shard is written.
+        on_shard: Called with (contexts done, contexts in all) before the first shard this run writes and after
+            each one.
 
     Returns:
         The output directory.
@@ -139,6 +140,8 @@ def harvest_activations(
         manifest.update(shards=[e for e in manifest["shards"] if e["index"] in done], complete=False)
         write_manifest(output, manifest)
     per_shard, total = manifest["contexts_per_shard"], manifest["num_contexts"]
+    if on_shard is not None:
+        on_shard(min(total, per_shard * len(manifest["shards"])), total)  # where this run starts
     for index in range(manifest["num_shards"]):
         if index in done:
             continue

@@ -28,7 +28,9 @@ class _Progress:
 
     def __call__(self, done: int, total: int) -> None:
         now = time.monotonic()
-        self.first = done if self.first is None else self.first
+        if self.first is None:  # the call before this run's first shard
+            self.first, self.started, self.printed = done, now, now
+            return
         if now - self.printed < self.interval and done < total:
             return
         self.printed = now
