@@ -4,13 +4,16 @@ the right row from nothing but the count of batches served."""
 
 from __future__ import annotations
 
+import socket
 from types import SimpleNamespace
 
+import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
 
 from neurolight.datamodules import CachedActivationDataModule
+from neurolight.lightning_modules import SparseAutoencoderModule, TopK
 from tests.helpers.cache import write_index_cache
 
 CONTEXTS, ROWS_PER_CONTEXT, VAL_CONTEXTS = 26, 5, 2
@@ -99,3 +102,37 @@ def test_site_choice__a_missing_site_or_an_ambiguous_one_is_refused_naming_the_s
         datamodule(cache, layer_id=3, layer_type="mlp_sublayer")
     with pytest.raises(ValueError, match=r"harvested from tiny \(tiny\), but the recipe names model_name other/model"):
         datamodule(cache, model_name="other/model")
+
+
+class RecordRows(pl.Callback):
+    """Saves the rows (their index, feature 0) each rank trained on, in order, to ``folder/rank<r>.pt``."""
+
+    def __init__(self, folder) -> None:
+        self.folder, self.rows = folder, []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        self.rows.append(batch[:, 0].long().cpu())
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        torch.save(torch.cat(self.rows), self.folder / f"rank{trainer.global_rank}.pt")
+
+
+# DDP: two spawned processes import torch and Lightning: ~20 s on 2 shared cores
+def test_ddp__two_ranks_train_on_their_own_blocks_every_row_once_per_pass(cache, tmp_path, monkeypatch):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("MASTER_PORT", str(probe.getsockname()[1]))
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    data = CachedActivationDataModule(str(cache), batch_size_autoencoder=BATCH, shuffle_rows=40, block_rows=BLOCK,
+                                      val_contexts=VAL_CONTEXTS)  # fmt: skip
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=15, max_epochs=-1, logger=False,
+        callbacks=[RecordRows(tmp_path)], enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+    )  # fmt: skip
+    trainer.fit(SparseAutoencoderModule(4, 8, TopK(k=2), max_l0_fraction=None), data)
+    trained = [torch.load(tmp_path / f"rank{rank}.pt").numpy() for rank in range(2)]
+    for rank in range(2):  # 6 blocks of 10 rows each a pass, 2 passes in 15 steps of 8
+        assert np.array_equal(trained[rank], rows(datamodule(cache, rank, 2), 15))
+    for rank_pass in (slice(0, 60), slice(60, 120)):
+        assert sorted(np.concatenate([t[rank_pass] for t in trained])) == list(range(TRAIN_ROWS))
