@@ -1,9 +1,9 @@
 """DeadLatentResampler: give latents that stopped firing a new direction, on a fixed step schedule.
 
-Needs a LightningModule with ``sae`` (a SparseAutoencoder), ``normalize(batch)``, ``reset_latent_statistics(dead)``
-and a ``training_step`` that returns ``fired`` (per-latent firing counts of the step, summed over ranks), as
-SparseAutoencoderModule does. What to reset besides the encoder and decoder (JumpReLU's thresholds, BatchTopK's
-running threshold) the SAE's architecture says (``Architecture.resample_resets``).
+Needs a LightningModule with ``sae`` (a SparseAutoencoder), ``batch_activations(batch)``, ``normalize(x)``,
+``reset_latent_statistics(dead)`` and a ``training_step`` that returns ``fired`` (per-latent firing counts of the step,
+summed over ranks), as SparseAutoencoderModule does. What to reset besides the encoder and decoder (JumpReLU's
+thresholds, BatchTopK's running threshold) the SAE's architecture says (``Architecture.resample_resets``).
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ class DeadLatentResampler(pl.Callback):
         fired = outputs["fired"].detach()
         self.fired = fired.clone() if self.fired is None else self.fired.to(fired.device) + fired
         if self.method == "anthropic":
-            self._remember(pl_module.normalize(batch).detach())
+            self._remember(pl_module.normalize(pl_module.batch_activations(batch)).detach())
         step = trainer.global_step
         if step % self.interval == 0 and (self.last_step is None or step <= self.last_step):
             self.resample(trainer, pl_module)
