@@ -215,9 +215,13 @@ class SparseAutoencoderModule(pl.LightningModule):
             f"the SAE is not sparse: L0 = {l0:.0f} active latents per token over the last "
             f"{self.hparams.metrics_every_n_steps} steps ({previous:.0f} the window before), above "
             f"max_l0_fraction = {limit} of d_in = {d_in}; {'raise' if architecture.raise_for_sparsity else 'lower'} "
-            f"model.init_args.architecture.init_args.{setting} (now {getattr(architecture, setting)}) of "
+            f"{self._settings_path()}architecture.init_args.{setting} (now {getattr(architecture, setting)}) of "
             f"{type(architecture).__name__} for a sparser SAE{architecture.sparsity_note}"
         )
+
+    def _settings_path(self) -> str:
+        name = getattr(self, "_sweep_name", None)
+        return "model.init_args." if name is None else f"the sweep member '{name}''s "
 
     def reset_latent_statistics(self, latents: Tensor) -> None:
         """Forget when ``latents`` (a (d_sae,) bool mask) last fired: resampling gave them new weights."""
@@ -229,10 +233,28 @@ class SparseAutoencoderModule(pl.LightningModule):
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
-        # Right after the step (Towards Monosemanticity: decoder rows at unit norm), before any callback's
-        # on_train_batch_end: a step checkpoint then holds the renormalised decoder that the next step starts from.
+        self.renormalize_decoder()
+
+    def renormalize_decoder(self) -> None:
+        """Right after the optimiser step (Towards Monosemanticity: decoder rows at unit norm), before any callback's
+        on_train_batch_end: a step checkpoint then holds the renormalised decoder that the next step starts from."""
         if self.sae.normalize_decoder:
             zero.update_param(self.sae.W_dec, unit_norm_rows)
+
+    # ------------------------------------------------------------------------------------- inside a sweep
+    def attach_to_sweep(self, sweep: pl.LightningModule, name: str) -> None:
+        """Run as member ``name`` of ``sweep`` (``SparseAutoencoderSweep``): its hooks call this module's, and what
+        this module logs goes to the sweep's logger under ``{name}/``."""
+        # Kept out of nn.Module's registry: the sweep holds this module, not the other way round.
+        self.__dict__["_sweep"] = sweep
+        self._sweep_name = name
+        self.trainer = sweep.trainer
+
+    def log(self, name: str, value, *args, **kwargs) -> None:
+        sweep = getattr(self, "_sweep", None)
+        if sweep is None:
+            return super().log(name, value, *args, **kwargs)
+        return sweep.log(f"{self._sweep_name}/{name}", value, *args, **kwargs)
 
     # ---------------------------------------------------------------------------------------- validation
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:

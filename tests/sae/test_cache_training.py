@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from neurolight.datamodules import CachedActivationDataModule
-from neurolight.lightning_modules.interpret.latent_sampler import LatentSampler, load_sae_checkpoint
+from neurolight.lightning_modules.interpret.latent_sampler import LatentSampler
+from neurolight.lightning_modules.sae.formats import load_sae_checkpoint
 from tests.helpers.sae import make_datamodule, make_module, make_trainer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
