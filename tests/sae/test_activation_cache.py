@@ -138,3 +138,15 @@ def test_rerun__with_other_settings_or_into_a_foreign_folder_is_refused(
         harvest_tiny(tmp_path / "new", cache_corpus, tiny_model_dir, sites=["mlp.3"])
     with pytest.raises(ValueError, match=r"layer_id 7 is out of range: the model has 2 layers"):
         harvest_tiny(tmp_path / "new", cache_corpus, tiny_model_dir, sites=["layers.7.mlp_sublayer"])
+
+
+def test_harvest__with_position_0_kept_every_position_is_a_row(tmp_path, cache_corpus, tiny_model_dir, tiny_model):
+    out = harvest_tiny(tmp_path / "all", cache_corpus, tiny_model_dir, sites=TINY_SITES[1:], num_contexts=12,
+                       num_tokens=10, exclude_first_position=False)  # fmt: skip
+    reader = ActivationCache(out)
+    reader.open(TINY_SITES[1])
+    ids = TokenizedCorpus(cache_corpus).batch(range(12))[:, :10]
+    expected = HookedLLM(tiny_model, "attn_sublayer", 0).harvest(ids).reshape(-1, 64)
+    assert torch.equal(torch.from_numpy(reader.read(TINY_SITES[1], 0, reader.num_rows)), expected)
+    context, position = reader.row_location(np.array([0, 9, 10, 119]))
+    assert context.tolist() == [0, 0, 1, 11] and position.tolist() == [0, 9, 0, 9]
