@@ -22,7 +22,13 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from neurolight.datamodules.sae.activation_cache import ActivationCache, model_id, site_name, to_tensor
+from neurolight.datamodules.sae.activation_cache import (
+    STORAGE_DTYPES,
+    ActivationCache,
+    model_id,
+    site_name,
+    to_tensor,
+)
 
 
 def pass_blocks(seed: int, epoch: int, num_blocks: int, rank: int, world: int) -> np.ndarray:
@@ -197,16 +203,24 @@ class CachedActivationDataModule(pl.LightningDataModule):
     def batches(self, start: int = 0) -> Iterator[Tensor]:
         """(batch_size_autoencoder, d_in) training batches of this rank from batch ``start`` of its stream on."""
         rank, world = self._rank()
-        size = self.hparams.batch_size_autoencoder
-        carry = None
+        size, block = self.hparams.batch_size_autoencoder, self.hparams.block_rows
+        pieces, have = [], 0  # the next batch's rows; a batch may take the end of one window and the start of the next
         for starts, order in self.windows(start * size, rank, world):
-            block = self.hparams.block_rows
-            data = np.concatenate([self.cache.read(self.site, s, min(s + block, self.train_rows)) for s in starts])
-            data = data[order] if carry is None else np.concatenate([carry, data[order]])
-            full = len(data) // size * size
-            for first in range(0, full, size):
-                yield to_tensor(data[first : first + size], self.cache.dtype)
-            carry = data[full:]
+            stops = np.minimum(starts + block, self.train_rows)
+            window = np.empty((int((stops - starts).sum()), self.d_in), STORAGE_DTYPES[self.cache.dtype])
+            at = 0
+            for first, stop in zip(starts.tolist(), stops.tolist()):
+                self.cache.read(self.site, first, stop, out=window[at : at + stop - first])
+                at += stop - first
+            # One gather a batch: memory holds one window, not a shuffled copy of it.
+            position = 0
+            while position < len(order):
+                take = order[position : position + size - have]
+                pieces.append(window[take])
+                have, position = have + len(take), position + len(take)
+                if have == size:
+                    yield to_tensor(pieces[0] if len(pieces) == 1 else np.concatenate(pieces), self.cache.dtype)
+                    pieces, have = [], 0
 
     # -------------------------------------------------------------------------------------------- loaders
     def train_dataloader(self) -> DataLoader:
