@@ -7,7 +7,7 @@ The order of the rows is a pure function of the seed and the number of batches s
 cache): each pass (epoch) permutes the blocks of ``block_rows`` consecutive training rows, deals them to the ranks
 (rank ``r`` takes blocks ``r, r + world, ...`` of the permutation), and each rank reads its blocks a window of
 ``shuffle_rows`` rows at a time and serves that window's rows in a random order. Every training row is served
-exactly once per pass over all ranks, memory stays at about two windows, and a resumed fit needs only the count of
+exactly once per pass over all ranks, memory holds one window, and a resumed fit needs only the count of
 batches served to continue at the right row. Validation batches are the rows of the last ``val_contexts``
 contexts, never trained on; without an LLM the SAE module reports the activation-space metrics on them.
 """
@@ -90,7 +90,7 @@ class CachedActivationDataModule(pl.LightningDataModule):
                 cache's. The checkpoint records it (with the site and hook point) as a fit from the LLM does, so
                 sampling and interpretation find the model.
             batch_size_autoencoder: Activation vectors per SAE training batch.
-            shuffle_rows: Rows mixed at once (one window); memory is about twice ``shuffle_rows * d_in`` values.
+            shuffle_rows: Rows mixed at once (one window); memory holds ``shuffle_rows * d_in`` values.
             block_rows: Consecutive rows read together; the unit of the per-pass permutation and of the split across
                 ranks. Smaller mixes better and reads in smaller pieces.
             val_contexts: Contexts at the end of the cache held out for validation (never trained on).
