@@ -180,9 +180,10 @@ class CachedActivationDataModule(pl.LightningDataModule):
         return self.cache.mean_norm(self.site)
 
     # ---------------------------------------------------------------------------------------------- order
-    def windows(self, offset: int, rank: int, world: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """This rank's training rows from row ``offset`` of its stream on, as (block starts, row order) per window:
-        the window's rows, read block by block and concatenated, are served in ``row order`` (after the offset)."""
+    def windows(self, offset: int, rank: int, world: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """This rank's training rows from row ``offset`` of its stream on, as (block starts, block ends, row order)
+        per window: the window's rows, read block by block and concatenated, are served in ``row order`` (after
+        the offset)."""
         hp = self.hparams
         per_window, num_blocks = max(1, hp.shuffle_rows // hp.block_rows), -(-self.train_rows // hp.block_rows)
         epoch = self.first_pass
@@ -190,23 +191,22 @@ class CachedActivationDataModule(pl.LightningDataModule):
             blocks = pass_blocks(hp.seed, epoch, num_blocks, rank, world)
             starts, stops = block_ranges(blocks, hp.block_rows, self.train_rows)
             for window, first in enumerate(range(0, len(starts), per_window)):
-                sizes = stops[first : first + per_window] - starts[first : first + per_window]
-                rows = int(sizes.sum())
+                in_window = slice(first, first + per_window)
+                rows = int((stops[in_window] - starts[in_window]).sum())
                 if offset >= rows:
                     offset -= rows
                     continue
-                generator = np.random.default_rng([self.hparams.seed, epoch, rank, window])
-                yield starts[first : first + per_window], generator.permutation(rows)[offset:]
+                generator = np.random.default_rng([hp.seed, epoch, rank, window])
+                yield starts[in_window], stops[in_window], generator.permutation(rows)[offset:]
                 offset = 0
             epoch += 1
 
     def batches(self, start: int = 0) -> Iterator[Tensor]:
         """(batch_size_autoencoder, d_in) training batches of this rank from batch ``start`` of its stream on."""
         rank, world = self._rank()
-        size, block = self.hparams.batch_size_autoencoder, self.hparams.block_rows
+        size = self.hparams.batch_size_autoencoder
         pieces, have = [], 0  # the next batch's rows; a batch may take the end of one window and the start of the next
-        for starts, order in self.windows(start * size, rank, world):
-            stops = np.minimum(starts + block, self.train_rows)
+        for starts, stops, order in self.windows(start * size, rank, world):
             window = np.empty((int((stops - starts).sum()), self.d_in), STORAGE_DTYPES[self.cache.dtype])
             at = 0
             for first, stop in zip(starts.tolist(), stops.tolist()):
