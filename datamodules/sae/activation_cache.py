@@ -144,8 +144,8 @@ class ActivationCache:
 
     def _repair(self, file: Path, problem: str) -> ValueError:
         return ValueError(
-            f"shard {file} {problem}; rewrite it with: neurolight-harvest --output_dir {self.path} (the other "
-            f"{self.manifest['num_shards'] - 1} shards are kept)"
+            f"shard {file} {problem}; rewrite it with: neurolight-harvest --output_dir {self.path} (it keeps the "
+            "shards that are whole)"
         )
 
     def _shard_rows(self, index: int) -> int:

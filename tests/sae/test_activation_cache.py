@@ -93,15 +93,16 @@ def test_damaged_shards__named_with_the_fix_and_a_rerun_rewrites_only_them(
     data[-5] ^= 0x40
     flipped.write_bytes(bytes(data))
     truncated.write_bytes(truncated.read_bytes()[:-100])
+    (copy / "tokens" / "shard_00001.npy").unlink()
     with pytest.raises(ValueError) as error:
         CachedActivationDataModule(str(copy), layer_id=0, layer_type="attn_sublayer").setup("fit")
     assert str(error.value) == (
         f"shard {flipped} is corrupted (its checksum differs from the manifest's); rewrite it with: neurolight-harvest "
-        f"--output_dir {copy} (the other 4 shards are kept)"
+        f"--output_dir {copy} (it keeps the shards that are whole)"
     )
     with pytest.raises(ValueError, match=rf"shard {truncated} is truncated or corrupted \(.*\); rewrite it with"):
         CachedActivationDataModule(str(copy), layer_id=1, layer_type="mlp_activations").setup("fit")
-    kept = {p: p.stat().st_ino for p in copy.rglob("shard_0000[013].npy")}
+    kept = {p: p.stat().st_ino for p in copy.rglob("shard_0000[03].npy")}  # shards 1, 2 and 4 are damaged
     with pytest.warns(UserWarning, match="truncated or corrupted: harvesting its shard again"):
         harvest_tiny(copy, cache_corpus, tiny_model_dir)
     assert files(copy) == files(tiny_cache)
