@@ -124,6 +124,11 @@ class ActivationCache:
                 f"activation cache {self.path} is unfinished ({len(manifest['shards'])} of {manifest['num_shards']} "
                 f"shards); continue the harvest with: neurolight-harvest --output_dir {self.path}"
             )
+        if [entry["index"] for entry in manifest["shards"]] != list(range(manifest["num_shards"])):
+            raise ValueError(
+                f"the manifest of activation cache {self.path} does not list shards 0-{manifest['num_shards'] - 1} in "
+                "order (edited by hand?); harvest the cache again with neurolight-harvest --overwrite"
+            )
         self.manifest = manifest
         self.dtype: str = manifest["dtype"]
         self.rows_per_context: int = manifest["rows_per_context"]
