@@ -124,6 +124,11 @@ class ActivationCache:
                 f"activation cache {self.path} is unfinished ({len(manifest['shards'])} of {manifest['num_shards']} "
                 f"shards); continue the harvest with: neurolight-harvest --output_dir {self.path}"
             )
+        if [entry["index"] for entry in manifest["shards"]] != list(range(manifest["num_shards"])):
+            raise ValueError(
+                f"the manifest of activation cache {self.path} does not list shards 0-{manifest['num_shards'] - 1} in "
+                "order (edited by hand?); harvest the cache again with neurolight-harvest --overwrite"
+            )
         self.manifest = manifest
         self.dtype: str = manifest["dtype"]
         self.rows_per_context: int = manifest["rows_per_context"]
@@ -144,8 +149,8 @@ class ActivationCache:
 
     def _repair(self, file: Path, problem: str) -> ValueError:
         return ValueError(
-            f"shard {file} {problem}; rewrite it with: neurolight-harvest --output_dir {self.path} (the other "
-            f"{self.manifest['num_shards'] - 1} shards are kept)"
+            f"shard {file} {problem}; rewrite it with: neurolight-harvest --output_dir {self.path} (it keeps the "
+            "shards that are whole)"
         )
 
     def _shard_rows(self, index: int) -> int:
@@ -178,15 +183,18 @@ class ActivationCache:
             shards.append(self._load(site, index, shape, dtype, entry["crc32"][site], verify))
         self._shards[site] = shards
 
-    def read(self, site: str, start: int, stop: int) -> np.ndarray:
-        """Rows ``start:stop`` of ``site`` (an opened site), copied out of the memory maps; may span shards."""
-        parts, shards = [], self._shards[site]
+    def read(self, site: str, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows ``start:stop`` of ``site`` (an opened site), copied out of the memory maps (into ``out`` when given);
+        may span shards."""
+        shards = self._shards[site]
+        out = np.empty((stop - start, shards[0].shape[1]), shards[0].dtype) if out is None else out
+        at = 0
         while start < stop:
             shard, offset = divmod(start, self.rows_per_shard)
             take = min(stop - start, self.rows_per_shard - offset)
-            parts.append(shards[shard][offset : offset + take])
-            start += take
-        return np.concatenate(parts) if len(parts) != 1 else np.array(parts[0])
+            out[at : at + take] = shards[shard][offset : offset + take]
+            start, at = start + take, at + take
+        return out
 
     def row_location(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(context index, position in the context) of each row."""

@@ -7,7 +7,7 @@ The order of the rows is a pure function of the seed and the number of batches s
 cache): each pass (epoch) permutes the blocks of ``block_rows`` consecutive training rows, deals them to the ranks
 (rank ``r`` takes blocks ``r, r + world, ...`` of the permutation), and each rank reads its blocks a window of
 ``shuffle_rows`` rows at a time and serves that window's rows in a random order. Every training row is served
-exactly once per pass over all ranks, memory stays at about two windows, and a resumed fit needs only the count of
+exactly once per pass over all ranks, memory holds one window, and a resumed fit needs only the count of
 batches served to continue at the right row. Validation batches are the rows of the last ``val_contexts``
 contexts, never trained on; without an LLM the SAE module reports the activation-space metrics on them.
 """
@@ -22,7 +22,13 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from neurolight.datamodules.sae.activation_cache import ActivationCache, model_id, site_name, to_tensor
+from neurolight.datamodules.sae.activation_cache import (
+    STORAGE_DTYPES,
+    ActivationCache,
+    model_id,
+    site_name,
+    to_tensor,
+)
 
 
 def pass_blocks(seed: int, epoch: int, num_blocks: int, rank: int, world: int) -> np.ndarray:
@@ -84,7 +90,7 @@ class CachedActivationDataModule(pl.LightningDataModule):
                 cache's. The checkpoint records it (with the site and hook point) as a fit from the LLM does, so
                 sampling and interpretation find the model.
             batch_size_autoencoder: Activation vectors per SAE training batch.
-            shuffle_rows: Rows mixed at once (one window); memory is about twice ``shuffle_rows * d_in`` values.
+            shuffle_rows: Rows mixed at once (one window); memory holds ``shuffle_rows * d_in`` values.
             block_rows: Consecutive rows read together; the unit of the per-pass permutation and of the split across
                 ranks. Smaller mixes better and reads in smaller pieces.
             val_contexts: Contexts at the end of the cache held out for validation (never trained on).
@@ -174,9 +180,10 @@ class CachedActivationDataModule(pl.LightningDataModule):
         return self.cache.mean_norm(self.site)
 
     # ---------------------------------------------------------------------------------------------- order
-    def windows(self, offset: int, rank: int, world: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """This rank's training rows from row ``offset`` of its stream on, as (block starts, row order) per window:
-        the window's rows, read block by block and concatenated, are served in ``row order`` (after the offset)."""
+    def windows(self, offset: int, rank: int, world: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """This rank's training rows from row ``offset`` of its stream on, as (block starts, block ends, row order)
+        per window: the window's rows, read block by block and concatenated, are served in ``row order`` (after
+        the offset)."""
         hp = self.hparams
         per_window, num_blocks = max(1, hp.shuffle_rows // hp.block_rows), -(-self.train_rows // hp.block_rows)
         epoch = self.first_pass
@@ -184,13 +191,13 @@ class CachedActivationDataModule(pl.LightningDataModule):
             blocks = pass_blocks(hp.seed, epoch, num_blocks, rank, world)
             starts, stops = block_ranges(blocks, hp.block_rows, self.train_rows)
             for window, first in enumerate(range(0, len(starts), per_window)):
-                sizes = stops[first : first + per_window] - starts[first : first + per_window]
-                rows = int(sizes.sum())
+                in_window = slice(first, first + per_window)
+                rows = int((stops[in_window] - starts[in_window]).sum())
                 if offset >= rows:
                     offset -= rows
                     continue
-                generator = np.random.default_rng([self.hparams.seed, epoch, rank, window])
-                yield starts[first : first + per_window], generator.permutation(rows)[offset:]
+                generator = np.random.default_rng([hp.seed, epoch, rank, window])
+                yield starts[in_window], stops[in_window], generator.permutation(rows)[offset:]
                 offset = 0
             epoch += 1
 
@@ -198,15 +205,22 @@ class CachedActivationDataModule(pl.LightningDataModule):
         """(batch_size_autoencoder, d_in) training batches of this rank from batch ``start`` of its stream on."""
         rank, world = self._rank()
         size = self.hparams.batch_size_autoencoder
-        carry = None
-        for starts, order in self.windows(start * size, rank, world):
-            block = self.hparams.block_rows
-            data = np.concatenate([self.cache.read(self.site, s, min(s + block, self.train_rows)) for s in starts])
-            data = data[order] if carry is None else np.concatenate([carry, data[order]])
-            full = len(data) // size * size
-            for first in range(0, full, size):
-                yield to_tensor(data[first : first + size], self.cache.dtype)
-            carry = data[full:]
+        pieces, have = [], 0  # the next batch's rows; a batch may take the end of one window and the start of the next
+        for starts, stops, order in self.windows(start * size, rank, world):
+            window = np.empty((int((stops - starts).sum()), self.d_in), STORAGE_DTYPES[self.cache.dtype])
+            at = 0
+            for first, stop in zip(starts.tolist(), stops.tolist()):
+                self.cache.read(self.site, first, stop, out=window[at : at + stop - first])
+                at += stop - first
+            # One gather a batch: memory holds one window, not a shuffled copy of it.
+            position = 0
+            while position < len(order):
+                take = order[position : position + size - have]
+                pieces.append(window[take])
+                have, position = have + len(take), position + len(take)
+                if have == size:
+                    yield to_tensor(pieces[0] if len(pieces) == 1 else np.concatenate(pieces), self.cache.dtype)
+                    pieces, have = [], 0
 
     # -------------------------------------------------------------------------------------------- loaders
     def train_dataloader(self) -> DataLoader:

@@ -78,7 +78,7 @@ def harvest_activations(
         num_tokens: Tokens per context (the first num_tokens of each stored context); default: the corpus's
             context length.
         contexts_per_shard: Contexts per shard file (default 256); a shard holds contexts_per_shard x rows per
-            context rows.
+            context rows, and the harvest holds one shard of every site in memory while it fills it.
         dtype: Storage dtype of the activations: float32 (default) or bfloat16 (half the disk).
         llm_dtype: float32 (default), bfloat16 or float16 weights for the LLM.
         exclude_first_position: Leave position 0 (BOS / attention sink) out of the rows (default true), as the

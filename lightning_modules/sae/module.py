@@ -262,33 +262,22 @@ class SparseAutoencoderModule(pl.LightningModule):
         downstream ones of the reconstruction spliced into the LLM. Otherwise batches are activations:
         ``val/l0``, ``val/mse`` and ``val/explained_variance`` only."""
         hooked = getattr(self._datamodule(), "hooked_llm", None)
+        skip_first = hooked is not None and self.trainer.datamodule.hparams.exclude_first_position
         if hooked is None:
-            x = self.normalize(self.batch_activations(batch).to(self.device))
-            out = self.sae(x)
-            self.log_dict({"val/l0": (out.latents > 0).sum(-1).float().mean(), "val/mse": out.mse}, sync_dist=True)
-            self.val_explained_variance.update(x, out.x_hat)
-            self.log("val/explained_variance", self.val_explained_variance)
-            return
-        input_ids = batch
-        skip_first = self.trainer.datamodule.hparams.exclude_first_position
-        acts = hooked.harvest(input_ids)
-        if skip_first:
-            acts = acts[:, 1:]
+            acts = self.batch_activations(batch)
+        else:
+            acts = hooked.harvest(batch)[:, int(skip_first) :]
         x = self.normalize(acts.reshape(-1, acts.shape[-1]).to(self.device))
         out = self.sae(x)
-        splice = hooked.splice_metrics(
-            input_ids,
-            lambda a: self.reconstruct(a.to(self.device)).to(a.device),
-            skip_first_position=skip_first,
-        )
-        metrics = {
-            "val/l0": (out.latents > 0).sum(-1).float().mean(),
-            "val/mse": out.mse,
-            "val/ce_loss_recovered": splice["ce_loss_recovered"],
-            "val/kl": splice["kl"],
-            "val/ce_spliced": splice["ce_spliced"],
-            "val/ce_clean": splice["ce_clean"],
-        }
+        metrics = {"val/l0": (out.latents > 0).sum(-1).float().mean(), "val/mse": out.mse}
+        if hooked is not None:
+            splice = hooked.splice_metrics(
+                batch,
+                lambda a: self.reconstruct(a.to(self.device)).to(a.device),
+                skip_first_position=skip_first,
+            )
+            for name in ("ce_loss_recovered", "kl", "ce_spliced", "ce_clean"):
+                metrics[f"val/{name}"] = splice[name]
         self.log_dict({k: v.to(self.device) for k, v in metrics.items()}, sync_dist=True)
         # A torchmetrics Metric: Lightning computes it once over the whole validation set at the epoch's end.
         self.val_explained_variance.update(x, out.x_hat)

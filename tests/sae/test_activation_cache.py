@@ -93,15 +93,16 @@ def test_damaged_shards__named_with_the_fix_and_a_rerun_rewrites_only_them(
     data[-5] ^= 0x40
     flipped.write_bytes(bytes(data))
     truncated.write_bytes(truncated.read_bytes()[:-100])
+    (copy / "tokens" / "shard_00001.npy").unlink()
     with pytest.raises(ValueError) as error:
         CachedActivationDataModule(str(copy), layer_id=0, layer_type="attn_sublayer").setup("fit")
     assert str(error.value) == (
         f"shard {flipped} is corrupted (its checksum differs from the manifest's); rewrite it with: neurolight-harvest "
-        f"--output_dir {copy} (the other 4 shards are kept)"
+        f"--output_dir {copy} (it keeps the shards that are whole)"
     )
     with pytest.raises(ValueError, match=rf"shard {truncated} is truncated or corrupted \(.*\); rewrite it with"):
         CachedActivationDataModule(str(copy), layer_id=1, layer_type="mlp_activations").setup("fit")
-    kept = {p: p.stat().st_ino for p in copy.rglob("shard_0000[013].npy")}
+    kept = {p: p.stat().st_ino for p in copy.rglob("shard_0000[03].npy")}  # shards 1, 2 and 4 are damaged
     with pytest.warns(UserWarning, match="truncated or corrupted: harvesting its shard again"):
         harvest_tiny(copy, cache_corpus, tiny_model_dir)
     assert files(copy) == files(tiny_cache)
@@ -138,3 +139,15 @@ def test_rerun__with_other_settings_or_into_a_foreign_folder_is_refused(
         harvest_tiny(tmp_path / "new", cache_corpus, tiny_model_dir, sites=["mlp.3"])
     with pytest.raises(ValueError, match=r"layer_id 7 is out of range: the model has 2 layers"):
         harvest_tiny(tmp_path / "new", cache_corpus, tiny_model_dir, sites=["layers.7.mlp_sublayer"])
+
+
+def test_harvest__with_position_0_kept_every_position_is_a_row(tmp_path, cache_corpus, tiny_model_dir, tiny_model):
+    out = harvest_tiny(tmp_path / "all", cache_corpus, tiny_model_dir, sites=TINY_SITES[1:], num_contexts=12,
+                       num_tokens=10, exclude_first_position=False)  # fmt: skip
+    reader = ActivationCache(out)
+    reader.open(TINY_SITES[1])
+    ids = TokenizedCorpus(cache_corpus).batch(range(12))[:, :10]
+    expected = HookedLLM(tiny_model, "attn_sublayer", 0).harvest(ids).reshape(-1, 64)
+    assert torch.equal(torch.from_numpy(reader.read(TINY_SITES[1], 0, reader.num_rows)), expected)
+    context, position = reader.row_location(np.array([0, 9, 10, 119]))
+    assert context.tolist() == [0, 0, 1, 11] and position.tolist() == [0, 9, 0, 9]

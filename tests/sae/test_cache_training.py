@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import math
 
+import lightning.pytorch as pl
 import pytest
 import torch
 
 from neurolight.datamodules import CachedActivationDataModule
 from neurolight.lightning_modules.interpret.latent_sampler import LatentSampler
 from neurolight.lightning_modules.sae.formats import load_sae_checkpoint
+from tests.helpers.cache import TINY_SITES, harvest_tiny
 from tests.helpers.sae import make_datamodule, make_module, make_trainer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -76,3 +78,16 @@ def test_validation__on_held_out_rows_reports_the_activation_space_metrics(tmp_p
     explained = 1 - ((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
     assert trainer.callback_metrics["val/explained_variance"].item() == pytest.approx(explained.item(), rel=1e-4)
     assert "val/ce_loss_recovered" not in trainer.callback_metrics
+
+
+def test_bfloat16_cache__serves_bfloat16_batches_to_a_float32_sae(tmp_path, cache_corpus, tiny_model_dir):
+    out = harvest_tiny(tmp_path / "bf16", cache_corpus, tiny_model_dir, sites=TINY_SITES[:1], dtype="bfloat16",
+                       num_contexts=48)  # fmt: skip
+    dtypes = set()
+    record = pl.callbacks.LambdaCallback(on_train_batch_start=lambda t, m, batch, i: dtypes.add(batch.dtype))
+    module = make_module()
+    trainer = make_trainer(tmp_path / "run", max_steps=4)
+    trainer.callbacks.append(record)
+    trainer.fit(module, cached(out))
+    assert dtypes == {torch.bfloat16} and {p.dtype for p in module.parameters()} == {torch.float32}
+    assert torch.isfinite(module.sae.W_enc).all() and trainer.global_step == 4
