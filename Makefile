@@ -7,7 +7,7 @@ STAMP := $(VENV)/.neurolight-installed
 DEMO_DIR := runs/demo
 SEND_DIR := $(DEMO_DIR)/send/smollm2-135m_fanoutqa_SEND
 
-.PHONY: demo demo-sae demo-send demo-interpret test lint venv browser-deps clean-demo lock
+.PHONY: demo demo-sae demo-sae-cached demo-send demo-interpret test lint venv browser-deps clean-demo lock
 
 venv: $(STAMP)
 
@@ -51,6 +51,11 @@ demo-sae: $(STAMP)
 	# latents describe it.
 	rm -rf $(DEMO_DIR)/sae $(DEMO_DIR)/interpret
 	$(BIN)/neurolight fit --config configs/sae/demo.yaml
+
+# The demo SAE from an activation cache (after demo-sae, which builds the corpus): harvest once, then fit from disk.
+demo-sae-cached: $(STAMP)
+	$(BIN)/neurolight-harvest --config configs/sae/harvest-demo.yaml
+	$(BIN)/neurolight fit --config configs/sae/demo-cached.yaml
 
 demo-interpret: $(STAMP)
 	$(BIN)/neurolight predict --config configs/interpret/sample.yaml

@@ -1,7 +1,8 @@
 """The lowest floor: data and the frozen LLM, one subpackage per pipeline (``sae/``, ``send/``, ``interpret/``)
 plus ``llm/`` (model loading, hooking, DeepSpeed ZeRO access), which every pipeline shares.
 
-text -> tokens -> activations (SAE); QA records -> prompts and labels (SEND); samples -> explain/score tasks.
+text -> tokens -> activations, from the LLM or from a cache on disk (SAE); QA records -> prompts and labels (SEND);
+samples -> explain/score tasks.
 """
 
 from neurolight._lazy import lazy_exports
@@ -10,6 +11,9 @@ from neurolight._lazy import lazy_exports
 # importing Lightning.
 _EXPORTS = {
     "ActivationDataModule": "neurolight.datamodules.sae.activations",
+    "CachedActivationDataModule": "neurolight.datamodules.sae.cached_activations",
+    "ActivationCache": "neurolight.datamodules.sae.activation_cache",
+    "harvest_activations": "neurolight.datamodules.sae.harvest",
     "CorpusContextDataModule": "neurolight.datamodules.interpret.corpus_contexts",
     "InterpretationDataModule": "neurolight.datamodules.interpret.tasks",
     "InterpretationSamples": "neurolight.datamodules.interpret.samples",

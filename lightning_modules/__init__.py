@@ -15,6 +15,8 @@ _EXPORTS = {
     **{cls.__name__: "neurolight.lightning_modules.sae.architectures" for cls in ARCHITECTURES.values()},
     "SparseAutoencoder": "neurolight.lightning_modules.sae.sparse_autoencoder",
     "SparseAutoencoderModule": "neurolight.lightning_modules.sae.module",
+    "SparseAutoencoderSweep": "neurolight.lightning_modules.sae.sweep",
+    "SweepMember": "neurolight.lightning_modules.sae.sweep",
     "SaeEvaluator": "neurolight.lightning_modules.sae.evaluator",
     "SaeMetadata": "neurolight.lightning_modules.sae.metadata",
     "SendModule": "neurolight.lightning_modules.send.module",

@@ -20,6 +20,7 @@ _PUBLIC = {
         "SendModule",
         "SparseAutoencoder",
         "SparseAutoencoderModule",
+        "SparseAutoencoderSweep",
     ),
     "neurolight.datamodules": (
         "ActivationDataModule",

@@ -3,7 +3,8 @@
 The checkpoint is a full Lightning checkpoint (weights, Adam state, normalisation scalar, callback and buffer
 state), so ``neurolight fit ... --ckpt_path <file>`` continues the run. Next to it a PNG shows log10 of each
 latent's firing frequency over the steps since the previous checkpoint, with the dead count in the title.
-Needs a ``training_step`` that returns ``fired`` (per-latent counts) and ``num_tokens``, both over all ranks.
+Needs a ``training_step`` that returns ``fired`` (per-latent counts) and ``num_tokens``, both over all ranks. Of a
+``SparseAutoencoderSweep`` each member gets its own histogram, ``{checkpoint}_{member}_feature_density.png``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from neurolight.callbacks.run_folder import (
     run_directory,
     save_checkpoint_atomically,
 )
+from neurolight.lightning_modules.sae.sweep import units_of
 
 # Firing frequencies of dead latents are drawn at this log10 value, left of every live one.
 _DEAD_LOG_FREQ = -10.0
@@ -39,10 +41,10 @@ class SaeCheckpoint(FolderHolder, Callback):
         self.every = batches_between_ckpt
         self.dirpath = dirpath
         self.save_final = save_final
-        self.fired: Tensor | None = None
+        self.fired: dict[str, Tensor] | None = None  # the window's firing counts per SAE ("" for a single one)
         self.tokens = 0
         self.written: list[str] = []
-        self._previous_window: tuple[Tensor, float] | None = None
+        self._previous_window: tuple[dict[str, Tensor], float] | None = None
         self._trained = False  # whether this fit ran a training step loop (a finished one resumed does not)
 
     @property
@@ -78,9 +80,13 @@ class SaeCheckpoint(FolderHolder, Callback):
         return self.save_final and 0 < trainer.max_steps <= trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        fired = outputs["fired"].detach()
-        self.fired = fired.clone() if self.fired is None else self.fired.to(fired.device) + fired
-        self.tokens += int(outputs["num_tokens"])
+        units = units_of(pl_module, outputs)
+        if self.fired is None:
+            self.fired = {}
+        for name, _, output in units:
+            fired = output["fired"].detach()
+            self.fired[name] = fired.clone() if name not in self.fired else self.fired[name].to(fired.device) + fired
+        self.tokens += int(units[0][2]["num_tokens"])  # every SAE of a sweep takes in the same batch
         if trainer.global_step % self.every == 0 and not self._final_step(trainer):
             self._save(trainer, f"step_{trainer.global_step:07d}")
 
@@ -114,20 +120,24 @@ class SaeCheckpoint(FolderHolder, Callback):
             if trainer.is_global_zero:
                 print(self.summary(trainer))
 
-    def _save(self, trainer, name: str, window: tuple[Tensor, float] | None = None) -> None:
+    def _save(self, trainer, name: str, window: tuple[dict[str, Tensor], float] | None = None) -> None:
         if window is None:
             # Counts are already summed over ranks by the module.
-            window = self._previous_window = (self.fired.cpu().clone(), float(self.tokens))
-        fired, tokens = window
+            window = ({unit: fired.cpu().clone() for unit, fired in self.fired.items()}, float(self.tokens))
+            self._previous_window = window
+        counts, tokens = window
         directory = self.directory(trainer)
         path = directory / f"{name}.ckpt"
         # Reset the window before saving so that the checkpoint holds the state the next step expects.
-        self.fired.zero_()
+        for fired in self.fired.values():
+            fired.zero_()
         self.tokens = 0
         save_checkpoint_atomically(trainer, path)  # optimizer, loops and callbacks too: resumable
         if trainer.is_global_zero:
             if tokens > 0:  # a checkpoint written with no step since the last one has no window to show
-                plot_feature_density(fired, tokens, directory / f"{name}_feature_density.png", trainer.global_step)
+                for unit, fired in counts.items():
+                    picture = f"{name}_{unit}_feature_density.png" if unit else f"{name}_feature_density.png"
+                    plot_feature_density(fired, tokens, directory / picture, trainer.global_step)
             self.written.append(str(path))
 
     def summary(self, trainer) -> str:
@@ -144,10 +154,13 @@ class SaeCheckpoint(FolderHolder, Callback):
         return "\n".join(lines)
 
     def state_dict(self) -> dict:
-        return {"fired": None if self.fired is None else self.fired.cpu(), "tokens": self.tokens}
+        fired = None if self.fired is None else {unit: counts.cpu() for unit, counts in self.fired.items()}
+        return {"fired": fired, "tokens": self.tokens}
 
     def load_state_dict(self, state: dict) -> None:
-        self.fired, self.tokens = state["fired"], state["tokens"]
+        fired = state["fired"]
+        self.fired = {"": fired} if isinstance(fired, Tensor) else fired  # a Tensor: written before sweeps
+        self.tokens = state["tokens"]
 
 
 def plot_feature_density(fired: Tensor, tokens: float, path: Path, step: int) -> Path:

@@ -1,9 +1,13 @@
 """DeadLatentResampler: give latents that stopped firing a new direction, on a fixed step schedule.
 
-Needs a LightningModule with ``sae`` (a SparseAutoencoder), ``normalize(batch)``, ``reset_latent_statistics(dead)``
-and a ``training_step`` that returns ``fired`` (per-latent firing counts of the step, summed over ranks), as
-SparseAutoencoderModule does. What to reset besides the encoder and decoder (JumpReLU's thresholds, BatchTopK's
-running threshold) the SAE's architecture says (``Architecture.resample_resets``).
+Needs a LightningModule with ``sae`` (a SparseAutoencoder), ``batch_activations(batch)``, ``normalize(x)``,
+``reset_latent_statistics(dead)`` and a ``training_step`` that returns ``fired`` (per-latent firing counts of the step,
+summed over ranks), as SparseAutoencoderModule does. What to reset besides the encoder and decoder (JumpReLU's
+thresholds, BatchTopK's running threshold) the SAE's architecture says (``Architecture.resample_resets``).
+
+In a ``SparseAutoencoderSweep`` each member is resampled as a single SAE would be: its own firing counts, its own
+generator (seeded alike, so a member draws what its separate fit would), the same recent inputs in its own
+normalisation (the inputs are kept as the first member normalises them and rescaled for the others).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from torch import Tensor
 
 from neurolight.datamodules.llm import zero
 from neurolight.lightning_modules.sae.architectures import unit_norm_rows
+from neurolight.lightning_modules.sae.sweep import units_of
 
 METHODS = ("replacement", "anthropic")
 
@@ -51,9 +56,11 @@ class DeadLatentResampler(pl.Callback):
         self.num_inputs = num_resampling_inputs
         self.encoder_scale = encoder_scale
         self.last_step = last_resampling_step
-        self.generator = torch.Generator().manual_seed(seed)
-        self.fired: Tensor | None = None
-        self.inputs: Tensor | None = None  # ring buffer of recent normalised inputs (anthropic)
+        self.seed = seed
+        self.generators: dict[str, torch.Generator] = {}  # per SAE ("" for a single one), made on first use
+        self.fired: dict[str, Tensor] = {}
+        self.inputs: Tensor | None = None  # ring buffer of recent inputs normalised by the first SAE (anthropic)
+        self.inputs_scale: float | None = None  # that normalisation scalar
         self.inputs_seen = 0
         self.history: list[dict] = []
 
@@ -63,13 +70,18 @@ class DeadLatentResampler(pl.Callback):
 
     # ------------------------------------------------------------------------------------------ tracking
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        fired = outputs["fired"].detach()
-        self.fired = fired.clone() if self.fired is None else self.fired.to(fired.device) + fired
+        units = units_of(pl_module, outputs)
+        for name, _, output in units:
+            fired = output["fired"].detach()
+            self.fired[name] = fired.clone() if name not in self.fired else self.fired[name].to(fired.device) + fired
         if self.method == "anthropic":
-            self._remember(pl_module.normalize(batch).detach())
+            first = units[0][1]
+            self.inputs_scale = float(first.activation_scale)
+            self._remember(first.normalize(first.batch_activations(batch)).detach())
         step = trainer.global_step
         if step % self.interval == 0 and (self.last_step is None or step <= self.last_step):
-            self.resample(trainer, pl_module)
+            for name, unit, _ in units:
+                self.resample(trainer, unit, name)
 
     def _remember(self, x: Tensor) -> None:
         if self.inputs is None:
@@ -80,13 +92,19 @@ class DeadLatentResampler(pl.Callback):
         self.inputs_seen += len(x)
 
     # ------------------------------------------------------------------------------------------ resampling
+    def generator(self, name: str = "") -> torch.Generator:
+        if name not in self.generators:
+            self.generators[name] = torch.Generator().manual_seed(self.seed)
+        return self.generators[name]
+
     @torch.no_grad()
-    def resample(self, trainer, pl_module) -> int:
-        """Resample the latents that did not fire since the last resampling; returns how many."""
-        dead = self.fired == 0  # counts over all ranks (the module reduces them), so ranks agree
-        self.fired.zero_()
+    def resample(self, trainer, pl_module, name: str = "") -> int:
+        """Resample the latents of ``pl_module`` (an SAE module, or the member ``name`` of a sweep) that did not fire
+        since the last resampling; returns how many."""
+        dead = self.fired[name] == 0  # counts over all ranks (the module reduces them), so ranks agree
+        self.fired[name].zero_()
         num_dead = int(dead.sum())
-        self.history.append({"step": trainer.global_step, "dead": num_dead})
+        self.history.append({"step": trainer.global_step, "dead": num_dead, **({"sae": name} if name else {})})
         pl_module.log("train/resampled", float(num_dead))
         if num_dead == 0:
             return 0
@@ -95,10 +113,10 @@ class DeadLatentResampler(pl.Callback):
         live = ~dead
         enc_norm = w_enc[live].norm(dim=1).mean() if live.any() else torch.tensor(1.0, device=w_enc.device)
         if self.method == "replacement":
-            directions = torch.randn(num_dead, w_dec.shape[1], generator=self.generator).to(w_dec)
+            directions = torch.randn(num_dead, w_dec.shape[1], generator=self.generator(name)).to(w_dec)
             enc_scale = enc_norm
         else:
-            directions = self._loss_weighted_inputs(sae, num_dead, b_dec)
+            directions = self._loss_weighted_inputs(pl_module, num_dead, b_dec, self.generator(name))
             enc_scale = self.encoder_scale * enc_norm
         # Ranks drew from the same generator; rank 0's inputs are the ones used everywhere.
         directions = trainer.strategy.broadcast(directions.cpu(), src=0).to(w_dec)
@@ -123,32 +141,42 @@ class DeadLatentResampler(pl.Callback):
         pl_module.reset_latent_statistics(dead)
         return num_dead
 
-    def _loss_weighted_inputs(self, sae, n: int, b_dec: Tensor) -> Tensor:
+    def _loss_weighted_inputs(self, pl_module, n: int, b_dec: Tensor, generator: torch.Generator) -> Tensor:
         available = min(self.inputs_seen, self.num_inputs)
         if available == 0:
             raise RuntimeError("anthropic resampling needs training inputs, but none were seen in this interval")
+        sae = pl_module.sae
         inputs = self.inputs[:available].to(b_dec.device, sae.W_enc.dtype)
+        scale = float(pl_module.activation_scale)
+        if self.inputs_scale is not None and scale != self.inputs_scale:  # a sweep member with its own scalar
+            inputs = inputs * (scale / self.inputs_scale)
         x_hat = sae(inputs).x_hat
         weights = (inputs - x_hat).float().pow(2).sum(1).pow(2)  # loss squared (Towards Monosemanticity)
         if weights.sum() <= 0:
             weights = torch.ones_like(weights)
-        picks = torch.multinomial(weights.cpu(), n, replacement=n > available, generator=self.generator)
+        picks = torch.multinomial(weights.cpu(), n, replacement=n > available, generator=generator)
         return inputs[picks.to(inputs.device)] - b_dec.to(inputs)
 
     # ------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict:
         return {
-            "generator": self.generator.get_state(),
-            "fired": None if self.fired is None else self.fired.cpu(),
+            "generators": {name: generator.get_state() for name, generator in self.generators.items()},
+            "fired": {name: fired.cpu() for name, fired in self.fired.items()},
             "inputs": None if self.inputs is None else self.inputs.cpu(),
+            "inputs_scale": self.inputs_scale,
             "inputs_seen": self.inputs_seen,
             "history": list(self.history),
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
-        self.fired = state["fired"]
+        if "generator" in state:  # written before sweeps: one SAE, one generator
+            state = {**state, "generators": {"": state["generator"]}}
+            state["fired"] = {} if state["fired"] is None else {"": state["fired"]}
+        for name, generator_state in state["generators"].items():
+            self.generator(name).set_state(generator_state)
+        self.fired = dict(state["fired"])
         self.inputs = state["inputs"]
+        self.inputs_scale = state.get("inputs_scale")
         self.inputs_seen = state["inputs_seen"]
         self.history = list(state["history"])
 

@@ -48,6 +48,7 @@ class LatentSampler(pl.LightningModule):
     def __init__(
         self,
         sae_checkpoint: str,
+        sae_name: str | None = None,
         model_name: str | None = None,
         layer_id: int | None = None,
         layer_type: str | None = None,
@@ -73,6 +74,7 @@ class LatentSampler(pl.LightningModule):
             sae_checkpoint: The SAE: a checkpoint of ``neurolight fit`` (``.../checkpoints/last.ckpt``), or a
                 directory in neurolight's, SAELens's or sparsify's format (``neurolight-export`` writes them). Its
                 metadata gives the LLM and site it was trained on, the defaults of the arguments below.
+            sae_name: The SAE of a sweep's checkpoint (``SparseAutoencoderSweep``) to sample, by its name.
             model_name: LLM whose activations the SAE encodes; default: the one it was trained on.
             layer_id: Decoder layer of the hook point; default: the training run's.
             layer_type: ``resid_pre``, ``resid_post``, ``attn_sublayer``, ``mlp_sublayer`` or ``mlp_activations``;
@@ -109,7 +111,7 @@ class LatentSampler(pl.LightningModule):
         if llm_dtype is not None:
             dtype_from_name(llm_dtype, "llm_dtype")  # refused here, before the checkpoint is read
         self.save_hyperparameters()
-        loaded = SparseAutoencoder.from_pretrained(sae_checkpoint).requires_grad_(False)
+        loaded = SparseAutoencoder.from_pretrained(sae_checkpoint, sae_name).requires_grad_(False)
         self.sae_metadata = loaded.metadata
         self.llm_settings = resolve_site(
             loaded.metadata,
@@ -290,6 +292,7 @@ class LatentSampler(pl.LightningModule):
         datamodule = self.trainer.datamodule
         return {
             "sae_checkpoint": str(hp.sae_checkpoint),
+            "sae_name": hp.sae_name,
             "sae_source_format": meta.source_format,
             "sae_hook_name": meta.hook_name,
             "sae_fingerprint": self._sae_fingerprint,

@@ -31,6 +31,7 @@ class SaeEvaluator(pl.LightningModule):
     def __init__(
         self,
         sae: str,
+        sae_name: str | None = None,
         model_name: str | None = None,
         layer_type: str | None = None,
         layer_id: int | None = None,
@@ -45,6 +46,7 @@ class SaeEvaluator(pl.LightningModule):
         Args:
             sae: The SAE: a checkpoint of ``neurolight fit``, or a neurolight, SAELens or sparsify directory. Its
                 metadata gives the LLM and site, the defaults of the arguments below.
+            sae_name: The SAE of a sweep's checkpoint (``SparseAutoencoderSweep``) to evaluate, by its name.
             model_name: LLM whose activations the SAE encodes; default: the one it was trained on.
             layer_type: ``resid_pre``, ``resid_post``, ``attn_sublayer``, ``mlp_sublayer`` or ``mlp_activations``;
                 default: the SAE's (an SAELens hook name such as ``blocks.15.hook_mlp_out`` is mapped).
@@ -61,7 +63,7 @@ class SaeEvaluator(pl.LightningModule):
         """
         super().__init__()
         self.save_hyperparameters()
-        self.sae = SparseAutoencoder.from_pretrained(sae).requires_grad_(False)
+        self.sae = SparseAutoencoder.from_pretrained(sae, sae_name).requires_grad_(False)
         self.settings = resolve_site(
             self.sae.metadata, sae, model_name, layer_type, layer_id, llm_dtype, exclude_first_position, hook_points
         )

@@ -1,6 +1,12 @@
-"""SparseAutoencoderModule: trains a SparseAutoencoder on the activations an ActivationDataModule serves.
+"""SparseAutoencoderModule: trains a SparseAutoencoder on batches of activations from any DataLoader: the LLM's
+(``ActivationDataModule``), an activation cache's (``CachedActivationDataModule``) or a ``TensorDataset``'s.
 
 neurolight fit --config configs/sae/demo.yaml
+
+The module asks its data module, where there is one, only for what it offers (duck-typed): ``d_in`` (checked
+against ``act_vec_size``), ``mean_activation_norm()`` (the normalisation scalar's estimate; else it is estimated from
+the first training batches) and ``hooked_llm`` (validation splices the reconstruction into the LLM; without one,
+validation batches are activations and report the activation-space metrics).
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ class SparseAutoencoderModule(pl.LightningModule):
         normalize_dataset: bool = True,
         metrics_every_n_steps: int = 50,
         max_l0_fraction: float | None = 0.1,
+        norm_estimation_batches: int = 8,
     ) -> None:
         """
         Args:
@@ -56,14 +63,22 @@ class SparseAutoencoderModule(pl.LightningModule):
             lr_warmup_steps: Linear learning-rate warm-up steps (0: none).
             dead_tokens_threshold: A latent is dead when it has not fired for this many tokens (Gao et al.: 10M).
             dense_log_freq: A latent is dense when log10 of its firing frequency over a metrics window exceeds this.
-            normalize_dataset: Scale activations by one scalar, estimated once on the first buffer so that
-                E||x|| = sqrt(d_in); it is stored in the checkpoint (buffer ``activation_scale``).
+            normalize_dataset: Scale activations by one scalar, estimated once so that E||x|| = sqrt(d_in) (from the
+                data module's ``mean_activation_norm()``: the LLM's first buffer, or the cache's manifest; else from
+                the first ``norm_estimation_batches`` training batches); stored in the checkpoint (buffer
+                ``activation_scale``).
             metrics_every_n_steps: Steps between logs of L0, explained variance, dead and dense fractions.
             max_l0_fraction: Warn, naming the architecture's sparsity setting, when L0 stays above this fraction of
                 d_in: above it in two consecutive metrics windows and down by less than 10% between them (None:
                 never).
+            norm_estimation_batches: Batches the normalisation scalar is estimated from when the data module does
+                not provide ``mean_activation_norm()`` (a plain DataLoader): the first ones of a fresh iterator of
+                the training DataLoader, read before the first step. Torch's RNG is restored afterwards, so training
+                sees the order it would without the estimate, those batches included.
         """
         super().__init__()
+        if norm_estimation_batches < 1:
+            raise ValueError(f"norm_estimation_batches must be >= 1, got {norm_estimation_batches}")
         # A checkpoint's hyperparameters hold the architecture as its {class_path, init_args} mapping.
         self.sae = SparseAutoencoder(act_vec_size, dict_vec_size, architecture)
         architecture = architecture_config(self.sae.architecture)
@@ -86,25 +101,57 @@ class SparseAutoencoderModule(pl.LightningModule):
         flat = self.normalize(activations.reshape(-1, activations.shape[-1]))
         return (self.sae(flat).x_hat / self.activation_scale).reshape(activations.shape)
 
+    @staticmethod
+    def batch_activations(batch) -> Tensor:
+        """The (n, d_in) activations of a training or validation batch: a tensor (..., d_in), or a one-element
+        tuple or list of one (what a DataLoader over a ``TensorDataset`` yields)."""
+        if isinstance(batch, (tuple, list)) and len(batch) == 1:
+            batch = batch[0]
+        if not isinstance(batch, Tensor):
+            raise TypeError(
+                f"SparseAutoencoderModule takes batches of activations (a tensor of shape (n, d_in), or a 1-tuple "
+                f"of one as a TensorDataset yields), got {type(batch).__name__}"
+            )
+        return batch.reshape(-1, batch.shape[-1])
+
+    def _datamodule(self):
+        return getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+
     def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None)
+        datamodule = self._datamodule()
         d_in = getattr(datamodule, "d_in", None)
         if d_in is not None and d_in != self.hparams.act_vec_size:
             raise ValueError(
-                f"the LLM's activations at the hook point have d_in={d_in}, but the SAE expects "
+                f"the activations {type(datamodule).__name__} serves have d_in={d_in}, but the SAE expects "
                 f"act_vec_size={self.hparams.act_vec_size}; set model.init_args.act_vec_size: {d_in}"
             )
 
     def on_train_start(self) -> None:
         if not torch.isnan(self.activation_scale):
             return  # estimated in an earlier run and restored from the checkpoint
-        norm = torch.tensor(self.trainer.datamodule.mean_activation_norm(), device=self.device)
-        norm = self.trainer.strategy.reduce(norm, reduce_op="mean")
+        estimate = getattr(self._datamodule(), "mean_activation_norm", None)
+        norm = estimate() if callable(estimate) else self._mean_norm_of_first_batches()
+        norm = self.trainer.strategy.reduce(torch.tensor(float(norm), device=self.device), reduce_op="mean")
         self.activation_scale.fill_(math.sqrt(self.hparams.act_vec_size) / norm.item())
+
+    def _mean_norm_of_first_batches(self) -> float:
+        """Mean L2 norm over the first ``norm_estimation_batches`` batches of a fresh iterator of the training
+        DataLoader. Torch's global RNG is restored afterwards: a shuffling sampler draws its seed from it."""
+        loader = self.trainer.train_dataloader
+        total, rows = 0.0, 0
+        with torch.random.fork_rng(devices=[]):
+            for index, batch in enumerate(loader):
+                x = self.batch_activations(batch).float()
+                total, rows = total + float(x.norm(dim=1).sum()), rows + len(x)
+                if index + 1 == self.hparams.norm_estimation_batches:
+                    break
+        if rows == 0:
+            raise ValueError("the training DataLoader yielded no activations to estimate the normalisation scalar from")
+        return total / rows
 
     # ------------------------------------------------------------------------------------------ training
     def training_step(self, batch: Tensor, batch_idx: int) -> dict:
-        x = self.normalize(batch)
+        x = self.normalize(self.batch_activations(batch))
         dead = self.tokens_since_fired >= self.hparams.dead_tokens_threshold
         out = self.sae(x, dead_mask=dead)
         fired, num_tokens = (out.latents > 0).sum(0), len(x)
@@ -168,9 +215,13 @@ class SparseAutoencoderModule(pl.LightningModule):
             f"the SAE is not sparse: L0 = {l0:.0f} active latents per token over the last "
             f"{self.hparams.metrics_every_n_steps} steps ({previous:.0f} the window before), above "
             f"max_l0_fraction = {limit} of d_in = {d_in}; {'raise' if architecture.raise_for_sparsity else 'lower'} "
-            f"model.init_args.architecture.init_args.{setting} (now {getattr(architecture, setting)}) of "
+            f"{self._settings_path()}architecture.init_args.{setting} (now {getattr(architecture, setting)}) of "
             f"{type(architecture).__name__} for a sparser SAE{architecture.sparsity_note}"
         )
+
+    def _settings_path(self) -> str:
+        name = getattr(self, "_sweep_name", None)
+        return "model.init_args." if name is None else f"the sweep member '{name}''s "
 
     def reset_latent_statistics(self, latents: Tensor) -> None:
         """Forget when ``latents`` (a (d_sae,) bool mask) last fired: resampling gave them new weights."""
@@ -182,33 +233,51 @@ class SparseAutoencoderModule(pl.LightningModule):
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
-        # Right after the step (Towards Monosemanticity: decoder rows at unit norm), before any callback's
-        # on_train_batch_end: a step checkpoint then holds the renormalised decoder that the next step starts from.
+        self.renormalize_decoder()
+
+    def renormalize_decoder(self) -> None:
+        """Right after the optimiser step (Towards Monosemanticity: decoder rows at unit norm), before any callback's
+        on_train_batch_end: a step checkpoint then holds the renormalised decoder that the next step starts from."""
         if self.sae.normalize_decoder:
             zero.update_param(self.sae.W_dec, unit_norm_rows)
 
+    # ------------------------------------------------------------------------------------- inside a sweep
+    def attach_to_sweep(self, sweep: pl.LightningModule, name: str) -> None:
+        """Run as member ``name`` of ``sweep`` (``SparseAutoencoderSweep``): its hooks call this module's, and what
+        this module logs goes to the sweep's logger under ``{name}/``."""
+        # Kept out of nn.Module's registry: the sweep holds this module, not the other way round.
+        self.__dict__["_sweep"] = sweep
+        self._sweep_name = name
+        self.trainer = sweep.trainer
+
+    def log(self, name: str, value, *args, **kwargs) -> None:
+        sweep = getattr(self, "_sweep", None)
+        if sweep is None:
+            return super().log(name, value, *args, **kwargs)
+        return sweep.log(f"{self._sweep_name}/{name}", value, *args, **kwargs)
+
     # ---------------------------------------------------------------------------------------- validation
-    def validation_step(self, input_ids: Tensor, batch_idx: int) -> None:
-        hooked = self.trainer.datamodule.hooked_llm
-        skip_first = self.trainer.datamodule.hparams.exclude_first_position
-        acts = hooked.harvest(input_ids)
-        if skip_first:
-            acts = acts[:, 1:]
+    def validation_step(self, batch: Tensor, batch_idx: int) -> None:
+        """With the data module's LLM (``hooked_llm``), batches are token ids: the activation-space metrics and the
+        downstream ones of the reconstruction spliced into the LLM. Otherwise batches are activations:
+        ``val/l0``, ``val/mse`` and ``val/explained_variance`` only."""
+        hooked = getattr(self._datamodule(), "hooked_llm", None)
+        skip_first = hooked is not None and self.trainer.datamodule.hparams.exclude_first_position
+        if hooked is None:
+            acts = self.batch_activations(batch)
+        else:
+            acts = hooked.harvest(batch)[:, int(skip_first) :]
         x = self.normalize(acts.reshape(-1, acts.shape[-1]).to(self.device))
         out = self.sae(x)
-        splice = hooked.splice_metrics(
-            input_ids,
-            lambda a: self.reconstruct(a.to(self.device)).to(a.device),
-            skip_first_position=skip_first,
-        )
-        metrics = {
-            "val/l0": (out.latents > 0).sum(-1).float().mean(),
-            "val/mse": out.mse,
-            "val/ce_loss_recovered": splice["ce_loss_recovered"],
-            "val/kl": splice["kl"],
-            "val/ce_spliced": splice["ce_spliced"],
-            "val/ce_clean": splice["ce_clean"],
-        }
+        metrics = {"val/l0": (out.latents > 0).sum(-1).float().mean(), "val/mse": out.mse}
+        if hooked is not None:
+            splice = hooked.splice_metrics(
+                batch,
+                lambda a: self.reconstruct(a.to(self.device)).to(a.device),
+                skip_first_position=skip_first,
+            )
+            for name in ("ce_loss_recovered", "kl", "ce_spliced", "ce_clean"):
+                metrics[f"val/{name}"] = splice[name]
         self.log_dict({k: v.to(self.device) for k, v in metrics.items()}, sync_dist=True)
         # A torchmetrics Metric: Lightning computes it once over the whole validation set at the epoch's end.
         self.val_explained_variance.update(x, out.x_hat)

@@ -92,10 +92,10 @@ class SparseAutoencoder(nn.Module):
 
     # ------------------------------------------------------------------------------------------------ formats
     @classmethod
-    def from_pretrained(cls, source: str | Path) -> SparseAutoencoder:
+    def from_pretrained(cls, source: str | Path, name: str | None = None) -> SparseAutoencoder:
         """An SAE from ``source``, working on RAW activations (any training normalisation folded in), in eval mode:
 
-        - a neurolight checkpoint (``.ckpt`` of ``neurolight fit``);
+        - a neurolight checkpoint (``.ckpt`` of ``neurolight fit``); of a sweep's, the SAE called ``name``;
         - a directory written by ``save_pretrained`` in any format: neurolight's, SAELens's (``cfg.json`` +
           ``sae_weights.safetensors``; standard, topk, batchtopk, jumprelu) or sparsify's (``cfg.json`` +
           ``sae.safetensors``; TopK).
@@ -104,7 +104,7 @@ class SparseAutoencoder(nn.Module):
         """
         from neurolight.lightning_modules.sae.formats import load_sae
 
-        return load_sae(source)
+        return load_sae(source, name)
 
     def save_pretrained(
         self, directory: str | Path, format: str = "neurolight", firing_frequency: Tensor | None = None

@@ -43,6 +43,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="interpretation samples of this SAE (`neurolight predict --config configs/interpret/sample.yaml`): "
         "their firing frequencies become SAELens's sparsity.safetensors / neurolight's firing_frequency.safetensors",
     )
+    parser.add_argument("--name", help="the SAE of a sweep's checkpoint to export, by its name")
     parser.add_argument("--model_name", help="override the LLM recorded in the SAE's metadata")
     parser.add_argument(
         "--hook_name",
@@ -50,7 +51,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     try:
-        written = export(args.source, args.output_dir, args.format, args.samples, args.model_name, args.hook_name)
+        written = export(
+            args.source, args.output_dir, args.format, args.samples, args.model_name, args.hook_name, args.name
+        )
     except (OSError, ValueError) as error:
         exit_with(error, debug, prefix="neurolight-export")
     print(f"wrote {args.format} SAE to {args.output_dir}: {', '.join(path.name for path in written)}")
@@ -63,10 +66,11 @@ def export(
     samples: str | None = None,
     model_name: str | None = None,
     hook_name: str | None = None,
+    name: str | None = None,
 ) -> list[Path]:
     from neurolight.lightning_modules import SparseAutoencoder
 
-    sae = SparseAutoencoder.from_pretrained(source)
+    sae = SparseAutoencoder.from_pretrained(source, name)
     apply_overrides(sae, model_name, hook_name)
     frequency = None if samples is None else firing_frequency(samples, sae.d_sae)
     return sae.save_pretrained(output_dir, format=format, firing_frequency=frequency)

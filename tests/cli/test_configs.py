@@ -17,7 +17,10 @@ from tests.helpers.sae import build_tiny_corpus
 ROOT = Path(__file__).parents[2]
 CONFIGS = ROOT / "configs"
 OVERLAYS = sorted((CONFIGS / "trainer").glob("*.yaml"))
-RECIPES = sorted(p for p in CONFIGS.glob("*/**/*.yaml") if p.relative_to(CONFIGS).parts[0] != "trainer")
+HARVEST_RECIPES = sorted(CONFIGS.glob("*/harvest*.yaml"))  # neurolight-harvest's, not LightningCLI's
+RECIPES = sorted(
+    p for p in CONFIGS.glob("*/**/*.yaml") if p.relative_to(CONFIGS).parts[0] != "trainer" and p not in HARVEST_RECIPES
+)
 BASE_RECIPE = CONFIGS / "sae" / "demo.yaml"
 LOG_LINE = re.compile(r"^\[\d{4}-\d\d-\d\d [\d:,]+\] \[[A-Z]+\]")
 
@@ -73,6 +76,17 @@ def test_recipe__parses_with_print_config(recipe, capsys):
     for section in ("model", "data"):
         if isinstance(written.get(section), dict) and "class_path" in written[section]:
             assert config[section]["class_path"].endswith(written[section]["class_path"].rsplit(".", 1)[-1])
+
+
+@pytest.mark.parametrize("recipe", HARVEST_RECIPES, ids=rel)
+def test_harvest_recipe__parses_with_print_config(recipe, capsys):
+    from neurolight.cli.harvest import main as harvest
+
+    with pytest.raises(SystemExit) as exit_info:
+        harvest(["--config", str(recipe), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert {key: config[key] for key in yaml.safe_load(recipe.read_text())} == yaml.safe_load(recipe.read_text())
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=rel)

@@ -63,8 +63,11 @@ def write_recipe(path: Path, recipe: dict) -> Path:
     return path
 
 
-def start_until_stopped(args: list[str], stop_before: int, log: Path, timeout_s: float = 180) -> subprocess.Popen:
-    """Starts ``python -m neurolight *args`` and returns it once it has stopped before batch ``stop_before``.
+def start_until_stopped(
+    args: list[str], stop_before: int, log: Path, timeout_s: float = 180, module: str = "neurolight"
+) -> subprocess.Popen:
+    """Starts ``python -m neurolight *args`` (``module`` instead of ``neurolight``: another command) and returns it
+    once it has stopped before batch ``stop_before``.
 
     One torch thread, as in the tests' own runs, so the arithmetic (and so the weights) is the same in both.
     """
@@ -72,7 +75,7 @@ def start_until_stopped(args: list[str], stop_before: int, log: Path, timeout_s:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     with log.open("w") as output:
         process = subprocess.Popen(
-            [sys.executable, "-m", "neurolight", *args],
+            [sys.executable, "-m", module, *args],
             stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT, env=env, cwd=log.parent,
         )  # fmt: skip
     deadline = time.monotonic() + timeout_s
@@ -92,16 +95,18 @@ def start_until_stopped(args: list[str], stop_before: int, log: Path, timeout_s:
         time.sleep(0.05)
 
 
-def kill_9_after_a_second_run_is_refused(args: list[str], stop_before: int, log: Path, held: Path) -> None:
+def kill_9_after_a_second_run_is_refused(
+    args: list[str], stop_before: int, log: Path, held: Path, module: str = "neurolight", command=None
+) -> None:
     """Runs ``neurolight *args`` up to batch ``stop_before``; while it is stopped there, the same command run again
     here must be refused in one line that names the folder ``held`` and the stopped run's process; then kills the
-    stopped run with SIGKILL."""
+    stopped run with SIGKILL. Another command: ``module`` to run with ``python -m`` and its ``main`` here."""
     from neurolight.cli.main import main as neurolight
 
-    run = start_until_stopped(args, stop_before, log)
+    run = start_until_stopped(args, stop_before, log, module=module)
     try:
         with pytest.raises(SystemExit) as refused:
-            neurolight(args)
+            (command or neurolight)(args)
         message = str(refused.value.code)
         assert "\n" not in message and f"{held} is in use by process {run.pid} on " in message, message
     finally:

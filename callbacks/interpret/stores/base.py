@@ -92,6 +92,8 @@ def sae_index_name(metadata: dict) -> str:
         parts.append(f"spar{_short_float(metadata['l1_coefficient'])}")
     if metadata.get("architecture"):
         parts.append(str(metadata["architecture"]))
+    if metadata.get("sae_name"):  # a member of a sweep: its siblings may share every setting above
+        parts.append(str(metadata["sae_name"]))
     name = _BAD_INDEX_CHARS.sub("-", "_".join(str(part) for part in parts).lower()).lstrip("-_+.")
     return name.encode()[:255].decode(errors="ignore")
 

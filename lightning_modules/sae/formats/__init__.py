@@ -52,11 +52,17 @@ def _what_each_format_needs() -> str:
     return "; ".join([CheckpointFormat.files, *(fmt.files for fmt in FORMATS.values())])
 
 
-def load_sae(source: str | Path):
-    """The SparseAutoencoder at ``source`` in raw activation space (see ``SparseAutoencoder.from_pretrained``)."""
+def load_sae(source: str | Path, name: str | None = None):
+    """The SparseAutoencoder at ``source`` in raw activation space (see ``SparseAutoencoder.from_pretrained``);
+    ``name`` picks one SAE of a sweep's checkpoint."""
     path = Path(source).expanduser()
     fmt = detect_format(path)
-    sae = fmt.load(path)
+    if fmt is CheckpointFormat:
+        sae = fmt.load(path, name)
+    elif name is not None:
+        raise ValueError(f"{path} is a {fmt.name} directory of one SAE; a name ('{name}') picks an SAE of a sweep")
+    else:
+        sae = fmt.load(path)
     sae.metadata.source_format, sae.metadata.source = fmt.name, str(path)
     return sae.eval()
 

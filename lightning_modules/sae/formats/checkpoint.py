@@ -1,5 +1,6 @@
-"""A ``SparseAutoencoderModule`` checkpoint (``last.ckpt``, ``step_*.ckpt``) read as an SAE: the weights with the
-normalisation scalar folded in, and the metadata from the checkpoint's datamodule hyperparameters."""
+"""A ``SparseAutoencoderModule`` checkpoint (``last.ckpt``, ``step_*.ckpt``), or one member of a
+``SparseAutoencoderSweep``'s, read as an SAE: the weights with the normalisation scalar folded in, and the metadata
+from the checkpoint's datamodule hyperparameters."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from neurolight.lightning_modules.sae.formats.base import SaeFormat, fold_input_
 from neurolight.lightning_modules.sae.metadata import SaeMetadata
 
 _SAE_CLASS = "SparseAutoencoderModule"
+_SWEEP_CLASS = "SparseAutoencoderSweep"
 _FIX = "pass the last.ckpt (or step_*.ckpt) that neurolight.callbacks.SaeCheckpoint wrote during `neurolight fit`"
 # The datamodule's template arguments, ``mlp_sublayer_hookpoint`` -> ``mlp_sublayer``.
 _HOOKPOINT_SUFFIX = "_hookpoint"
@@ -51,9 +53,27 @@ def _describe_non_sae(checkpoint) -> str | None:
     is_sae = "sae.W_enc" in state and "activation_scale" in state and {"act_vec_size", "dict_vec_size"} <= set(hparams)
     if is_sae and (not class_path or class_path.endswith(_SAE_CLASS)):
         return None
+    if "saes" in hparams and (not class_path or class_path.endswith(_SWEEP_CLASS)):
+        return None
     if class_path:
         return f"a checkpoint of {class_path}"
     return f"a Lightning checkpoint of another module (weights {', '.join(list(state)[:3])}, ...)"
+
+
+def _sweep_member(hparams: dict, path: Path, name: str | None) -> tuple[dict, str]:
+    """The init arguments of sweep member ``name`` and the prefix of its weights in the state dict."""
+    members = {member["name"]: member for member in hparams["saes"]}
+    if name not in members:
+        given = "no name was given" if name is None else f"it has no SAE named '{name}'"
+        raise ValueError(f"{path} is a sweep of {len(members)} SAEs and {given}; name one of: {', '.join(members)}")
+    member = members[name]
+    args = {
+        "act_vec_size": hparams["act_vec_size"],
+        "dict_vec_size": member["dict_vec_size"],
+        "architecture": member["architecture"],
+        "learning_rate": hparams["learning_rate"] if member.get("learning_rate") is None else member["learning_rate"],
+    }
+    return args, f"units.{name}."
 
 
 def checkpoint_metadata(checkpoint: dict, init_args: dict) -> SaeMetadata:
@@ -99,16 +119,22 @@ class CheckpointFormat(SaeFormat):
         return path.is_file()
 
     @classmethod
-    def load(cls, path: Path):
+    def load(cls, path: Path, name: str | None = None):
         from neurolight.lightning_modules.sae.module import init_args_from_checkpoint
         from neurolight.lightning_modules.sae.sparse_autoencoder import SparseAutoencoder
 
         checkpoint = load_sae_checkpoint(path)
-        args = init_args_from_checkpoint(checkpoint["hyper_parameters"])
+        hparams, state = checkpoint["hyper_parameters"], checkpoint["state_dict"]
+        if "saes" in hparams:
+            args, prefix = _sweep_member(hparams, path, name)
+        elif name is not None:
+            raise ValueError(f"{path} holds one SAE, not a sweep; leave out the name ('{name}')")
+        else:
+            args, prefix = init_args_from_checkpoint(hparams), ""
         sae = SparseAutoencoder(int(args["act_vec_size"]), int(args["dict_vec_size"]), args.get("architecture", "relu"))
-        state = checkpoint["state_dict"]
-        sae.load_state_dict({key[len("sae.") :]: value for key, value in state.items() if key.startswith("sae.")})
-        scale = float(state["activation_scale"])
+        weights = f"{prefix}sae."
+        sae.load_state_dict({key[len(weights) :]: value for key, value in state.items() if key.startswith(weights)})
+        scale = float(state[f"{prefix}activation_scale"])
         if scale != scale:  # NaN: estimated at the first training step, which this checkpoint never reached
             raise ValueError(f"{path} was saved before its first training step (no normalisation scalar yet); {_FIX}")
         sae.metadata = checkpoint_metadata(checkpoint, args)

@@ -1,0 +1,159 @@
+"""SAE training throughput from the activation cache against training from the LLM, measured in the same run.
+
+    .venv/bin/python bench/cache_throughput.py [--tokens 32768] [--cache-tokens 65536] [--threads 1] [--repeats 1]
+
+Both sides train the SAE of ``configs/sae/demo.yaml`` (576 -> 2304 TopK, k=32, float32, 512 tokens per step) with a
+Lightning ``Trainer`` and no validation, checkpoints or logger:
+
+- LLM: ``ActivationDataModule`` with the recipe's settings (SmolLM2-135M-Instruct, output of ``model.layers.15.mlp``,
+  16 contexts of 64 tokens per forward, a 16-batch mixing buffer), as ``bench/sae_throughput.py`` runs it.
+- cache: ``CachedActivationDataModule`` over a cache of the same site, harvested first by ``harvest_activations``
+  (timed too: what harvesting costs per token) from the recipe's corpus, float32, one context's rows per block.
+
+Timed per side: from the start of training (after setup and model loading; the LLM side's first buffer fill is
+inside) to the end of the last step, so tokens/s = steps x 512 / that time. With ``--repeats N`` the sides alternate
+(LLM, cache, cache, LLM, ...) and the medians are compared. The 1-, 5- and 15-minute load averages
+(``os.getloadavg``) are printed before and after every side: on a shared machine the ratio is only as good as the
+load was even. ``--threads 1`` gives steadier figures on a loaded CPU (see bench/README.md). Options: ``--cache DIR``
+(an existing cache of the site: no harvest), ``--workdir DIR``, ``--json FILE``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+for path in (ROOT, ROOT / "bench"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+from sae_throughput import load_recipe, prepare_corpus  # noqa: E402  (bench/, beside this script)
+
+
+def load() -> str:
+    return "/".join(f"{value:.2f}" for value in os.getloadavg())
+
+
+def fit(recipe: dict, datamodule, steps: int, workdir: str) -> dict:
+    """Train the recipe's SAE for ``steps`` steps; the training wall time and the load before and after."""
+    import lightning.pytorch as pl
+
+    from neurolight.lightning_modules import SparseAutoencoderModule
+
+    marks: dict[str, float] = {}
+
+    class Timer(pl.Callback):
+        def on_fit_start(self, trainer, pl_module):
+            marks["start"] = time.perf_counter()
+
+        def on_train_end(self, trainer, pl_module):
+            marks["end"] = time.perf_counter()
+
+    pl.seed_everything(recipe["seed"], verbose=False)
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, max_steps=steps, max_epochs=-1, logger=False, callbacks=[Timer()],
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+        num_sanity_val_steps=0, log_every_n_steps=10, default_root_dir=workdir,
+    )  # fmt: skip
+    before = load()
+    trainer.fit(SparseAutoencoderModule(**recipe["model"]), datamodule=datamodule)
+    if trainer.global_step != steps:
+        raise RuntimeError(f"trained {trainer.global_step} steps, expected {steps}")
+    return {"seconds": marks["end"] - marks["start"], "load_before": before, "load_after": load()}
+
+
+def run_llm(args, recipe: dict, steps: int) -> dict:
+    from neurolight.datamodules import ActivationDataModule
+
+    datamodule = ActivationDataModule(**{**recipe["data"], "dataset_path": args.corpus})
+    return fit(recipe, datamodule, steps, args.workdir)
+
+
+def run_cache(args, recipe: dict, steps: int) -> dict:
+    from neurolight.datamodules import CachedActivationDataModule
+
+    data = recipe["data"]
+    datamodule = CachedActivationDataModule(
+        args.cache, layer_id=data["layer_id"], layer_type=data["layer_type"], model_name=data["model_name"],
+        batch_size_autoencoder=data["batch_size_autoencoder"], block_rows=int(data["num_tokens"]) - 1,
+        val_contexts=data["val_contexts"],
+    )  # fmt: skip
+    return fit(recipe, datamodule, steps, args.workdir)
+
+
+def harvest(args, recipe: dict, cache_steps: int) -> dict:
+    from neurolight.datamodules.sae.harvest import harvest_activations
+
+    data = recipe["data"]
+    rows_per_context = int(data["num_tokens"]) - 1
+    contexts = math.ceil(cache_steps * int(data["batch_size_autoencoder"]) / rows_per_context) + data["val_contexts"]
+    before, start = load(), time.perf_counter()
+    harvest_activations(
+        args.cache, dataset_path=args.corpus, model_name=data["model_name"],
+        sites=[f"layers.{data['layer_id']}.{data['layer_type']}"], num_contexts=contexts,
+        num_tokens=int(data["num_tokens"]), batch_size=int(data["batch_size_llm"]), overwrite=True,
+    )  # fmt: skip
+    seconds = time.perf_counter() - start
+    return {"tokens": contexts * rows_per_context, "seconds": seconds, "load_before": before, "load_after": load()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default=str(ROOT / "configs/sae/demo.yaml"))
+    parser.add_argument("--tokens", type=int, default=32768, help="training tokens from the LLM per run")
+    parser.add_argument("--cache-tokens", type=int, default=65536, help="training tokens from the cache per run")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per side, alternating LLM cache cache LLM ...")
+    parser.add_argument("--corpus", default=None, help="tokenized corpus (default: the recipe's, else built)")
+    parser.add_argument("--cache", default=None, help="an existing cache of the site (default: harvested)")
+    parser.add_argument("--workdir", default=None)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from neurolight.datamodules.llm.models import resolve_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.workdir = args.workdir or tempfile.mkdtemp(prefix="cache-throughput-")
+    recipe = load_recipe(args.config)
+    batch = int(recipe["data"]["batch_size_autoencoder"])
+    steps, cache_steps = math.ceil(args.tokens / batch), math.ceil(args.cache_tokens / batch)
+    print(f"[bench] load {load()} (1/5/15 min), {os.cpu_count()} cores, {torch.get_num_threads()} torch threads")
+    args.corpus = prepare_corpus(recipe, args.corpus, resolve_model(recipe["data"]["model_name"]), Path(args.workdir))
+    results: dict = {"harvest": None, "llm": [], "cache": []}
+    if args.cache is None:
+        args.cache = str(Path(args.workdir) / "cache")
+        results["harvest"] = h = harvest(args, recipe, cache_steps)
+        print(f"harvest: {h['tokens']} tokens in {h['seconds']:.1f} s, {h['tokens'] / h['seconds']:.0f} tokens/s "
+              f"(load {h['load_before']} -> {h['load_after']})", flush=True)  # fmt: skip
+    order = [side for i in range(args.repeats) for side in (("llm", "cache") if i % 2 == 0 else ("cache", "llm"))]
+    for side in order:
+        run = run_llm(args, recipe, steps) if side == "llm" else run_cache(args, recipe, cache_steps)
+        run["tokens"] = (steps if side == "llm" else cache_steps) * batch
+        run["tokens_per_s"] = run["tokens"] / run["seconds"]
+        results[side].append(run)
+        print(f"fit from the {side:5s}: {run['tokens']} tokens in {run['seconds']:.1f} s, {run['tokens_per_s']:.0f} "
+              f"tokens/s (load {run['load_before']} -> {run['load_after']})", flush=True)  # fmt: skip
+    rates = {side: statistics.median(r["tokens_per_s"] for r in results[side]) for side in ("llm", "cache")}
+    results["ratio"] = rates["cache"] / rates["llm"]
+    print(f"cache / LLM: {results['ratio']:.1f}x tokens/s (medians of {args.repeats}; target >= 5x); load {load()}")
+    if results["harvest"]:
+        h = results["harvest"]
+        print(f"harvest / LLM fit: {h['tokens'] / h['seconds'] / rates['llm']:.2f}x tokens/s (the harvest runs the "
+              "same forward without the SAE step)")  # fmt: skip
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

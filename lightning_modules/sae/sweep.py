@@ -1,0 +1,191 @@
+"""SparseAutoencoderSweep: many SAEs trained on the same activations, one LLM forward (or one cache read) for all.
+
+    neurolight fit --config configs/sae/sweep-demo.yaml
+
+A sweep over k, width, architecture, sparsity coefficient or learning rate pays for the activations once instead of
+once per SAE. Each member is a ``SparseAutoencoderModule`` with its own normalisation scalar, dead-latent counters,
+metrics (logged under ``{name}/``), histogram and resampling (``DeadLatentResampler`` and ``SaeCheckpoint`` treat each
+member as they treat a single SAE). The members' losses are summed into one backward: a member's parameters get
+the gradient of its own loss only, and one Adam with a parameter group per member is, parameter by parameter, the
+Adam each would have alone; so a member trains as its separate fit on the same batches would (docs/sae.md, Sweeps).
+``SparseAutoencoder.from_pretrained(checkpoint, name=...)`` reads one member back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+
+from neurolight.lightning_modules.sae.architectures import Architecture, TopK, build_architecture
+from neurolight.lightning_modules.sae.module import SparseAutoencoderModule
+
+
+@dataclass
+class SweepMember:
+    """One SAE of a sweep."""
+
+    name: str
+    """Unique name: its metrics are logged as ``{name}/train/loss`` ..., its histograms named after it."""
+    dict_vec_size: int
+    """Number of latents (d_sae)."""
+    architecture: Architecture = field(default_factory=TopK)
+    """The SAE architecture and its settings, as for ``SparseAutoencoderModule``."""
+    learning_rate: float | None = None
+    """Adam learning rate; default: the sweep's."""
+    lr_warmup_steps: int | None = None
+    """Linear learning-rate warm-up steps; default: the sweep's."""
+
+
+class SparseAutoencoderSweep(pl.LightningModule):
+    def __init__(
+        self,
+        act_vec_size: int,
+        saes: list[SweepMember],
+        learning_rate: float = 2e-4,
+        adam_betas: tuple[float, float] = (0.9, 0.999),
+        lr_warmup_steps: int = 0,
+        dead_tokens_threshold: int = 10_000_000,
+        dense_log_freq: float = -1.0,
+        normalize_dataset: bool = True,
+        metrics_every_n_steps: int = 50,
+        max_l0_fraction: float | None = 0.1,
+        norm_estimation_batches: int = 8,
+    ) -> None:
+        """
+        Args:
+            act_vec_size: Width of the activations every member reads (d_in).
+            saes: The members: each a name, a number of latents, an architecture and optionally its own learning
+                rate and warm-up.
+            learning_rate: Adam learning rate of the members that set none.
+            adam_betas: Adam betas.
+            lr_warmup_steps: Linear learning-rate warm-up steps of the members that set none (0: none).
+            dead_tokens_threshold: A latent is dead when it has not fired for this many tokens.
+            dense_log_freq: A latent is dense when log10 of its firing frequency over a metrics window exceeds this.
+            normalize_dataset: Scale activations by one scalar so that E||x|| = sqrt(d_in) (per member, from the
+                same data: the same value).
+            metrics_every_n_steps: Steps between logs of L0, explained variance, dead and dense fractions.
+            max_l0_fraction: Warn when a member's L0 stays above this fraction of d_in (None: never).
+            norm_estimation_batches: Batches the normalisation scalar is estimated from without a data module that
+                provides it.
+        """
+        super().__init__()
+        members = [member if isinstance(member, SweepMember) else SweepMember(**member) for member in saes]
+        for member in members:
+            member.architecture = build_architecture(member.architecture)
+        if not members:
+            raise ValueError("a sweep needs at least one SAE in saes")
+        names = [member.name for member in members]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"the sweep names {', '.join(duplicates)} more than once; give every SAE its own name")
+        bad = [name for name in names if not name or "/" in name or "." in name]
+        if bad:
+            raise ValueError(f"sweep names {bad} must be non-empty, without '/' or '.' (they name metrics and files)")
+        self.save_hyperparameters(ignore=["saes"])
+        self.hparams["saes"] = [member_config(member) for member in members]
+        shared = dict(
+            adam_betas=adam_betas,
+            dead_tokens_threshold=dead_tokens_threshold,
+            dense_log_freq=dense_log_freq,
+            normalize_dataset=normalize_dataset,
+            metrics_every_n_steps=metrics_every_n_steps,
+            max_l0_fraction=max_l0_fraction,
+            norm_estimation_batches=norm_estimation_batches,
+        )
+        self.units = nn.ModuleDict(
+            {
+                member.name: SparseAutoencoderModule(
+                    act_vec_size,
+                    member.dict_vec_size,
+                    member.architecture,
+                    learning_rate=learning_rate if member.learning_rate is None else member.learning_rate,
+                    lr_warmup_steps=lr_warmup_steps if member.lr_warmup_steps is None else member.lr_warmup_steps,
+                    **shared,
+                )
+                for member in members
+            }
+        )
+
+    # The members' own hooks, called for each in turn.
+    def setup(self, stage: str) -> None:
+        for name, unit in self.units.items():
+            unit.attach_to_sweep(self, name)
+            unit.setup(stage)
+
+    def on_train_start(self) -> None:
+        for unit in self.units.values():
+            unit.on_train_start()
+
+    def training_step(self, batch, batch_idx: int) -> dict:
+        x = SparseAutoencoderModule.batch_activations(batch)
+        outputs = {name: unit.training_step(x, batch_idx) for name, unit in self.units.items()}
+        # One backward for all: each member's parameters receive only its own loss's gradient.
+        loss = torch.stack([output["loss"] for output in outputs.values()]).sum()
+        return {"loss": loss, "units": outputs}
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        for unit in self.units.values():
+            unit.on_before_optimizer_step(optimizer)
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        for unit in self.units.values():
+            unit.renormalize_decoder()
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        for unit in self.units.values():
+            unit.validation_step(batch, batch_idx)
+
+    def configure_optimizers(self):
+        groups, warmups = [], []
+        for unit in self.units.values():
+            groups.append({"params": list(unit.parameters()), "lr": unit.hparams.learning_rate})
+            warmups.append(unit.hparams.lr_warmup_steps)
+        optimizer = torch.optim.Adam(groups, betas=self.hparams.adam_betas)
+        if not any(warmups):
+            return optimizer
+        schedules = [_warmup(steps) for steps in warmups]
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedules)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------------------------ for the callbacks
+    def sweep_units(self) -> dict[str, SparseAutoencoderModule]:
+        """The members by name (what ``DeadLatentResampler`` and ``SaeCheckpoint`` iterate over)."""
+        return dict(self.units.items())
+
+    @staticmethod
+    def unit_outputs(outputs: dict) -> dict[str, dict]:
+        """Each member's ``training_step`` output, by name, from the sweep's."""
+        return outputs["units"]
+
+
+def _warmup(steps: int):
+    if not steps:
+        return lambda step: 1.0
+    return lambda step: min(1.0, (step + 1) / steps)
+
+
+def member_config(member: SweepMember) -> dict:
+    """A member as the plain mapping a checkpoint's hyperparameters hold."""
+    from neurolight.lightning_modules.sae.architectures import architecture_config
+
+    return {
+        "name": member.name,
+        "dict_vec_size": member.dict_vec_size,
+        "architecture": architecture_config(member.architecture),
+        "learning_rate": member.learning_rate,
+        "lr_warmup_steps": member.lr_warmup_steps,
+    }
+
+
+def units_of(pl_module: pl.LightningModule, outputs: dict | None = None) -> list[tuple[str, pl.LightningModule, dict]]:
+    """``(name, module, training_step output)`` of each SAE a module trains: the members of a sweep, or the module
+    itself (name ``""``)."""
+    units = getattr(pl_module, "sweep_units", None)
+    if units is None:
+        return [("", pl_module, outputs)]
+    per_unit = pl_module.unit_outputs(outputs) if outputs is not None else {}
+    return [(name, unit, per_unit.get(name)) for name, unit in units().items()]

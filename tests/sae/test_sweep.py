@@ -1,0 +1,122 @@
+"""Many SAEs from one stream of activations (issue 13, part 3): a sweep trains each member as its separate fit would,
+resumes exactly, keeps one metric namespace, histogram and resampler state per member, and loads one member back."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from neurolight.callbacks import DeadLatentResampler, SaeCheckpoint
+from neurolight.lightning_modules import (
+    BatchTopK,
+    ReLU,
+    SparseAutoencoder,
+    SparseAutoencoderModule,
+    SparseAutoencoderSweep,
+    SweepMember,
+    TopK,
+)
+from tests.helpers.sae import synthetic_sparse_data
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+MEMBERS = [
+    SweepMember("topk_k4", 64, TopK(k=4, k_aux=8), learning_rate=3e-3),
+    SweepMember("relu", 96, ReLU(l1_coefficient=1e-3), learning_rate=1e-3, lr_warmup_steps=5),
+    SweepMember("batchtopk_k6", 64, BatchTopK(k=6, k_aux=8)),
+]
+SHARED = dict(learning_rate=2e-3, dead_tokens_threshold=512, metrics_every_n_steps=5, max_l0_fraction=None)
+DATA = synthetic_sparse_data(4096, seed=0)
+
+
+def trainer(root: Path, steps: int, every: int = 1000) -> pl.Trainer:
+    return pl.Trainer(
+        max_steps=steps, max_epochs=-1, accelerator="cpu", devices=1, default_root_dir=str(root), log_every_n_steps=5,
+        logger=pl.loggers.CSVLogger(str(root), name="logs", version=0), enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+        callbacks=[SaeCheckpoint(batches_between_ckpt=every, dirpath=str(root / "checkpoints")),
+                   DeadLatentResampler(method="anthropic", neuron_resampling_interval=6, num_resampling_inputs=512)],
+    )  # fmt: skip
+
+
+def loader() -> DataLoader:
+    return DataLoader(TensorDataset(DATA), batch_size=128)  # in order: every fit sees the same batches
+
+
+def sweep() -> SparseAutoencoderSweep:
+    torch.manual_seed(0)
+    return SparseAutoencoderSweep(32, MEMBERS, **SHARED)
+
+
+def separate_modules() -> dict[str, SparseAutoencoderModule]:
+    """The members as single modules, built in the sweep's order from the same seed (so with the same weights)."""
+    torch.manual_seed(0)
+    return {
+        m.name: SparseAutoencoderModule(
+            32, m.dict_vec_size, m.architecture, learning_rate=m.learning_rate or SHARED["learning_rate"],
+            lr_warmup_steps=m.lr_warmup_steps or 0,
+            **{k: v for k, v in SHARED.items() if k != "learning_rate"},
+        )
+        for m in MEMBERS
+    }  # fmt: skip
+
+
+def test_sweep__each_member_ends_as_its_separate_fit_on_the_same_batches(tmp_path):
+    together = sweep()
+    trainer(tmp_path / "sweep", 24).fit(together, loader())
+    for name, module in separate_modules().items():
+        trainer(tmp_path / name, 24).fit(module, loader())
+        for key, value in module.state_dict().items():
+            torch.testing.assert_close(together.units[name].state_dict()[key], value, msg=f"{name}.{key}")
+    # One namespace per member in the logs, and a histogram per member next to each checkpoint.
+    with (tmp_path / "sweep" / "logs" / "version_0" / "metrics.csv").open() as file:
+        columns = next(csv.reader(file))
+    for name in together.units:
+        assert {f"{name}/train/loss", f"{name}/train/l0", f"{name}/train/resampled"} <= set(columns)
+        assert (tmp_path / "sweep" / "checkpoints" / f"last_{name}_feature_density.png").stat().st_size > 1000
+
+
+def test_sweep__from_the_cache_resumed_from_a_step_checkpoint_ends_bit_identical(tmp_path, tiny_cache):
+    """A sweep reading the activation cache once for all members; a fit resumed from a step checkpoint continues at
+    the right row with every member's state, the resampler's and the histogram windows'."""
+    from neurolight.datamodules import CachedActivationDataModule
+
+    def cached():
+        args = dict(layer_id=1, layer_type="mlp_activations", batch_size_autoencoder=64, shuffle_rows=512)
+        return CachedActivationDataModule(str(tiny_cache), block_rows=15, val_contexts=16, **args)
+
+    def members():
+        torch.manual_seed(0)
+        return SparseAutoencoderSweep(128, [SweepMember("k4", 192, TopK(k=4)), SweepMember("k8", 256, TopK(k=8))],
+                                      **SHARED)  # fmt: skip
+
+    straight = members()
+    trainer(tmp_path / "a", 16, every=4).fit(straight, cached())
+    resumed = members()
+    trainer(tmp_path / "a", 16, every=4).fit(resumed, cached(), ckpt_path=tmp_path / "a/checkpoints/step_0000008.ckpt")
+    for key, value in straight.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value), key
+
+
+def test_sweep__one_member_loads_like_a_single_sae(tmp_path):
+    together = sweep()
+    trainer(tmp_path, 12).fit(together, loader())
+    member = SparseAutoencoder.from_pretrained(tmp_path / "checkpoints" / "last.ckpt", name="relu")
+    unit = together.units["relu"].eval()
+    x = DATA[:64] * 1.7
+    with torch.no_grad():
+        torch.testing.assert_close(member.encode(x), unit.sae.encode(unit.normalize(x)), atol=1e-5, rtol=1e-5)
+    assert member.metadata.activation_scale == pytest.approx(float(unit.activation_scale))
+    with pytest.raises(ValueError, match=r"a sweep of 3 SAEs and no name was given; name one of: topk_k4, relu"):
+        SparseAutoencoder.from_pretrained(tmp_path / "checkpoints" / "last.ckpt")
+
+
+def test_sweep__bad_members_are_refused_in_one_line():
+    with pytest.raises(ValueError, match=r"names relu more than once; give every SAE its own name"):
+        SparseAutoencoderSweep(32, [MEMBERS[1], MEMBERS[1]])
+    with pytest.raises(ValueError, match=r"k=80 is out of range; it must be between 1 and d_sae=64"):
+        SparseAutoencoderSweep(32, [SweepMember("wide_k", 64, TopK(k=80))])
