@@ -57,11 +57,13 @@ def _stop_between_steps_on_ctrl_c(trainer) -> None:
 
 def _lines_when_not_a_terminal(trainer) -> None:
     """Under a pipe or in a log file a tqdm bar shows nothing until it ends: print a line every N seconds instead."""
-    from lightning.pytorch.callbacks import TQDMProgressBar
+    from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 
     from neurolight.callbacks.line_progress import INTERVAL_ENV, LineProgress
 
-    if sys.stderr.isatty() or not isinstance(trainer.progress_bar_callback, TQDMProgressBar):
+    # Lightning's default bar is Rich where rich is installed (it is, through deepspeed), else tqdm.
+    bars = (TQDMProgressBar, RichProgressBar)
+    if sys.stderr.isatty() or not isinstance(trainer.progress_bar_callback, bars):
         return
     line = LineProgress(float(os.environ.get(INTERVAL_ENV, 30)))
     trainer.callbacks[trainer.callbacks.index(trainer.progress_bar_callback)] = line

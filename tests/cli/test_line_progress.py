@@ -39,3 +39,10 @@ def test_cli__swaps_the_tqdm_bar_for_lines_when_stderr_is_not_a_terminal(monkeyp
     trainer = pl.Trainer(callbacks=[TQDMProgressBar(refresh_rate=5)], logger=False, default_root_dir=tmp_path)
     _lines_when_not_a_terminal(trainer)  # pytest captures stderr: not a terminal
     assert isinstance(trainer.progress_bar_callback, LineProgress) and trainer.progress_bar_callback.interval_s == 7
+
+
+def test_cli__swaps_lightnings_default_bar_too(tmp_path):
+    # A recipe that names no bar gets Lightning's default, Rich where rich is installed: a piped run printed nothing.
+    trainer = pl.Trainer(logger=False, default_root_dir=tmp_path)
+    _lines_when_not_a_terminal(trainer)
+    assert isinstance(trainer.progress_bar_callback, LineProgress)
