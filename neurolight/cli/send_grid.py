@@ -214,8 +214,8 @@ def build_commands(args: argparse.Namespace, passthrough: list[str], run: Run) -
             plain = _set(fit, "--model.init_args.run_name", Path(models["plain"]).name)
             plain = _set(plain, "--trainer.default_root_dir", str(logs.with_name(f"{run.name}_plain")))
             plain = _set(plain, "--trainer.callbacks", plain_callbacks(configs))
-            if not args.use_wandb:
-                plain += _logger_folder(configs, out / "logs", f"{run.name}_plain")
+            if "--trainer.logger.init_args.name" in plain:  # its own logger folder (or W&B run name)
+                plain = _set(plain, "--trainer.logger.init_args.name", f"{run.name}_plain")
             commands["fit_plain"] = plain + passthrough
         if "send" in args.arms:
             commands["fit"] = fit + passthrough
