@@ -313,7 +313,7 @@ def test_grid__a_real_fit_and_predict_on_a_tiny_model_write_nothing_outside_outp
             "--batch_size", "4", "--max_length", "48", "--num_epochs", "1", "--num_samples", "2",
             "--num_generations", "0", "--max_new_tokens", "3", "--quiet",
             "--trainer.precision", "32-true", "--model.init_args.freeze_layers", "0",
-            "--data.init_args.data_path", str(records),
+            "--data.init_args.data_path", str(records), "--predict_args", "--model.init_args.judge_model null",
         ],
         cwd=work, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
     )  # fmt: skip
