@@ -62,15 +62,16 @@ demo-interpret: $(STAMP)
 	$(BIN)/neurolight predict --config configs/interpret/demo.yaml
 	@echo "feature browser: $(DEMO_DIR)/interpret/feature_browser.html (open it in a browser; no server needed)"
 
+# SEND against its control, in one run: SmolLM2 fine-tuned with SEND and, by the same recipe, seed and data, without
+# the dropout callback (plain fine-tuning); then the base, plain and SEND models answer the same test questions, and
+# the table compares their scores and how well each hallucination detector works under each correctness label.
+DEMO_PREDICTIONS := $(foreach arm,_base _plain,$(DEMO_DIR)/send/predictions_smollm2-135m_fanoutqa$(arm).json) \
+	$(DEMO_DIR)/send/predictions_smollm2-135m_fanoutqa.json
 demo-send: $(STAMP)
-	$(BIN)/neurolight fit --config configs/send/demo.yaml
-	$(BIN)/neurolight predict --config configs/send/generate.yaml \
-		--trainer.callbacks.init_args.output_file $(DEMO_DIR)/send/predictions_before.json
-	$(BIN)/neurolight predict --config configs/send/generate.yaml \
-		--model.init_args.model_name $(SEND_DIR) --data.init_args.model_name $(SEND_DIR) \
-		--trainer.callbacks.init_args.output_file $(DEMO_DIR)/send/predictions_after.json
-	@echo "SEND demo: test-split answers of SmolLM2 before and after SEND fine-tuning ($(SEND_DIR)):"
-	@$(BIN)/neurolight-qa-scores $(DEMO_DIR)/send/predictions_before.json $(DEMO_DIR)/send/predictions_after.json
+	$(BIN)/neurolight-send-grid --models smollm2-135m --datasets fanoutqa --output_dir $(DEMO_DIR)/send \
+		--max_new_tokens 16 --quiet
+	@echo "SEND demo: test-split answers of SmolLM2 base, plain fine-tuned and SEND fine-tuned ($(SEND_DIR)):"
+	@$(BIN)/neurolight-qa-scores $(DEMO_PREDICTIONS) --plot
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -2,16 +2,24 @@
 
 Works with any ``predict_step`` that returns, per question, a dict with ``index``, ``question_id``, ``question``,
 ``reference_answer``, ``answers`` (gold answers), ``prompt`` and ``generated_response``, optionally
-``correct_answers`` / ``incorrect_answers`` (TruthfulQA) and ``eigenscore``
-(``neurolight.lightning_modules.AnswerGenerator``).
-The file holds ``model_path``, ``dataset``, ``generation_params`` and ``results``, with per-answer and mean scores
-(docs/send.md, QA scores)::
+``correct_answers`` / ``incorrect_answers`` (TruthfulQA), the detection scores of
+``neurolight.lightning_modules.AnswerGenerator`` (``answer_eigenscore``, ``answer_ees``, ``perplexity``,
+``ln_entropy``, ``lexical_similarity``, ``energy``) and a judge's ``judge_p_yes``.
+The file holds ``model_path``, ``dataset``, ``generation_params`` and ``results`` (the user's schema), with
+per-answer and mean scores, each answer's hallucination flag under every correctness label, and the detection
+table (docs/send.md, Evaluating hallucination detection)::
 
     {"model_path": ..., "dataset": ..., "generation_params": {...}, "data": {...},
-     "aggregate": {"num_questions", "exact_match", "f1", ["truthfulqa_closer_to_correct"],
-                   ["mean_eigenscore", "eigenscore_auroc", "eigenscore_auroc_note", "num_hallucinated"]},
+     "aggregate": {"num_questions", "exact_match", "f1", "rouge_l", ["truthfulqa_closer_to_correct"],
+                   ["judge_p_yes"], ["mean_answer_eigenscore"],
+                   "labels": {label: {"rule", "hallucinated", "correct"}},
+                   "detection": {method: {label: {"auroc", "ci_low", "ci_high", "pearson", "n_hallucinated",
+                                                  "n_correct", "note"}}},
+                   "evaluation": {"min_class_size", "num_resamples", "level", "seed"}},
      "results": [{"question_id", "question", "reference_answer", "generated_response", "prompt", "answers",
-                  "exact_match", "f1", ["truthfulqa_closer_to_correct"], ["sampled_responses", "eigenscore"]}]}
+                  "exact_match", "f1", "rouge_l", ["truthfulqa_closer_to_correct", "truthfulqa_margin"],
+                  ["judge_p_yes"], "hallucinated": {label: bool}, "perplexity", "energy",
+                  ["sampled_responses", "answer_eigenscore", "answer_ees", "ln_entropy", "lexical_similarity"]}]}
 
 Under DDP every rank scores its own questions; the rows are gathered to rank 0, which writes every question once,
 in test-split order.
@@ -23,58 +31,87 @@ import json
 import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from neurolight.lightning_modules.send.qa_metrics import auroc, exact_match, token_f1, truthfulqa_closer_to_correct
+from neurolight.lightning_modules.send.detection_eval import METHODS, Settings, class_counts, detection_table
+from neurolight.lightning_modules.send.qa_metrics import exact_match, rouge_l, token_f1, truthfulqa_margin
 
 DEFAULT_OUTPUT = "predictions_{model}_{dataset}.json"
 
 
-def score_answer(row: dict) -> dict:
-    """The row without its ``index``, plus ``exact_match`` and ``f1`` (0-1, best over the gold answers) and, when
-    it has TruthfulQA references, ``truthfulqa_closer_to_correct``."""
+class Thresholds(NamedTuple):
+    """The continuous scores at which an answer counts as correct (docs/send.md, Correctness labels)."""
+
+    f1: float = 0.5
+    """Token F1 at or above which an answer is correct."""
+    rouge_l: float = 0.5
+    """ROUGE-L at or above which an answer is correct."""
+
+
+def label_rules(thresholds: Thresholds) -> dict[str, str]:
+    """Label -> the rule that flags an answer as hallucinated, in words."""
+    return {
+        "f1": f"token F1 < {thresholds.f1}",
+        "exact_match": "no exact match with a gold answer",
+        "rouge_l": f"ROUGE-L < {thresholds.rouge_l}",
+        "truthfulqa": "not closer to a correct than to every incorrect reference (token F1)",
+        "judge": "the judge's P(Yes) < 0.5",
+    }
+
+
+def score_answer(row: dict, thresholds: Thresholds | None = None) -> dict:
+    """The row without its ``index``, plus ``exact_match``, ``f1`` and ``rouge_l`` (0-1, best over the gold
+    answers), TruthfulQA's ``truthfulqa_closer_to_correct`` and ``truthfulqa_margin`` where it has references, and
+    ``hallucinated``: the answer's flag under every label it has. A row of an earlier version (``eigenscore``)
+    gets the current name (``answer_eigenscore``); scoring twice gives the same row."""
+    thresholds = thresholds or Thresholds()
     scored = {key: value for key, value in row.items() if key != "index"}
+    for method, spec in METHODS.items():
+        for legacy in spec.legacy_fields:
+            if legacy in scored:
+                scored.setdefault(method, scored.pop(legacy))
+    for method in METHODS:
+        value = scored.get(method)
+        if value is not None and not math.isfinite(value):
+            scored[method] = None  # a NaN embedding (e.g. an fp16 overflow) gives no score, not a broken file
     prediction, gold = row["generated_response"], row["answers"] or [row["reference_answer"]]
-    if "eigenscore" in scored and not math.isfinite(scored["eigenscore"]):
-        scored["eigenscore"] = None  # a NaN embedding (e.g. an fp16 overflow) gives no score, not a broken file
     scored["exact_match"] = exact_match(prediction, gold)
     scored["f1"] = token_f1(prediction, gold)
+    scored["rouge_l"] = rouge_l(prediction, gold)
+    flags = {
+        "f1": scored["f1"] < thresholds.f1,
+        "exact_match": scored["exact_match"] < 1,
+        "rouge_l": scored["rouge_l"] < thresholds.rouge_l,
+    }
     if row.get("correct_answers") and row.get("incorrect_answers"):
-        scored["truthfulqa_closer_to_correct"] = bool(
-            truthfulqa_closer_to_correct(prediction, row["correct_answers"], row["incorrect_answers"])
-        )
+        margin = truthfulqa_margin(prediction, row["correct_answers"], row["incorrect_answers"])
+        scored["truthfulqa_margin"], scored["truthfulqa_closer_to_correct"] = margin, margin > 0
+        flags["truthfulqa"] = margin <= 0
+    if scored.get("judge_p_yes") is not None:
+        flags["judge"] = scored["judge_p_yes"] < 0.5
+    scored["hallucinated"] = flags
     return scored
 
 
-def aggregate(results: Sequence[dict], hallucination_f1: float = 0.5) -> dict:
-    """Means of the per-answer scores; with EigenScores, the AUROC of EigenScore for detecting hallucinations,
-    defined as answers with ``f1 < hallucination_f1`` (null, with the reason, when only one class occurs)."""
+def aggregate(results: Sequence[dict], thresholds: Thresholds | None = None, settings: Settings | None = None) -> dict:
+    """Means of the per-answer scores, the class counts of every label, and the detection table (``detection_eval``):
+    per method and label the AUROC with its bootstrap interval, or the reason there is none, and the Pearson r."""
+    thresholds, settings = thresholds or Thresholds(), settings or Settings()
     summary: dict = {"num_questions": len(results)}
     if not results:
         return summary
-    for key in ("exact_match", "f1", "truthfulqa_closer_to_correct"):
-        values = [float(r[key]) for r in results if key in r]
+    for key in ("exact_match", "f1", "rouge_l", "truthfulqa_closer_to_correct", "judge_p_yes", "answer_eigenscore"):
+        values = [float(r[key]) for r in results if r.get(key) is not None]
         if values:
-            summary[key] = sum(values) / len(values)
-    scored = [r for r in results if r.get("eigenscore") is not None]
-    if scored:
-        scores = [r["eigenscore"] for r in scored]
-        hallucinated = [r["f1"] < hallucination_f1 for r in scored]
-        summary["mean_eigenscore"] = sum(scores) / len(scores)
-        summary["num_hallucinated"] = sum(hallucinated)
-        summary["hallucination_rule"] = f"f1 < {hallucination_f1}"
-        if any(hallucinated) and not all(hallucinated):
-            summary["eigenscore_auroc"] = auroc(scores, hallucinated)
-            summary["eigenscore_auroc_note"] = None
-        else:
-            summary["eigenscore_auroc"] = None
-            kind = "below" if all(hallucinated) else "at or above"
-            summary["eigenscore_auroc_note"] = (
-                f"undefined: all {len(scored)} answers have f1 {kind} {hallucination_f1}, and AUROC needs both "
-                "hallucinated and correct answers"
-            )
+            summary["mean_answer_eigenscore" if key == "answer_eigenscore" else key] = sum(values) / len(values)
+    rules = label_rules(thresholds)
+    labels = [name for name in rules if any(name in r.get("hallucinated", {}) for r in results)]
+    summary["labels"] = {name: {"rule": rules[name], **class_counts(results, name)} for name in labels}
+    summary["detection"] = detection_table(results, settings)
+    summary["evaluation"] = settings._asdict()
     return summary
 
 
@@ -95,18 +132,40 @@ def _slug(name: str) -> str:
 
 
 class QAPredictionWriter(BasePredictionWriter):
-    def __init__(self, output_file: str | None = None, hallucination_f1: float = 0.5) -> None:
+    def __init__(
+        self,
+        output_file: str | None = None,
+        hallucination_f1: float = 0.5,
+        hallucination_rouge_l: float = 0.5,
+        min_class_size: int = 10,
+        bootstrap_resamples: int = 1000,
+        confidence_level: float = 0.95,
+        bootstrap_seed: int = 0,
+    ) -> None:
         """
         Args:
             output_file: JSON file to write; ``{model}`` and ``{dataset}`` are filled in (model: the last part of
                 the model path, or its name). Default: ``predictions_{model}_{dataset}.json`` in the Trainer's
                 ``default_root_dir``.
-            hallucination_f1: An answer with token F1 below this counts as a hallucination when scoring
-                EigenScore by AUROC.
+            hallucination_f1: An answer with token F1 below this is hallucinated under the ``f1`` label.
+            hallucination_rouge_l: An answer with ROUGE-L below this is hallucinated under the ``rouge_l`` label.
+            min_class_size: Fewest hallucinated and fewest correct answers a label needs for an AUROC; below it the
+                table says "not enough correct answers (n = 2, ...)" instead of a number.
+            bootstrap_resamples: Stratified bootstrap resamples of each AUROC's confidence interval.
+            confidence_level: Level of the interval (0.95: the 2.5% and 97.5% percentiles).
+            bootstrap_seed: Seed of the bootstrap, so that a file's intervals are reproducible.
         """
         super().__init__(write_interval="batch")
         self.output_file = output_file
-        self.hallucination_f1 = hallucination_f1
+        self.thresholds = Thresholds(hallucination_f1, hallucination_rouge_l)
+        self.settings = Settings(min_class_size, bootstrap_resamples, confidence_level, bootstrap_seed)
+        if min_class_size < 1:
+            raise ValueError(f"min_class_size={min_class_size} must be at least 1")
+        if bootstrap_resamples < 1 or not 0 < confidence_level < 1:
+            raise ValueError(
+                f"bootstrap_resamples={bootstrap_resamples} must be >= 1 and confidence_level={confidence_level} "
+                "strictly between 0 and 1"
+            )
         self._rows: list[dict] = []
         self.written: Path | None = None
         """The file of the last predict run (set on rank 0)."""
@@ -119,7 +178,7 @@ class QAPredictionWriter(BasePredictionWriter):
     def write_on_batch_end(
         self, trainer, pl_module, prediction, batch_indices, batch, batch_idx: int, dataloader_idx: int
     ) -> None:
-        self._rows.extend(score_answer(row) | {"index": row["index"]} for row in prediction)
+        self._rows.extend(score_answer(row, self.thresholds) | {"index": row["index"]} for row in prediction)
 
     def on_predict_epoch_end(self, trainer, pl_module) -> None:
         parts = [self._rows]
@@ -138,7 +197,8 @@ class QAPredictionWriter(BasePredictionWriter):
     def write(self, trainer, pl_module, rows: list[dict]) -> Path:
         results = [{key: value for key, value in row.items() if key != "index"} for row in rows]
         data_hparams = dict(getattr(trainer.datamodule, "hparams", {}) or {})
-        summary = aggregate(results, self.hallucination_f1)
+        summary = aggregate(results, self.thresholds, self.settings)
+        summary["thresholds"] = self.thresholds._asdict()
         document = {
             "model_path": str(getattr(pl_module.hparams, "model_name", "")),
             "resolved_model_path": str(getattr(pl_module, "model_path", "")),
@@ -148,7 +208,8 @@ class QAPredictionWriter(BasePredictionWriter):
                 key: _plain(data_hparams[key])
                 for key in ("num_samples", "max_samples", "eval_split", "split_fractions", "seed", "max_length")
                 if key in data_hparams
-            },
+            }
+            | {"chat_template": bool(getattr(trainer.datamodule, "chat_template_used", False))},
             "aggregate": summary,
             "results": results,
         }
@@ -174,7 +235,9 @@ def _plain(value):
 
 
 def _format_summary(summary: dict) -> str:
-    parts = [
-        f"{key} {summary[key]:.3f}" for key in ("exact_match", "f1", "eigenscore_auroc") if summary.get(key) is not None
+    parts = [f"{key} {summary[key]:.3f}" for key in ("exact_match", "f1", "rouge_l") if summary.get(key) is not None]
+    counts = [
+        f"{name} {c['correct']} correct / {c['hallucinated']} hallucinated"
+        for name, c in summary.get("labels", {}).items()
     ]
-    return ", ".join(parts) or "no answers"
+    return "; ".join([", ".join(parts), *counts]) if parts else "no answers"

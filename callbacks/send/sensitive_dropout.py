@@ -108,9 +108,10 @@ class SensitiveNeuronDropout(pl.Callback):
                 docs/send.md, Drop modes.
             track_initial: Also embed the tracking set before the first epoch, so the first identification
                 compares ``identify_every_n_epochs + 1`` checkpoints instead of ``identify_every_n_epochs``.
-            log_eigenscore: Log the EigenScore and efficient EigenScore (EES) of the (N_tracking, d) embeddings
-                every epoch, and ``send/ees_estimated``: 1 where EES ran its estimate, 0 where the exact score was
-                cheaper (tracking sets below ~800 on their smaller side).
+            log_eigenscore: Log the EigenScore and efficient EigenScore of the (N_tracking, d) tracking embeddings
+                every epoch (``send/tracking_eigenscore``, ``send/tracking_ees``; not the per-question
+                ``answer_eigenscore`` of K sampled answers), and ``send/tracking_ees_estimated``: 1 where EES ran its
+                estimate, 0 where the exact score was cheaper (tracking sets below ~800 on their smaller side).
             eigenscore_alpha: The alpha of EigenScore's log(lambda + alpha).
         """
         if not 0 < sensitivity_threshold < 1:
@@ -309,6 +310,15 @@ class SensitiveNeuronDropout(pl.Callback):
         self.history_epochs.append(epoch)
         return embeddings
 
+    def sensitivity_history(self) -> Tensor:
+        """The checkpoints the sensitivity compares: those recorded since the first epoch of the latest drop
+        window (all of them before any window). Zeroing the writer rows at a window's start moves the dropped
+        dimensions by what the penultimate layer wrote there (hundreds in a massive-activation dimension): that is
+        the intervention, not training (docs/send.md, Sensitivity across drop windows)."""
+        drop = [e >= 0 and self.schedule(e).drop for e in self.history_epochs]
+        starts = [i for i in range(len(drop)) if drop[i] and (i == 0 or not drop[i - 1])]
+        return self.history[starts[-1] :] if starts else self.history
+
     def _end_of_epoch(self, trainer, pl_module, epoch: int) -> None:
         embeddings = self._record(trainer, pl_module, epoch)
         dropped = len(self.sensitive) if self.schedule(epoch).drop and self.sensitive is not None else 0
@@ -316,13 +326,14 @@ class SensitiveNeuronDropout(pl.Callback):
         if self.log_eigenscore:
             from neurolight.lightning_modules.send.qa_metrics import efficient_eigenscore, eigenscore
 
-            metrics["send/eigenscore"] = float(eigenscore(embeddings, alpha=self.alpha))
+            metrics["send/tracking_eigenscore"] = float(eigenscore(embeddings, alpha=self.alpha))
             ees = efficient_eigenscore(embeddings, alpha=self.alpha, seed=0, return_info=True)
-            metrics["send/ees"] = float(ees.score)
+            metrics["send/tracking_ees"] = float(ees.score)
             # Which path ran: small tracking sets (below ~800 on the smaller side) get the exact score.
-            metrics["send/ees_estimated"] = float(ees.method != "exact")
-        if len(self.history) >= 2:
-            scores = sensitivity_scores(self.history, self.num_checkpoints)
+            metrics["send/tracking_ees_estimated"] = float(ees.method != "exact")
+        history = self.sensitivity_history()
+        if len(history) >= 2:
+            scores = sensitivity_scores(history, self.num_checkpoints)
             k = max(1, round(self.threshold * len(scores)))
             metrics["send/sensitivity_mean"] = float(scores.mean())
             metrics["send/sensitivity_max"] = float(scores.max())

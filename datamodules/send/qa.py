@@ -122,7 +122,7 @@ class QADataModule(pl.LightningDataModule):
         batch_size: int = 8,
         split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
         seed: int = 0,
-        use_chat_template: bool = False,
+        use_chat_template: bool | None = None,
         prompt_template: str = DEFAULT_PROMPT,
         use_context: bool | None = None,
         eval_split: str | None = None,
@@ -147,7 +147,9 @@ class QADataModule(pl.LightningDataModule):
                 on (SEND embeds it to find sensitive neurons); the test set gives the validation loss.
             seed: Seed of the shuffle before ``max_samples`` and the split, and of the train loader's order.
             use_chat_template: Format each question as a user turn and the answer as the assistant turn with the
-                tokenizer's chat template (``prompt_template`` is then unused).
+                tokenizer's chat template (``prompt_template`` is then unused). None (default): wherever the tokenizer
+                has one, as an Instruct model expects (prompted without it, SmolLM2-Instruct answers with empty
+                lines); True: require it; False: always ``prompt_template``. ``chat_template_used`` says which ran.
             prompt_template: Prompt when ``use_chat_template`` is false; must contain ``{question}`` and end with
                 ``{answer}``; may contain ``{context}``.
             use_context: Put the passage (CoQA story, TyDiQA paragraph) before the question. Default: only for
@@ -165,7 +167,9 @@ class QADataModule(pl.LightningDataModule):
             raise ValueError(f"split_fractions={split_fractions} must be three non-negative fractions summing to 1")
         if split_fractions[0] == 0:
             raise ValueError(f"split_fractions={split_fractions} leaves nothing to train on")
-        if not use_chat_template and ("{question}" not in prompt_template or not prompt_template.endswith("{answer}")):
+        if use_chat_template is not True and (
+            "{question}" not in prompt_template or not prompt_template.endswith("{answer}")
+        ):
             raise ValueError(
                 f"prompt_template {prompt_template!r} must contain '{{question}}' and end with '{{answer}}' "
                 "(the answer is followed by EOS)"
@@ -185,6 +189,8 @@ class QADataModule(pl.LightningDataModule):
         self.save_hyperparameters()
         self.use_context = spec.needs_context if use_context is None else use_context
         self.tokenizer = None
+        self.chat_template_used: bool | None = None
+        """Whether the prompts are in the tokenizer's chat template (set in ``setup``)."""
         self._records: dict[str, list[QARecord]] = {}
         self._examples: dict[str, _Examples] = {}
 
@@ -210,8 +216,13 @@ class QADataModule(pl.LightningDataModule):
                 f"the tokenizer of '{hp.model_name}' is a slow (Python) one; QADataModule needs a fast tokenizer, "
                 "whose character offsets locate the answer tokens"
             )
-        if hp.use_chat_template and not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError(f"the tokenizer of '{hp.model_name}' has no chat template; set use_chat_template=False")
+        has_template = bool(getattr(self.tokenizer, "chat_template", None))
+        if hp.use_chat_template and not has_template:
+            raise ValueError(
+                f"the tokenizer of '{hp.model_name}' has no chat template; set use_chat_template: false (or leave it "
+                "unset: the template is then used wherever one exists)"
+            )
+        self.chat_template_used = has_template if hp.use_chat_template is None else hp.use_chat_template
         records = self._sample(load_qa_records(hp.dataset, hp.data_path), "questions")
         fractions = tuple(hp.split_fractions)
         if hp.eval_split is None:
@@ -244,7 +255,7 @@ class QADataModule(pl.LightningDataModule):
     # ---------------------------------------------------------------------------------------------- encoding
     def _prefix(self, record: QARecord, context: str | None) -> str:
         """The text before the answer."""
-        if self.hparams.use_chat_template:
+        if self.chat_template_used:
             content = f"Context: {context}\n\nQuestion: {record.question}" if context else record.question
             messages = [{"role": "user", "content": content}]
             return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -263,7 +274,7 @@ class QADataModule(pl.LightningDataModule):
         # Chat templates write their own BOS; a plain prompt gets the tokenizer's usual special tokens.
         encoded = tokenizer(
             [prefix + answer for prefix, answer in pairs],
-            add_special_tokens=not self.hparams.use_chat_template,
+            add_special_tokens=not self.chat_template_used,
             return_offsets_mapping=True,
         )
         out = []

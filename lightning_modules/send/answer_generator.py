@@ -13,8 +13,11 @@ newline once the answer has visible text (blank lines before it are skipped); th
 Hallucination detection (INSIDE, Chen et al., ICLR 2024, section 3.1; docs/send.md, Hallucination detection):
 with ``num_generations`` = K >= 2, K more answers are sampled per question (INSIDE: K = 10, temperature 0.5,
 top_p 0.99, top_k 10), each embedded as the hidden state of ``embedding_layer`` (default: the middle layer) at its
-last answer token, and the question gets the EigenScore of those K embeddings: high = the answers disagree =
-likely hallucination.
+last answer token, and the question gets the EigenScore of those K embeddings (``answer_eigenscore``, and
+``answer_ees`` from the efficient estimator): high = the answers disagree = likely hallucination. Beside it, from
+the logits ``generate`` returned and the texts (``detection_scores``; docs/send.md, Baselines): the greedy answer's
+``perplexity`` and ``energy``, and the K answers' ``ln_entropy`` and ``lexical_similarity``. With ``judge_model``
+a second LM labels each answer correct or not (``judge_p_yes``; ``judge.py``).
 """
 
 from __future__ import annotations
@@ -28,7 +31,16 @@ from torch import Tensor
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from neurolight.datamodules.llm.models import load_causal_lm, load_tokenizer, resolve_model
-from neurolight.lightning_modules.send.qa_metrics import eigenscore
+from neurolight.lightning_modules.send.detection_scores import (
+    TokenStatistics,
+    lexical_similarity,
+    ln_entropy,
+    perplexity,
+    scored_lengths,
+    token_statistics,
+)
+from neurolight.lightning_modules.send.eigenscore.score import EES_METHODS
+from neurolight.lightning_modules.send.qa_metrics import efficient_eigenscore, eigenscore
 
 
 class StopTokens(NamedTuple):
@@ -117,6 +129,15 @@ def _position_ids(attention_mask: Tensor) -> Tensor:
     return (attention_mask.cumsum(-1) - 1).clamp_min(0)
 
 
+class Generation(NamedTuple):
+    """What ``AnswerGenerator.generate`` returns."""
+
+    tokens: Tensor
+    """(rows, steps) answer token ids after the prompt; rows of one prompt are consecutive."""
+    logits: tuple[Tensor, ...]
+    """Per step, the raw logits (rows, vocab) that chose that step's token (before temperature and top-k/p)."""
+
+
 class AnswerGenerator(pl.LightningModule):
     def __init__(
         self,
@@ -131,6 +152,9 @@ class AnswerGenerator(pl.LightningModule):
         hd_top_k: int = 10,
         embedding_layer: int | None = None,
         alpha: float = 1e-3,
+        ees_method: str = "auto",
+        energy_temperature: float = 1.0,
+        judge_model: str | None = None,
     ) -> None:
         """
         Args:
@@ -149,6 +173,14 @@ class AnswerGenerator(pl.LightningModule):
             embedding_layer: Hidden state that embeds a sampled answer, indexed as Hugging Face's
                 ``hidden_states`` (0 = token embeddings, L = the last of L layers); default: L // 2, the middle.
             alpha: Regulariser of EigenScore's log-determinant, log(lambda_i + alpha) (INSIDE: 1e-3).
+            ees_method: ``method`` of the efficient EigenScore (``answer_ees``): ``auto`` (the exact score where it is
+                cheaper, as it is for K answers of one question), ``slq``, ``kpm`` (the SEND paper's Algorithm 1)
+                or ``exact``; docs/send.md, Efficient EigenScore.
+            energy_temperature: T of the greedy answer's energy score, the mean of -T logsumexp(logits / T) over
+                its tokens (Liu et al. 2020; 1 = the model's own logits).
+            judge_model: A causal LM that labels every greedy answer correct or not from P(Yes) of "is this answer
+                correct given the gold answers" (short name, Hugging Face id or local directory; ``smollm2-135m``
+                runs offline); None: no judge label. docs/send.md, Correctness labels.
         """
         super().__init__()
         if max_new_tokens < 1:
@@ -170,12 +202,17 @@ class AnswerGenerator(pl.LightningModule):
             )
         if alpha <= 0:
             raise ValueError(f"alpha={alpha} must be positive: it keeps log(lambda + alpha) finite")
+        if ees_method not in EES_METHODS:
+            raise ValueError(f"ees_method='{ees_method}' is unknown; choose one of {', '.join(EES_METHODS)}")
+        if energy_temperature <= 0:
+            raise ValueError(f"energy_temperature={energy_temperature} must be positive (1 = the raw logits)")
         self.save_hyperparameters()
         self.model = None
         self.tokenizer = None
         self.layer: int | None = None
         self.stops: StopTokens | None = None
         self.eos_ids: list[int] = []
+        self.judge = None
 
     def configure_model(self) -> None:
         if self.model is not None:
@@ -196,6 +233,10 @@ class AnswerGenerator(pl.LightningModule):
         eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         self.eos_ids = sorted({*eos, self.tokenizer.eos_token_id} - {None})
         self.stops = stop_tokens(self.tokenizer, self.eos_ids, self.model.config.vocab_size)
+        if hp.judge_model is not None:
+            from neurolight.lightning_modules.send.judge import AnswerJudge
+
+            self.judge = AnswerJudge(hp.judge_model)
 
     @property
     def model_path(self) -> str:
@@ -215,9 +256,10 @@ class AnswerGenerator(pl.LightningModule):
     # ------------------------------------------------------------------------------------------------ generation
     def generate(
         self, input_ids: Tensor, attention_mask: Tensor, sample: bool, num_return_sequences: int = 1
-    ) -> Tensor:
-        """Answer tokens after the prompt, (batch * num_return_sequences, <= max_new_tokens); rows of one prompt
-        are consecutive. ``sample`` picks the K-answer settings (hd_*) instead of the scored answer's."""
+    ) -> Generation:
+        """Answer tokens after the prompt, (batch * num_return_sequences, <= max_new_tokens), with the logits of
+        every step; rows of one prompt are consecutive. ``sample`` picks the K-answer settings (hd_*) instead of
+        the scored answer's."""
         hp = self.hparams
         if sample:
             settings = {"do_sample": True, "temperature": hp.hd_temperature, "top_p": hp.hd_top_p, "top_k": hp.hd_top_k}
@@ -225,7 +267,7 @@ class AnswerGenerator(pl.LightningModule):
             settings = {"do_sample": True, "temperature": hp.temperature, "top_p": hp.top_p, "top_k": hp.top_k}
         else:
             settings = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-        sequences = self.model.generate(
+        out = self.model.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,
             max_new_tokens=hp.max_new_tokens,
@@ -233,9 +275,16 @@ class AnswerGenerator(pl.LightningModule):
             stopping_criteria=StoppingCriteriaList([AnswerLineStop(self.stops, input_ids.shape[1])]),
             pad_token_id=self.tokenizer.pad_token_id,
             num_return_sequences=num_return_sequences,
+            return_dict_in_generate=True,
+            output_logits=True,  # raw logits: the baselines score tokens under the model's own distribution
             **settings,
         )
-        return sequences[:, input_ids.shape[1] :]
+        return Generation(out.sequences[:, input_ids.shape[1] :], tuple(out.logits))
+
+    def statistics(self, generation: Generation, answers: Answers) -> TokenStatistics:
+        """Mean log-probability and energy of each answer's tokens (``detection_scores.token_statistics``)."""
+        lengths = scored_lengths(answers.num_tokens, answers.stopped, generation.tokens.shape[1])
+        return token_statistics(generation.logits, generation.tokens, lengths, self.hparams.energy_temperature)
 
     def answer_embeddings(
         self, input_ids: Tensor, attention_mask: Tensor, generated: Tensor, answers: Answers
@@ -262,11 +311,14 @@ class AnswerGenerator(pl.LightningModule):
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         """One dict per question: ``question_id``, ``question``, ``reference_answer`` (the training target),
-        ``answers`` (every gold answer), ``prompt``, ``generated_response``, TruthfulQA's ``correct_answers`` /
-        ``incorrect_answers`` where the record has them, ``index`` (position in the test split); with
-        ``num_generations`` >= 2 also ``sampled_responses`` (K texts) and ``eigenscore``."""
+        ``answers`` (every gold answer), ``prompt``, ``generated_response``, its ``perplexity`` and ``energy``,
+        TruthfulQA's ``correct_answers`` / ``incorrect_answers`` where the record has them, ``index`` (position in
+        the test split); with ``num_generations`` >= 2 also ``sampled_responses`` (K texts), ``answer_eigenscore``,
+        ``answer_ees``, ``ln_entropy`` and ``lexical_similarity``; with ``judge_model``, ``judge_p_yes``."""
         input_ids, attention_mask, records = batch["input_ids"], batch["attention_mask"], batch["records"]
-        answers = cut_answers(self.generate(input_ids, attention_mask, sample=False), self.stops, self.tokenizer)
+        greedy = self.generate(input_ids, attention_mask, sample=False)
+        answers = cut_answers(greedy.tokens, self.stops, self.tokenizer)
+        statistics = self.statistics(greedy, answers)
         rows = []
         for row, record in enumerate(records):
             prompt = input_ids[row][attention_mask[row].bool()].tolist()
@@ -278,6 +330,8 @@ class AnswerGenerator(pl.LightningModule):
                 "answers": list(record.answers),
                 "prompt": self.tokenizer.decode(prompt, skip_special_tokens=False),
                 "generated_response": answers.texts[row],
+                "perplexity": perplexity(float(statistics.mean_logprob[row])),
+                "energy": float(statistics.mean_energy[row]),
             }
             if record.correct_answers and record.incorrect_answers:
                 result["correct_answers"] = list(record.correct_answers)
@@ -285,22 +339,33 @@ class AnswerGenerator(pl.LightningModule):
             rows.append(result)
         k = self.hparams.num_generations
         if k >= 2:
-            for row, (texts, score) in enumerate(self.sample_eigenscores(input_ids, attention_mask, k)):
-                rows[row]["sampled_responses"] = texts
-                rows[row]["eigenscore"] = score
+            for row, scores in enumerate(self.sample_scores(input_ids, attention_mask, k)):
+                rows[row] |= scores
+        if self.judge is not None:
+            gold = [list(record.answers) or [record.answer] for record in records]
+            p_yes = self.judge.p_yes([r.question for r in records], gold, answers.texts)
+            for row, value in zip(rows, p_yes.tolist()):
+                row["judge_p_yes"] = value
         return rows
 
-    def sample_eigenscores(
-        self, input_ids: Tensor, attention_mask: Tensor, k: int
-    ) -> Iterable[tuple[list[str], float]]:
-        """Per prompt: K sampled answer texts and the EigenScore of their embeddings."""
-        generated = self.generate(input_ids, attention_mask, sample=True, num_return_sequences=k)
-        sampled = cut_answers(generated, self.stops, self.tokenizer)
+    def sample_scores(self, input_ids: Tensor, attention_mask: Tensor, k: int) -> Iterable[dict]:
+        """Per prompt: its K sampled answer texts (``sampled_responses``) and the scores computed from them,
+        ``answer_eigenscore``, ``answer_ees``, ``ln_entropy`` and ``lexical_similarity``."""
+        hp = self.hparams
+        generation = self.generate(input_ids, attention_mask, sample=True, num_return_sequences=k)
+        sampled = cut_answers(generation.tokens, self.stops, self.tokenizer)
+        mean_logprob = self.statistics(generation, sampled).mean_logprob
         for row in range(len(input_ids)):
             # One question at a time: the hidden states of all layers for B * K sequences can be large.
             rows = slice(row * k, (row + 1) * k)
             part = Answers(sampled.texts[rows], sampled.num_tokens[rows], sampled.stopped[rows])
             prompt_ids = input_ids[row : row + 1].expand(k, -1)
             prompt_mask = attention_mask[row : row + 1].expand(k, -1)
-            embeddings = self.answer_embeddings(prompt_ids, prompt_mask, generated[rows], part)
-            yield part.texts, float(eigenscore(embeddings, alpha=self.hparams.alpha))
+            embeddings = self.answer_embeddings(prompt_ids, prompt_mask, generation.tokens[rows], part)
+            yield {
+                "sampled_responses": part.texts,
+                "answer_eigenscore": float(eigenscore(embeddings, alpha=hp.alpha)),
+                "answer_ees": float(efficient_eigenscore(embeddings, alpha=hp.alpha, seed=0, method=hp.ees_method)),
+                "ln_entropy": ln_entropy(mean_logprob[rows].tolist()),
+                "lexical_similarity": lexical_similarity(part.texts),
+            }

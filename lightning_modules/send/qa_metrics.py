@@ -1,16 +1,16 @@
 """Hallucination and QA metrics: EigenScore (exact and efficient, from ``lightning_modules/send/eigenscore/``) as
-functions and torchmetrics ``Metric``s for logging, SQuAD exact match and token F1, TruthfulQA closer-to-correct,
-AUROC. Lightning is not needed.
+functions and torchmetrics ``Metric``s for logging, SQuAD exact match and token F1, ROUGE-L, TruthfulQA
+closer-to-correct. Lightning is not needed. AUROC and its interval are in ``detection_eval``.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 from torchmetrics import Metric
-from torchmetrics.functional import auroc as _tm_auroc
 from torchmetrics.functional.text import squad as _tm_squad
 
 from neurolight.lightning_modules.send.eigenscore import (
@@ -27,15 +27,17 @@ __all__ = [
     "EfficientEigenScore",
     "EigenScore",
     "EigenScoreEstimate",
-    "auroc",
     "chebyshev_polynomials",
     "efficient_eigenscore",
     "eigenscore",
     "exact_match",
     "jackson_damping",
+    "rouge_l",
+    "rouge_l_tokens",
     "spectral_upper_bound",
     "token_f1",
     "truthfulqa_closer_to_correct",
+    "truthfulqa_margin",
 ]
 
 
@@ -109,24 +111,56 @@ def token_f1(prediction: str, answers: str | Sequence[str]) -> float:
     return _squad(prediction, answers)["f1"].item() / 100
 
 
+def truthfulqa_margin(prediction: str, correct_answers: Sequence[str], incorrect_answers: Sequence[str]) -> float:
+    """Best token F1 against the correct references minus best token F1 against the incorrect ones, in [-1, 1]:
+    TruthfulQA's "max similarity to a true reference minus max similarity to a false one" with token F1 as the
+    similarity. No incorrect references count as similarity 0."""
+    best_incorrect = token_f1(prediction, incorrect_answers) if len(incorrect_answers) else 0.0
+    return token_f1(prediction, correct_answers) - best_incorrect
+
+
 def truthfulqa_closer_to_correct(
     prediction: str, correct_answers: Sequence[str], incorrect_answers: Sequence[str]
 ) -> bool:
-    """True if the answer's best token F1 against the correct references exceeds its best token F1 against the
-    incorrect ones (a tie is False). Token F1 is the similarity: the lexical stand-in for TruthfulQA's BLEU/ROUGE
-    "max over correct minus max over incorrect" comparison. No incorrect references count as similarity 0."""
-    best_incorrect = token_f1(prediction, incorrect_answers) if len(incorrect_answers) else 0.0
-    return token_f1(prediction, correct_answers) > best_incorrect
+    """True if ``truthfulqa_margin`` is positive: the answer is closer to a correct reference than to any
+    incorrect one (a tie is False)."""
+    return truthfulqa_margin(prediction, correct_answers, incorrect_answers) > 0
 
 
-def auroc(scores: Tensor | Sequence[float], labels: Tensor | Sequence[bool]) -> float:
-    """Binary AUROC of ``scores`` for ``labels`` (True = positive), e.g. EigenScore against hallucination
-    ``token_f1 < 0.5``. Scores are min-max scaled first: torchmetrics would pass scores outside [0, 1] through a
-    sigmoid, which ties large scores in float32."""
-    scores = torch.as_tensor(scores, dtype=torch.float64).flatten()
-    labels = torch.as_tensor(labels).flatten().long()
-    if labels.unique().numel() != 2:
-        raise ValueError(f"AUROC needs both classes among the labels; got only {labels.unique().tolist()}")
-    spread = scores.max() - scores.min()
-    scaled = (scores - scores.min()) / spread if spread > 0 else torch.zeros_like(scores)
-    return _tm_auroc(scaled, labels, task="binary").item()
+# ---------------------------------------------------------------------------------------------------------------
+# ROUGE-L (Lin 2004; docs/send.md, QA scores): the F-measure of the longest common subsequence of tokens.
+
+_NON_ALPHANUMERIC = re.compile(r"[\W_]+")
+
+
+def rouge_l_tokens(text: str) -> list[str]:
+    """Tokens as the ``rouge-score`` package's default tokenizer makes them (lower-case, every run of characters
+    other than letters and digits a separator, no stemming), except that letters of any script count: rouge-score
+    keeps only a-z and 0-9, which would give every TyDiQA answer in Bengali or Thai a score of 0."""
+    return _NON_ALPHANUMERIC.sub(" ", text.lower()).split()
+
+
+def _lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
+    previous = [0] * (len(b) + 1)
+    for token in a:
+        current = [0]
+        for j, other in enumerate(b):
+            current.append(previous[j] + 1 if token == other else max(previous[j + 1], current[j]))
+        previous = current
+    return previous[-1]
+
+
+def rouge_l(prediction: str, references: str | Sequence[str]) -> float:
+    """Best ROUGE-L F-measure (0-1, precision and recall weighted equally) of ``prediction`` against the
+    references; 0 where either side has no tokens."""
+    references = [references] if isinstance(references, str) else list(references)
+    if not references:
+        raise ValueError(f"no references for prediction {prediction!r}: pass at least one")
+    tokens, best = rouge_l_tokens(prediction), 0.0
+    for reference in references:
+        other = rouge_l_tokens(reference)
+        common = _lcs_length(tokens, other) if tokens and other else 0
+        if common:
+            precision, recall = common / len(tokens), common / len(other)
+            best = max(best, 2 * precision * recall / (precision + recall))
+    return best

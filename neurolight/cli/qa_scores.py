@@ -1,10 +1,20 @@
-"""neurolight-qa-scores runs/demo/send/predictions_before.json runs/demo/send/predictions_after.json"""
+"""neurolight-qa-scores runs/demo/send/predictions_base.json runs/demo/send/predictions_plain.json \\
+    runs/demo/send/predictions_send.json --plot
+
+Scores of prediction files side by side, and how well each hallucination detector separates hallucinated from
+correct answers under each correctness label (docs/send.md, Evaluating hallucination detection). The table is
+computed from the answers in each file, so a file written by an earlier version is read too: what it lacks (the
+baselines, a judge label) is named under the table.
+"""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
 from pathlib import Path
+
+from neurolight.callbacks.send.qa_prediction_writer import Thresholds, score_answer
+from neurolight.lightning_modules.send.detection_eval import LABELS, METHODS, Settings, class_counts, detection_table
 
 
 def load_predictions(path: str | Path) -> dict:
@@ -16,50 +26,171 @@ def load_predictions(path: str | Path) -> dict:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{path} is not JSON ({error}); expected a file written by QAPredictionWriter") from None
-    if not isinstance(data, dict) or not isinstance(data.get("aggregate"), dict):
+    if not isinstance(data, dict) or not isinstance(data.get("results"), list):
         raise ValueError(
-            f"{path} has no 'aggregate' scores; expected a file written by QAPredictionWriter "
+            f"{path} has no 'results' list of answers; expected a file written by QAPredictionWriter "
             "(neurolight predict --config configs/send/generate.yaml)"
         )
     return data
 
 
-def comparison_table(paths: Sequence[str | Path]) -> str:
-    """One row per prediction file (e.g. before and after fine-tuning): its model, questions and mean scores."""
-    keys = ("num_questions", "exact_match", "f1", "mean_eigenscore", "eigenscore_auroc")
-    rows = [("file", "model", *keys)]
-    for path in paths:
-        data = load_predictions(path)
-        summary = data["aggregate"]
-        cells = [f"{v:.3f}" if isinstance(v, float) else ("-" if v is None else str(v)) for v in map(summary.get, keys)]
-        rows.append((Path(path).name, str(data.get("model_path", "?")), *cells))
+def scored_rows(data: dict) -> list[dict]:
+    """The file's answers, each scored again under the file's own thresholds (an earlier version's file gains the
+    labels it can compute from the texts: ROUGE-L, the flags)."""
+    thresholds = Thresholds(**(data.get("aggregate", {}).get("thresholds") or {}))
+    return [score_answer(row, thresholds) for row in data["results"]]
+
+
+def _number(value) -> str:
+    return "-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def _table(rows: list[tuple[str, ...]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
 
 
+def _short_reason(cell: dict) -> str:
+    note = cell["note"] or ""
+    if note.startswith("not enough"):
+        kind = "correct" if "correct" in note else "halluc."
+        return f"n/a: {cell['n_correct' if kind == 'correct' else 'n_hallucinated']} {kind}"
+    return "n/a"
+
+
+def comparison_table(paths: Sequence[str | Path], settings: Settings | None = None) -> str:
+    """The summary of every file (questions, EM, F1, ROUGE-L), then per file and detection method the AUROC with
+    its interval under each label (with the class counts of the label), then the Pearson r, then what is missing."""
+    settings = settings or Settings()
+    files = []
+    for path in paths:
+        data = load_predictions(path)
+        files.append((Path(path).name, data, scored_rows(data)))
+    tables = {name: detection_table(rows, settings) for name, _, rows in files}
+    summary = [("file", "model", "questions", "exact_match", "f1", "rouge_l", "judge_p_yes")]
+    for name, data, rows in files:
+        means = [_mean(rows, key) for key in ("exact_match", "f1", "rouge_l", "judge_p_yes")]
+        summary.append((name, str(data.get("model_path", "?")), str(len(rows)), *map(_number, means)))
+    labels = [label for label in LABELS if any(label in cells for t in tables.values() for cells in t.values())]
+    auroc_rows = [("file", "method", *labels)]
+    pearson_rows = [("file", "method", *labels)]
+    notes = []
+    for name, _, rows in files:
+        counts = [class_counts(rows, label) for label in labels]
+        auroc_rows.append((name, "correct / halluc.", *(f"{c['correct']} / {c['hallucinated']}" for c in counts)))
+        for method, cells in tables[name].items():
+            auroc_rows.append((name, METHODS[method].title, *(_auroc_cell(cells.get(label)) for label in labels)))
+            pearson_rows.append(
+                (name, METHODS[method].title, *(_number((cells.get(label) or {}).get("pearson")) for label in labels))
+            )
+        notes += _missing(name, rows, tables[name])
+    refused = {
+        f"{name}, {LABELS[label].title}: {cell['note']}"
+        for name, table in tables.items()
+        for cells in table.values()
+        for label, cell in cells.items()
+        if cell["note"]
+    }
+    text = [
+        _table(summary),
+        "",
+        f"Hallucination detection AUROC [{settings.level:.0%} bootstrap CI, {settings.num_resamples} resamples]; "
+        "positive class = hallucinated, 0.5 = chance:",
+        _table(auroc_rows),
+        "",
+        "Pearson r of each method's confidence (its score negated) with the label's continuous correctness score:",
+        _table(pearson_rows),
+    ]
+    if refused:
+        text += ["", f"n/a: no AUROC where a class has fewer than {settings.min_class_size} answers:"]
+        text += [f"  {note}" for note in sorted(refused)]
+    return "\n".join(text + (["", *notes] if notes else []))
+
+
+def _mean(rows: list[dict], key: str) -> float | None:
+    values = [float(row[key]) for row in rows if row.get(key) is not None]
+    return sum(values) / len(values) if values else None
+
+
+def _auroc_cell(cell: dict | None) -> str:
+    if cell is None:
+        return "-"
+    if cell["auroc"] is None:
+        return _short_reason(cell)
+    return f"{cell['auroc']:.3f} [{cell['ci_low']:.2f}, {cell['ci_high']:.2f}]"
+
+
+def _missing(name: str, rows: list[dict], table: dict) -> list[str]:
+    """Lines naming what the file lacks, and why that may be."""
+    notes = []
+    absent = [METHODS[m].title for m in METHODS if m not in table]
+    if absent:
+        notes.append(
+            f"{name}: no {', '.join(absent)} (written by an earlier version of neurolight, or predicted without "
+            "num_generations >= 2 for the sampled-answer scores)"
+        )
+    if not any("judge" in row.get("hallucinated", {}) for row in rows):
+        notes.append(f"{name}: no judge label (predicted without model.init_args.judge_model)")
+    return notes
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    """neurolight-qa-scores BEFORE.json AFTER.json: print the scores of prediction files side by side."""
+    """neurolight-qa-scores A.json [B.json ...] [--plot]: the scores and detection tables of prediction files."""
     import argparse
 
     parser = argparse.ArgumentParser(
         prog="neurolight-qa-scores",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=(
-            "Print a comparison table of one or more prediction JSON files written by QAPredictionWriter\n"
-            "(neurolight predict --config configs/send/generate.yaml), e.g. before and after SEND fine-tuning:\n"
-            "one row per file with its model, number of questions, exact match, token F1, mean EigenScore and\n"
-            "the EigenScore AUROC for detecting hallucinations ('-' where a file has none)."
+            "Print the scores of one or more prediction JSON files written by QAPredictionWriter\n"
+            "(neurolight predict --config configs/send/generate.yaml), e.g. of the base, plain fine-tuned and SEND\n"
+            "models: per file its exact match, token F1 and ROUGE-L; then, per detection method (EigenScore,\n"
+            "efficient EigenScore, perplexity, LN-entropy, lexical similarity, energy) and correctness label (F1,\n"
+            "exact match, ROUGE-L, TruthfulQA, judge), the AUROC for detecting hallucinated answers with a bootstrap\n"
+            "confidence interval and the class counts, and the Pearson correlation. Where a label has fewer than\n"
+            "--min_class_size correct or hallucinated answers it says so instead of giving an AUROC."
         ),
-        epilog="example:\n  neurolight-qa-scores runs/demo/send/predictions_before.json "
-        "runs/demo/send/predictions_after.json",
+        epilog="example:\n  neurolight-qa-scores runs/demo/send/predictions_base.json "
+        "runs/demo/send/predictions_send.json --plot",
     )
-    parser.add_argument("predictions", nargs="+", metavar="PREDICTIONS.json", help="prediction files, one row each")
+    parser.add_argument("predictions", nargs="+", metavar="PREDICTIONS.json", help="prediction files")
+    defaults = Settings()
+    parser.add_argument(
+        "--min_class_size",
+        type=int,
+        default=defaults.min_class_size,
+        help="fewest correct and fewest hallucinated answers a label needs for an AUROC (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--bootstrap_resamples",
+        type=int,
+        default=defaults.num_resamples,
+        help="bootstrap resamples of each interval (default: %(default)s)",
+    )
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="bootstrap seed (default: %(default)s)")
+    parser.add_argument(
+        "--plot",
+        action="store_true",
+        help="also write the ROC curves of every method under every label, one PNG per file, beside it (FILE_roc.png)",
+    )
     args = parser.parse_args(argv)
     missing = [path for path in args.predictions if not Path(path).is_file()]
     if missing:
         parser.error(f"prediction file(s) not found: {', '.join(missing)}")
+    if args.min_class_size < 1 or args.bootstrap_resamples < 1:
+        parser.error("--min_class_size and --bootstrap_resamples must be at least 1")
+    settings = Settings(args.min_class_size, args.bootstrap_resamples, defaults.level, args.seed)
     try:
-        print(comparison_table(args.predictions))
+        print(comparison_table(args.predictions, settings))
+        if args.plot:
+            from neurolight.cli.qa_plots import plot_roc_curves
+
+            for path in args.predictions:
+                data = load_predictions(path)
+                target = Path(path).with_name(Path(path).stem + "_roc.png")
+                plot_roc_curves(scored_rows(data), target, title=f"{Path(path).name}: {data.get('model_path', '?')}",
+                                settings=settings)  # fmt: skip
+                print(f"ROC curves: {target}")
     except ValueError as error:
         parser.error(str(error))
 

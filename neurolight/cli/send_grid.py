@@ -6,16 +6,20 @@
     neurolight-send-grid --datasets coqa --fit_config configs/send/coqa.yaml configs/trainer/deepspeed.yaml
 
 The runner never reads stdin (its children get /dev/null), goes on past a failed run, prints a table of every pair
-(status, wall time, EM / F1 from the prediction JSON) and exits with 1 if any run failed (130 if interrupted).
+(status, wall time, EM / F1 of each model), then each pair's models side by side (``neurolight-qa-scores``), and
+exits with 1 if any run failed (130 if interrupted).
 
-Per pair it runs
+Per pair it scores three models (``--arms``): ``send``, SEND fine-tuning; ``plain``, the control: the same recipe,
+seed and data without the ``SensitiveNeuronDropout`` callback, since SEND's claim is relative to plain fine-tuning;
+``base``, the model as given. It runs
   1. ``neurolight fit --config <recipe> [--config <model overlay>]`` with the model, the dataset and the shared
      training options; the SEND module writes ``{output_dir}/{model}_{dataset}_SEND/``. The recipe is the
      dataset's, ``configs/send/{dataset}.yaml`` (fanoutqa: ``configs/send/demo.yaml``), followed by the model's
      overlay ``configs/send/models/{model}.yaml`` where one exists, as the README composes them by hand;
-     ``--fit_config A [B ...]`` replaces both with the given files for every pair;
-  2. ``neurolight predict --config <predict_config>`` from that folder, writing
-     ``{output_dir}/predictions_{model}_{dataset}.json``.
+     ``--fit_config A [B ...]`` replaces both with the given files for every pair; the control fit is the same
+     command with the callbacks list minus SEND's, writing ``{output_dir}/{model}_{dataset}_plain/``;
+  2. ``neurolight predict --config <predict_config>`` from each model, writing
+     ``{output_dir}/predictions_{model}_{dataset}.json`` (SEND), ``..._plain.json`` and ``..._base.json``.
 Data options (``--max_samples``, ``--max_length``, ``--batch_size`` and every passed-through ``--data.*``) go to
 both commands, so that predict asks exactly the fit run's held-out test questions. Any other option this runner
 does not know is passed through to the fit command (``--trainer.precision bf16-true``,
@@ -30,19 +34,25 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import subprocess
 import sys
-import threading
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from neurolight.cli.send_grid_recipes import find_config, fit_configs, logger_args, sensitivity_callbacks
+from neurolight.cli.grid_process import execute, tail
+from neurolight.cli.send_grid_recipes import (
+    find_config,
+    fit_configs,
+    logger_args,
+    plain_callbacks,
+    sensitivity_callbacks,
+)
 from neurolight.datamodules.llm.models import check_model_name
 
 DEFAULT_MODELS = ["llama2-7b", "llama3.1-8b", "vicuna-7b"]
 DEFAULT_DATASETS = ["triviaqa", "truthfulqa", "coqa", "tydiqa"]
 STAGES = ("fit", "predict")
+ARMS = ("base", "plain", "send")
+"""The models scored per pair: the model as given, plain fine-tuning (the control) and SEND fine-tuning."""
 
 DATA_FLAGS = {
     "max_samples": "--data.init_args.max_samples",
@@ -84,6 +94,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     grid.add_argument("--dry_run", action="store_true", help="print the commands without running them")
     grid.add_argument("--output_dir", default="runs/send_grid", help="SEND models, predictions, logs, summary")
     grid.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES), help="what to run per pair")
+    grid.add_argument(
+        "--arms",
+        nargs="+",
+        choices=ARMS,
+        default=list(ARMS),
+        help="models scored per pair: base (the model as given), plain (fine-tuned by the same recipe, seed and data "
+        "without the SEND callback: the control), send",
+    )
     grid.add_argument(
         "--fit_config",
         nargs="+",
@@ -140,9 +158,10 @@ class Run:
     fit_configs: list[str] = field(default_factory=list)
     """The ``--config`` files of its fit, in order."""
     send_dir: str = ""
-    predictions: str = ""
-    aggregate: dict | None = None
-    """``aggregate`` of the prediction JSON (exact_match, f1, eigenscore_auroc, ...)."""
+    predictions: dict[str, str] = field(default_factory=dict)
+    """Prediction JSON per arm (base, plain, send)."""
+    aggregate: dict[str, dict] = field(default_factory=dict)
+    """``aggregate`` of each arm's prediction JSON (exact_match, f1, the detection table, ...)."""
 
     @property
     def name(self) -> str:
@@ -159,7 +178,10 @@ def build_commands(args: argparse.Namespace, passthrough: list[str], run: Run) -
     logs = out / "logs" / run.name
     neurolight = shlex.split(args.neurolight_cmd)
     send_dir = out / f"{run.name}_SEND"
-    run.send_dir, run.predictions = str(send_dir), str(out / f"predictions_{run.name}.json")
+    run.send_dir = str(send_dir)
+    models = {"base": run.model, "plain": str(out / f"{run.name}_plain"), "send": str(send_dir)}
+    suffix = {"base": "_base", "plain": "_plain", "send": ""}
+    run.predictions = {arm: str(out / f"predictions_{run.name}{suffix[arm]}.json") for arm in ARMS if arm in args.arms}
     shared = _flags(args, DATA_FLAGS)
     if args.device is not None:
         shared += ["--trainer.accelerator", ACCELERATORS[args.device]]
@@ -187,19 +209,32 @@ def build_commands(args: argparse.Namespace, passthrough: list[str], run: Run) -
         else:
             # The recipe's logger (and the checkpoints in its folder) would otherwise mix every pair's runs.
             fit += _logger_folder(configs, out / "logs", run.name)
-        commands["fit"] = fit + passthrough
+        if "plain" in args.arms:
+            # The control: the same command, the SEND callback taken out of the recipe's callbacks list.
+            plain = _set(fit, "--model.init_args.run_name", Path(models["plain"]).name)
+            plain = _set(plain, "--trainer.default_root_dir", str(logs.with_name(f"{run.name}_plain")))
+            plain = _set(plain, "--trainer.callbacks", plain_callbacks(configs))
+            if "--trainer.logger.init_args.name" in plain:  # its own logger folder (or W&B run name)
+                plain = _set(plain, "--trainer.logger.init_args.name", f"{run.name}_plain")
+            commands["fit_plain"] = plain + passthrough
+        if "send" in args.arms:
+            commands["fit"] = fit + passthrough
     if "predict" in args.stages:
         config = find_config(args.predict_config)
-        predict = [*neurolight, "predict", "--config", str(config)]
-        predict += ["--model.init_args.model_name", str(send_dir), "--data.init_args.model_name", str(send_dir)]
-        predict += ["--data.init_args.dataset", run.dataset]
-        predict += ["--trainer.callbacks.init_args.output_file", run.predictions]
-        # The predict recipe's root (runs/demo/send) would receive, and overwrite, every pair's config.yaml.
-        predict += ["--trainer.default_root_dir", str(logs / "predict")]
-        predict += _logger_folder([config], logs, "predict")
-        predict += shared
-        predict += _flags(args, PREDICT_FLAGS)
-        commands["predict"] = predict + data_passthrough + shlex.split(args.predict_args)
+        for arm, path in run.predictions.items():
+            predict = [*neurolight, "predict", "--config", str(config)]
+            model = models[arm]
+            predict += ["--model.init_args.model_name", model, "--data.init_args.model_name", model]
+            predict += ["--data.init_args.dataset", run.dataset]
+            predict += ["--trainer.callbacks.init_args.output_file", path]
+            # The predict recipe's root (runs/demo/send) would receive, and overwrite, every pair's config.yaml.
+            folder = "predict" if arm == "send" else f"predict_{arm}"
+            predict += ["--trainer.default_root_dir", str(logs / folder)]
+            predict += _logger_folder([config], logs, folder)
+            predict += shared
+            predict += _flags(args, PREDICT_FLAGS)
+            stage = "predict" if arm == "send" else f"predict_{arm}"
+            commands[stage] = predict + data_passthrough + shlex.split(args.predict_args)
     return commands
 
 
@@ -231,53 +266,15 @@ def _data_options(passthrough: list[str]) -> list[str]:
     return out
 
 
-def execute(command: list[str], log_path: Path, timeout_s: float | None, quiet: bool) -> tuple[int | None, float]:
-    """Run ``command`` with stdin closed, its output to ``log_path`` (and the console unless ``quiet``).
-
-    Returns (exit code, or None after a timeout; wall seconds). Ctrl-C stops the child and propagates.
-    """
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    start = time.monotonic()
-    with log_path.open("wb") as log:
-        log.write(f"$ {shlex.join(command)}\n".encode())
-        log.flush()
-        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        timed_out = threading.Event()
-
-        def stop() -> None:
-            timed_out.set()
-            process.kill()
-
-        timer = threading.Timer(timeout_s, stop) if timeout_s else None
-        if timer:
-            timer.start()
-        try:
-            for chunk in iter(lambda: process.stdout.read1(1 << 16), b""):
-                log.write(chunk)
-                if not quiet:
-                    sys.stdout.buffer.write(chunk)
-                    sys.stdout.flush()
-            code = process.wait()
-        except KeyboardInterrupt:
-            process.kill()
-            process.wait()
-            raise
-        finally:
-            if timer:
-                timer.cancel()
-    return (None if timed_out.is_set() else code), time.monotonic() - start
-
-
-def _tail(path: Path, lines: int = 20) -> str:
-    text = path.read_text(errors="replace").replace("\r", "\n").splitlines()
-    return "\n".join(line for line in text[-lines:])
-
-
 def run_pair(args: argparse.Namespace, run: Run, commands: dict[str, list[str]]) -> None:
     logs = Path(args.output_dir) / "logs"
     for stage, command in commands.items():
-        if stage == "fit" and args.skip_existing and (Path(run.send_dir) / "config.json").is_file():
-            print(f"  fit skipped: {run.send_dir} exists (--skip_existing)")
+        folder = Path(
+            value_of(command, "--model.init_args.output_dir") or ".",
+            value_of(command, "--model.init_args.run_name") or "",
+        )
+        if stage.startswith("fit") and args.skip_existing and (folder / "config.json").is_file():
+            print(f"  {stage} skipped: {folder} exists (--skip_existing)")
             run.seconds[stage] = 0.0
             continue
         print(f"$ {shlex.join(command)}", flush=True)
@@ -289,31 +286,42 @@ def run_pair(args: argparse.Namespace, run: Run, commands: dict[str, list[str]])
             run.status = f"FAILED ({stage}, {why})"
             print(f"  {stage} of {run.name} failed ({why}); log: {log}")
             if args.quiet:
-                print(_tail(log))
+                print(tail(log))
             return
-    if "predict" in commands:
-        path = Path(run.predictions)
-        if not path.is_file():
-            run.status = f"FAILED (predict wrote no {path.name})"
-            return
-        run.aggregate = json.loads(path.read_text()).get("aggregate")
+    if "predict" in args.stages:
+        for arm, path in map(lambda item: (item[0], Path(item[1])), run.predictions.items()):
+            if not path.is_file():
+                run.status = f"FAILED (predict wrote no {path.name})"
+                return
+            run.aggregate[arm] = json.loads(path.read_text()).get("aggregate") or {}
     run.status = "ok"
 
 
-def summary_table(runs: list[Run]) -> str:
-    def number(run: Run, key: str) -> str:
-        value = (run.aggregate or {}).get(key)
+def value_of(command: list[str], flag: str) -> str | None:
+    """The value after ``flag`` in ``command``, if it is there."""
+    return command[command.index(flag) + 1] if flag in command else None
+
+
+def _set(command: list[str], flag: str, value: str) -> list[str]:
+    """``command`` with ``flag`` set to ``value`` (replaced where it is there, appended where not)."""
+    if flag not in command:
+        return [*command, flag, value]
+    at = command.index(flag) + 1
+    return [*command[:at], value, *command[at + 1 :]]
+
+
+def summary_table(runs: list[Run], arms: list[str]) -> str:
+    def number(run: Run, arm: str, key: str) -> str:
+        value = run.aggregate.get(arm, {}).get(key)
         return "-" if value is None else f"{value:.3f}"
 
-    header = ("pair", "status", "wall time", "EM", "F1", "EigenScore AUROC")
+    header = ("pair", "status", "wall time", *(f"{key} {arm}" for arm in arms for key in ("EM", "F1")))
     rows = [
         (
             f"{run.model} x {run.dataset}",
             run.status,
             f"{sum(run.seconds.values()):.0f} s" if run.seconds else "-",
-            number(run, "exact_match"),
-            number(run, "f1"),
-            number(run, "eigenscore_auroc"),
+            *(number(run, arm, key) for arm in arms for key in ("exact_match", "f1")),
         )
         for run in runs
     ]
@@ -354,7 +362,16 @@ def main(argv: list[str] | None = None) -> int:
     for run in runs:
         if run.status == "pending":
             run.status = "not run"
-    table = summary_table(runs)
+    for run in runs:
+        if run.status == "ok" and run.predictions:
+            from neurolight.cli.qa_scores import comparison_table
+
+            print(f"\n{run.model} x {run.dataset}, models side by side:")
+            try:
+                print(comparison_table(list(run.predictions.values())))
+            except ValueError as error:
+                print(f"  no detection table: {error}")
+    table = summary_table(runs, [arm for arm in ARMS if arm in args.arms])
     print(f"\n{table}")
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -69,6 +69,19 @@ def sensitivity_callbacks(configs: list[Path], threshold: float) -> str:
     return json.dumps(callbacks, separators=(",", ":"))
 
 
+def plain_callbacks(configs: list[Path]) -> str:
+    """The fit recipes' callbacks list without ``SensitiveNeuronDropout``, as the value of ``--trainer.callbacks``:
+    the plain fine-tuning control, trained by the same recipe, seed and data."""
+    callbacks = _trainer_setting(configs, "callbacks") or []
+    kept = [c for c in callbacks if not str((c or {}).get("class_path", "")).endswith("SensitiveNeuronDropout")]
+    if len(kept) == len(callbacks):
+        raise SystemExit(
+            f"--arms plain: {' + '.join(map(str, configs))} has no SensitiveNeuronDropout callback to leave out, so "
+            "the control would be the SEND run itself; add it to the recipe or drop 'plain' from --arms"
+        )
+    return json.dumps(kept, separators=(",", ":"))
+
+
 def _recipe(path: Path) -> dict:
     import yaml
 

@@ -1,32 +1,75 @@
-"""neurolight-qa-scores: the comparison table of prediction files, its --help and its errors for bad files."""
+"""neurolight-qa-scores: the score and detection tables of prediction files (also of a file written by an earlier
+version, naming what it lacks), the ROC plot, its --help and its errors for bad files."""
 
 from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from neurolight.cli.qa_scores import comparison_table, main
+from neurolight.lightning_modules.send.detection_eval import auroc
 
-HEADER = ["file", "model", "num_questions", "exact_match", "f1", "mean_eigenscore", "eigenscore_auroc"]
+
+def _answer(i: int, correct: bool, rng, old: bool = False) -> dict:
+    row = {
+        "question_id": f"q{i}",
+        "question": "Capital of France?",
+        "reference_answer": "Paris",
+        "answers": ["Paris"],
+        "prompt": "p",
+        "generated_response": "Paris" if correct else "Lyon",
+        "exact_match": float(correct),
+        "f1": float(correct),
+    }
+    score = float(rng.normal(0 if correct else 1))
+    if old:  # the fields of a file written before issue 15
+        return row | {"eigenscore": score, "sampled_responses": ["Paris", "Lyon"]}
+    return row | {"answer_eigenscore": score, "perplexity": float(rng.uniform(1, 3)), "energy": -5.0}
 
 
 @pytest.fixture
 def before_after(tmp_path):
+    """An earlier version's file (EigenScore only, 2 correct of 12) and a current one (12 correct of 24)."""
+    rng = np.random.default_rng(0)
+    old = [_answer(i, i < 2, rng, old=True) for i in range(12)]
+    new = [_answer(i, i % 2 == 0, rng) for i in range(24)]
     paths = []
-    for name, em, f1, auc in (("before", 0.0, 0.0125, None), ("after", 0.25, 0.3333, 0.75)):
-        summary = {"num_questions": 4, "exact_match": em, "f1": f1, "eigenscore_auroc": auc}
+    for name, rows in (("before", old), ("after", new)):
         path = tmp_path / f"{name}.json"
-        path.write_text(json.dumps({"model_path": f"m-{name}", "aggregate": summary}))
+        path.write_text(
+            json.dumps({"model_path": f"m-{name}", "aggregate": {"num_questions": len(rows)}, "results": rows})
+        )
         paths.append(path)
     return paths
 
 
-def test_comparison_table__one_row_per_file_with_its_mean_scores(before_after):
-    table = comparison_table(before_after).splitlines()
-    assert table[0].split() == HEADER
-    assert table[1].split() == ["before.json", "m-before", "4", "0.000", "0.013", "-", "-"]
-    assert table[2].split() == ["after.json", "m-after", "4", "0.250", "0.333", "-", "0.750"]
+def test_comparison_table__scores_auroc_with_interval_and_refusal_per_file(before_after):
+    text = comparison_table(before_after)
+    lines = text.splitlines()
+    assert lines[0].split() == ["file", "model", "questions", "exact_match", "f1", "rouge_l", "judge_p_yes"]
+    assert lines[1].split() == ["before.json", "m-before", "12", "0.167", "0.167", "0.167", "-"]
+    assert lines[2].split() == ["after.json", "m-after", "24", "0.500", "0.500", "0.500", "-"]
+    before_rows = [line for line in lines if line.startswith("before.json  ")]
+    assert any("EigenScore" in line and "n/a: 2 correct" in line for line in before_rows)
+    assert "before.json, F1: not enough correct answers (n = 2, fewer than 10)" in text
+    after = json.loads(before_after[1].read_text())["results"]
+    expected = auroc([r["answer_eigenscore"] for r in after], [not r["f1"] for r in after])
+    eigen = next(line for line in lines if line.startswith("after.json") and "  EigenScore  " in line)
+    assert eigen.split()[2] == f"{expected:.3f}"  # F1 column: the AUROC, then its interval
+    # The earlier version's file is read under the new names and says what it lacks.
+    assert "before.json: no efficient EigenScore, perplexity, LN-entropy, lexical similarity, energy" in text
+    assert "before.json: no judge label" in text
+
+
+def test_main__plot_writes_one_png_of_roc_curves_per_file(before_after, capsys):
+    main([*map(str, before_after), "--plot", "--bootstrap_resamples", "100"])
+    out = capsys.readouterr().out
+    for path in before_after:
+        png = path.with_name(path.stem + "_roc.png")
+        assert f"ROC curves: {png}" in out
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
 @pytest.mark.parametrize("flag", ["--help", "-h"])
@@ -35,9 +78,10 @@ def test_help__describes_the_comparison_table_and_exits_0(flag, capsys):
         main([flag])
     assert exit_info.value.code == 0
     printed = " ".join(capsys.readouterr().out.split())
-    assert printed.startswith("usage: neurolight-qa-scores [-h] PREDICTIONS.json [PREDICTIONS.json ...]")
-    assert "comparison table of one or more prediction JSON files" in printed
-    assert "exact match, token F1, mean EigenScore" in printed
+    assert printed.startswith("usage: neurolight-qa-scores [-h] [--min_class_size MIN_CLASS_SIZE]")
+    assert "PREDICTIONS.json [PREDICTIONS.json ...]" in printed
+    assert "Print the scores of one or more prediction JSON files" in printed
+    assert "the AUROC for detecting hallucinated answers with a bootstrap confidence interval" in printed
 
 
 def test_main__prints_the_table_of_the_files_given(before_after, capsys):
@@ -65,8 +109,8 @@ def test_main__no_file_is_a_usage_error(capsys):
     ("text", "reason"),
     [
         ("model_path: x\n", "is not JSON"),
-        (json.dumps({"results": []}), "has no 'aggregate' scores"),
-        (json.dumps([1, 2]), "has no 'aggregate' scores"),
+        (json.dumps({"aggregate": {}}), "has no 'results' list of answers"),
+        (json.dumps([1, 2]), "has no 'results' list of answers"),
     ],
 )
 def test_main__a_file_that_is_no_prediction_file_is_named_with_the_reason(text, reason, tmp_path, capsys):

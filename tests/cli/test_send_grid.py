@@ -59,7 +59,7 @@ def test_dry_run__prints_fit_then_predict_for_2_models_x_2_datasets_without_read
         "--max_samples", "50", "--num_epochs", "2", "--learning_rate", "5e-05", "--sensitivity_threshold", "0.2",
         "--batch_size", "4", "--max_length", "128", "--device", "cuda",
         "--num_samples", "7", "--max_new_tokens", "16", "--temperature", "0.7", "--num_generations", "5",
-        "--trainer.precision", "bf16-true", "--data.init_args.seed", "3",
+        "--trainer.precision", "bf16-true", "--data.init_args.seed", "3", "--arms", "send",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     printed = commands(result.stdout)
@@ -98,11 +98,51 @@ def test_dry_run__prints_fit_then_predict_for_2_models_x_2_datasets_without_read
     assert not out.exists(), "a dry run writes nothing"
 
 
+def test_dry_run__base_plain_control_and_send_with_the_same_recipe_seed_and_data(tmp_path):
+    out = tmp_path / "grid"
+    result = run_grid(
+        "--dry_run", "--models", "smollm2-135m", "--datasets", "fanoutqa", "--output_dir", str(out),
+        "--sensitivity_threshold", "0.2", "--data.init_args.seed", "3",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    by_stage = {}
+    for command in commands(result.stdout):
+        name = stage(command)
+        model = Path(value(command, "--model.init_args.run_name") or value(command, "--model.init_args.model_name"))
+        arm = {"smollm2-135m": "base", "smollm2-135m_fanoutqa_plain": "plain"}.get(model.name, "send")
+        by_stage[(name, arm)] = command
+    assert list(by_stage) == [("fit", "plain"), ("fit", "send"), ("predict", "base"), ("predict", "plain"),
+                              ("predict", "send")]  # fmt: skip
+    plain, send = by_stage[("fit", "plain")], by_stage[("fit", "send")]
+    assert value(plain, "--model.init_args.run_name") == "smollm2-135m_fanoutqa_plain"
+    send_callbacks = json.loads(value(send, "--trainer.callbacks"))
+    plain_callbacks = json.loads(value(plain, "--trainer.callbacks"))
+    assert [c for c in send_callbacks if not c["class_path"].endswith("SensitiveNeuronDropout")] == plain_callbacks
+    assert len(plain_callbacks) == len(send_callbacks) - 1
+    differ = {"--model.init_args.run_name", "--trainer.default_root_dir", "--trainer.callbacks"}
+    differ |= {"--trainer.logger.init_args.name"}
+    for flag in {item for item in send if item.startswith("--")} - differ:  # same recipe, seed, data, options
+        assert value(plain, flag) == value(send, flag), flag
+    assert configs(plain) == configs(send) == ["configs/send/demo.yaml"]
+    assert value(by_stage[("predict", "base")], "--model.init_args.model_name") == "smollm2-135m"
+    assert value(by_stage[("predict", "plain")], "--model.init_args.model_name") == str(
+        out / "smollm2-135m_fanoutqa_plain"
+    )
+    outputs = {arm: value(by_stage[("predict", arm)], "--trainer.callbacks.init_args.output_file") for arm in
+               ("base", "plain", "send")}  # fmt: skip
+    assert outputs == {
+        "base": str(out / "predictions_smollm2-135m_fanoutqa_base.json"),
+        "plain": str(out / "predictions_smollm2-135m_fanoutqa_plain.json"),
+        "send": str(out / "predictions_smollm2-135m_fanoutqa.json"),
+    }
+
+
 def test_dry_run__commands_parse_with_the_neurolight_cli(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["neurolight"])
     result = run_grid(
         "--dry_run", "--models", "smollm2-135m", "--datasets", "truthfulqa", "--output_dir", str(tmp_path),
         "--sensitivity_threshold", "0.25", "--num_epochs", "3", "--num_samples", "4", "--max_samples", "40",
+        "--arms", "send",
     )  # fmt: skip
     fit, predict = commands(result.stdout)
     configs = {}
@@ -134,6 +174,7 @@ def test_default_fit_recipe__the_datasets_recipe_then_the_models_overlay_where_o
     result = run_grid(
         "--dry_run", "--models", "llama2-7b", "smollm2-135m", "org/vicuna-7b",
         "--datasets", "fanoutqa", "coqa", "tydiqa", "--output_dir", str(tmp_path),
+        "--arms", "send",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     fits = [command for command in commands(result.stdout) if stage(command) == "fit"]
@@ -154,11 +195,13 @@ def test_fit_config__replaces_the_default_for_every_pair_and_composes_in_order(t
     one = run_grid(
         "--dry_run", "--models", "llama2-7b", "smollm2-135m", "--datasets", "coqa", "fanoutqa",
         "--fit_config", "configs/send/triviaqa.yaml", "--output_dir", str(tmp_path),
+        "--arms", "send",
     )  # fmt: skip
     assert [configs(c) for c in commands(one.stdout) if stage(c) == "fit"] == [["configs/send/triviaqa.yaml"]] * 4
     two = run_grid(
         "--dry_run", "--models", "vicuna-7b", "--datasets", "coqa", "tydiqa",
         "--fit_config", "configs/send/demo.yaml", "configs/trainer/debug.yaml", "--output_dir", str(tmp_path),
+        "--arms", "send",
     )  # fmt: skip
     fits = [c for c in commands(two.stdout) if stage(c) == "fit"]
     assert [configs(fit) for fit in fits] == [["configs/send/demo.yaml", "configs/trainer/debug.yaml"]] * 2
@@ -170,6 +213,7 @@ def test_sensitivity_threshold__sets_the_callbacks_of_each_pairs_own_recipe(tmp_
     result = run_grid(
         "--dry_run", "--models", "smollm2-135m", "vicuna-7b", "--datasets", "fanoutqa", "tydiqa",
         "--sensitivity_threshold", "0.1", "--output_dir", str(tmp_path),
+        "--arms", "send",
     )  # fmt: skip
     fits = [c for c in commands(result.stdout) if stage(c) == "fit"]
     for fit, dataset in zip(fits, ["fanoutqa", "tydiqa"] * 2):
@@ -223,7 +267,9 @@ def _strings(tree) -> list[str]:
 def test_dry_run__every_folder_of_fit_and_predict_lies_under_output_dir(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["neurolight"])
     out = tmp_path / "grid"
-    result = run_grid("--dry_run", "--models", "llama2-7b", "--datasets", "tydiqa", "--output_dir", str(out))
+    result = run_grid(
+        "--dry_run", "--models", "llama2-7b", "--datasets", "tydiqa", "--output_dir", str(out), "--arms", "send"
+    )  # fmt: skip
     resolved = {}
     for command in commands(result.stdout):
         with pytest.raises(SystemExit):
@@ -267,7 +313,7 @@ def test_grid__a_real_fit_and_predict_on_a_tiny_model_write_nothing_outside_outp
             "--batch_size", "4", "--max_length", "48", "--num_epochs", "1", "--num_samples", "2",
             "--num_generations", "0", "--max_new_tokens", "3", "--quiet",
             "--trainer.precision", "32-true", "--model.init_args.freeze_layers", "0",
-            "--data.init_args.data_path", str(records),
+            "--data.init_args.data_path", str(records), "--predict_args", "--model.init_args.judge_model null",
         ],
         cwd=work, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
     )  # fmt: skip
@@ -276,7 +322,15 @@ def test_grid__a_real_fit_and_predict_on_a_tiny_model_write_nothing_outside_outp
     out = work / "grid"
     assert [p.name for p in work.iterdir()] == ["grid"]  # nothing in the working directory (runs/...) but the grid
     assert (out / f"{name}_SEND" / "model.safetensors").is_file()
-    assert json.loads((out / f"predictions_{name}.json").read_text())["aggregate"]["num_questions"] == 2
+    for suffix in ("", "_plain", "_base"):  # SEND, the plain fine-tuning control and the base model, scored alike
+        assert json.loads((out / f"predictions_{name}{suffix}.json").read_text())["aggregate"]["num_questions"] == 2
+    callbacks = {
+        arm: json.loads((out / f"{name}_{arm}" / "training_config.json").read_text())["callbacks"]
+        for arm in ("SEND", "plain")
+    }
+    assert "SensitiveNeuronDropout" in callbacks["SEND"] and "SensitiveNeuronDropout" not in callbacks["plain"]
+    assert callbacks["SEND"]["SensitiveNeuronDropout"]["sensitivity_threshold"] == 0.3
+    assert "models side by side" in result.stdout and "predictions_" in result.stdout
     assert (out / "logs" / name / "predict" / "config.yaml").is_file()
     assert list((out / "logs" / name).glob("version_*/config.yaml"))
     # The recipe is found in the installed configs package from any working directory.
@@ -306,7 +360,7 @@ if args[0] == "fit":
     Path(value("--model.init_args.output_dir"), value("--model.init_args.run_name")).mkdir(parents=True)
 else:
     out = Path(value("--trainer.callbacks.init_args.output_file"))
-    out.write_text(json.dumps({"aggregate": {"exact_match": 0.25, "f1": 0.5, "eigenscore_auroc": None}}))
+    out.write_text(json.dumps({"aggregate": {"exact_match": 0.25, "f1": 0.5}, "results": []}))
 print(args[0], "done")
 """
 
@@ -323,6 +377,7 @@ def test_grid__a_failed_run_does_not_stop_the_others_and_the_summary_marks_it(tm
         "--models", *names.values(), "--datasets", "d1", "d2", "--output_dir", str(out),
         "--fit_config", "configs/send/demo.yaml",
         "--neurolight_cmd", f"{shlex.quote(sys.executable)} {shlex.quote(str(fake))}", "--timeout_s", "3", "--quiet",
+        "--arms", "send",
     )  # fmt: skip
     assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-2000:]
     table = result.stdout[result.stdout.index("pair") :]
@@ -330,8 +385,8 @@ def test_grid__a_failed_run_does_not_stop_the_others_and_the_summary_marks_it(tm
     assert set(rows) == {f"{m} x {d}" for m in names.values() for d in ("d1", "d2")}
     for dataset in ("d1", "d2"):
         assert "FAILED (fit, exit 3)" in rows[f"{names['bad-model']} x {dataset}"]
-        cells = rows[f"{names['good']} x {dataset}"].split()  # pair (3 words), status, wall time (2), EM, F1, AUROC
-        assert cells[3] == "ok" and cells[5] == "s" and cells[-3:] == ["0.250", "0.500", "-"]
+        cells = rows[f"{names['good']} x {dataset}"].split()  # pair (3 words), status, wall time (2), EM, F1
+        assert cells[3] == "ok" and cells[5] == "s" and cells[-2:] == ["0.250", "0.500"]
         assert "FAILED (fit, timeout after 3 s)" in rows[f"{names['slow-model']} x {dataset}"]
         assert (out / f"predictions_good_{dataset}.json").is_file()
         assert not (out / f"predictions_bad-model_{dataset}.json").exists()  # no predict after a failed fit
@@ -340,7 +395,7 @@ def test_grid__a_failed_run_does_not_stop_the_others_and_the_summary_marks_it(tm
     assert [run["status"] for run in summary] == ["FAILED (fit, exit 3)"] * 2 + ["ok"] * 2 + [
         "FAILED (fit, timeout after 3 s)"
     ] * 2
-    assert summary[2]["aggregate"]["f1"] == 0.5
+    assert summary[2]["aggregate"]["send"]["f1"] == 0.5
     assert (out / "logs" / "bad-model_d1_fit.log").read_text().startswith("$ ")
 
 

@@ -15,9 +15,15 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from neurolight.callbacks.send.qa_prediction_writer import QAPredictionWriter, aggregate, merge_rank_rows
+from neurolight.callbacks.send.qa_prediction_writer import QAPredictionWriter, merge_rank_rows
 from neurolight.datamodules.send.qa import QADataModule
-from neurolight.lightning_modules.send.answer_generator import AnswerGenerator, cut_answers, first_stop, stop_tokens
+from neurolight.lightning_modules.send.answer_generator import (
+    AnswerGenerator,
+    Generation,
+    cut_answers,
+    first_stop,
+    stop_tokens,
+)
 from neurolight.lightning_modules.send.qa_metrics import eigenscore
 
 # TruthfulQA-schema rows; the canned answer to each question tests one scoring case.
@@ -148,7 +154,7 @@ def test_generation__stops_at_newline_with_a_forced_greedy_output(tiny_model_dir
     dm.setup("predict")
     batch = next(iter(dm.predict_dataloader()))
     with torch.inference_mode():
-        generated = module.generate(batch["input_ids"], batch["attention_mask"], sample=False)
+        generated = module.generate(batch["input_ids"], batch["attention_mask"], sample=False).tokens
         steps.clear()
         rows = module.predict_step(batch, 0)
     assert generated.shape[1] == newline_step + 1, "generation went on past the newline"
@@ -180,7 +186,8 @@ def test_writer__json_schema_and_aggregate_equal_mean_of_independent_scores(
             question = tok.decode(ids[mask.bool()]).split("Question: ", 1)[1].split("\n", 1)[0]
             answers.append(tok.encode(" " + CANNED[question] + "\nQuestion: x", add_special_tokens=False))
         width = max(map(len, answers))
-        return torch.tensor([ids + [tok.pad_token_id] * (width - len(ids)) for ids in answers])
+        tokens = torch.tensor([ids + [tok.pad_token_id] * (width - len(ids)) for ids in answers])
+        return Generation(tokens, tuple(torch.zeros(len(tokens), len(tok)) for _ in range(width)))
 
     monkeypatch.setattr(module, "generate", canned)
     writer = QAPredictionWriter(str(tmp_path / "out" / "pred_{model}_{dataset}.json"))
@@ -212,7 +219,12 @@ def test_writer__json_schema_and_aggregate_equal_mean_of_independent_scores(
     for key in ("exact_match", "f1", "truthfulqa_closer_to_correct"):
         assert summary[key] == pytest.approx(sum(float(r[key]) for r in results) / 7, abs=1e-9)
     assert 0 < summary["exact_match"] < 1 and 0 < summary["f1"] < 1  # the canned answers cover both cases
-    assert "eigenscore_auroc" not in summary  # no EigenScore without num_generations
+    assert set(summary["detection"]) == {"perplexity", "energy"}  # no sampled answers without num_generations
+    assert set(summary["labels"]) == {"f1", "exact_match", "rouge_l", "truthfulqa"}  # no judge_model
+    for result in results:  # uniform logits over the vocabulary: every token has probability 1 / V
+        assert result["perplexity"] == pytest.approx(len(module.tokenizer), rel=1e-6)
+        assert result["hallucinated"]["f1"] == (result["f1"] < 0.5)
+        assert result["hallucinated"]["truthfulqa"] == (not result["truthfulqa_closer_to_correct"])
 
 
 # -------------------------------------------------------------------------------------------- EigenScore
@@ -228,10 +240,12 @@ def test_eigenscore__per_question_equals_eigenscore_of_embeddings_recomputed_by_
         rows = module.predict_step(batch, 0)
         torch.manual_seed(123)  # greedy decoding draws no random numbers: the same K samples again
         generated = module.generate(batch["input_ids"], batch["attention_mask"], sample=True, num_return_sequences=k)
+        greedy = module.generate(batch["input_ids"], batch["attention_mask"], sample=False).tokens
+    generated = generated.tokens
     stops = module.stops
     for q, (row, record) in enumerate(zip(rows, batch["records"])):
         prompt = dm.prompt_ids(record)
-        embeddings = []
+        embeddings, mean_logprobs = [], []
         for sample in generated[q * k : (q + 1) * k].tolist():
             # The answer ends before the first EOS, or before the first newline token after visible text.
             n, seen_text = len(sample), False
@@ -245,25 +259,28 @@ def test_eigenscore__per_question_equals_eigenscore_of_embeddings_recomputed_by_
             with torch.inference_mode():
                 hidden = module.model(ids, output_hidden_states=True).hidden_states[layer]
             embeddings.append(hidden[0, -1])
+            # LN-entropy: the sample's tokens up to and including its stop token, under the model at T = 1.
+            scored = sample[: min(n + 1, len(sample))]
+            mean_logprobs.append(sequence_logprob(module.model, prompt, scored) / len(scored))
         expected = eigenscore(torch.stack(embeddings), alpha=1e-3).item()
-        assert row["eigenscore"] == pytest.approx(expected, rel=1e-4, abs=1e-4)
+        assert row["answer_eigenscore"] == pytest.approx(expected, rel=1e-4, abs=1e-4)
+        assert row["answer_ees"] == pytest.approx(expected, rel=1e-4, abs=1e-4)  # K = 4: the exact path
+        assert row["ln_entropy"] == pytest.approx(-sum(mean_logprobs) / k, rel=1e-4)
+        greedy_answer = greedy[q].tolist()
+        n = int(cut_answers(greedy[q : q + 1], stops, module.tokenizer).num_tokens[0])
+        scored = greedy_answer[: min(n + 1, len(greedy_answer))]
+        logprob = sequence_logprob(module.model, prompt, scored)
+        assert row["perplexity"] == pytest.approx(math.exp(-logprob / len(scored)), rel=1e-4)
         texts = cut_answers(generated[q * k : (q + 1) * k], stops, module.tokenizer).texts
         assert row["sampled_responses"] == texts and len(texts) == k
     assert first_stop(generated, stops)[0].numel() == 3 * k
 
 
-def test_aggregate__eigenscore_auroc_against_hand_labels_and_null_for_one_class():
-    f1 = [0.0, 1.0, 0.2, 0.7, 0.6]  # hallucinated (f1 < 0.5): questions 0 and 2
-    scores = [0.9, 0.1, 0.4, 0.3, 0.5]
-    results = [{"exact_match": 0.0, "f1": f, "eigenscore": s} for f, s in zip(f1, scores)]
-    # Pairs (hallucinated, correct) ranked right: 0.9 beats 0.1, 0.3, 0.5; 0.4 beats 0.1, 0.3 but not 0.5.
-    summary = aggregate(results)
-    assert summary["eigenscore_auroc"] == pytest.approx(5 / 6)
-    assert summary["num_hallucinated"] == 2 and summary["eigenscore_auroc_note"] is None
-    assert summary["mean_eigenscore"] == pytest.approx(sum(scores) / 5)
-    one_class = aggregate([{**r, "f1": 0.1} for r in results])
-    assert one_class["eigenscore_auroc"] is None
-    assert "both" in one_class["eigenscore_auroc_note"] and "all 5 answers" in one_class["eigenscore_auroc_note"]
+def sequence_logprob(model, prompt: list[int], answer: list[int]) -> float:
+    """Sum of log p(answer token | everything before) under ``model``, one unpadded sequence."""
+    with torch.inference_mode():
+        logits = model(torch.tensor([prompt + answer])).logits[0, len(prompt) - 1 : -1].double()
+    return float(logits.log_softmax(-1).gather(1, torch.tensor(answer)[:, None]).sum())
 
 
 def test_merge_rank_rows__every_question_once_in_test_order():
@@ -294,7 +311,7 @@ def test_writer__ddp_two_ranks_write_every_question_once(tiny_model_dir, truthfu
     results = json.loads((tmp_path / "ddp.json").read_text())["results"]
     dm.setup("predict")
     assert [r["question_id"] for r in results] == [r.id for r in dm.test_records[:5]]
-    assert all(r["eigenscore"] is not None and len(r["sampled_responses"]) == 2 for r in results)
+    assert all(r["answer_eigenscore"] is not None and len(r["sampled_responses"]) == 2 for r in results)
 
 
 def test_bf16_true__answers_and_finite_eigenscores_of_the_bf16_models_answer_embeddings(
@@ -329,5 +346,5 @@ def test_bf16_true__answers_and_finite_eigenscores_of_the_bf16_models_answer_emb
                 expected.append(module.model(sequence, output_hidden_states=True).hidden_states[layer][0, -1].float())
         expected = torch.stack(expected)
         assert (embeddings - expected).norm() / expected.norm() < 2**-6  # bf16 rounding of padded vs unpadded
-        assert math.isfinite(row["eigenscore"])
-        assert row["eigenscore"] == pytest.approx(numpy_eigenscore(embeddings, alpha=1e-3), rel=1e-4, abs=1e-4)
+        assert math.isfinite(row["answer_eigenscore"])
+        assert row["answer_eigenscore"] == pytest.approx(numpy_eigenscore(embeddings, alpha=1e-3), rel=1e-4, abs=1e-4)

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
+from neurolight.lightning_modules.send.detection_eval import auroc
 from neurolight.lightning_modules.send.qa_metrics import (
     EfficientEigenScore,
     EigenScore,
-    auroc,
     chebyshev_polynomials,
     efficient_eigenscore,
     eigenscore,
@@ -258,7 +258,7 @@ def test_truthfulqa_closer_to_correct__hand_case():
     assert not truthfulqa_closer_to_correct("You will get arthritis", correct, incorrect)
 
 
-def test_auroc__ranks_scores_without_sigmoid_saturation():
+def test_auroc__ranks_raw_scores_without_any_squashing():
     assert auroc(torch.tensor([0.1, 0.4, 0.35, 0.8]), torch.tensor([0, 0, 1, 1])) == pytest.approx(0.75)
     # Raw EigenScores far outside [0, 1]: a sigmoid would tie them all at 1.0 in float32 and give 0.5.
     assert auroc([100.0, 200.0, 300.0, 400.0], [False, True, False, True]) == pytest.approx(0.75)

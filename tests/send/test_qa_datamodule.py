@@ -119,6 +119,29 @@ def test_chat_template__masks_all_but_the_assistant_answer(tiny_model_dir, tiny_
     assert dm.tokenizer.decode(ids[trained[0] : sum(mask)]).strip() == f"{record.answer}</s>"
 
 
+def test_chat_template__used_by_default_where_the_tokenizer_has_one_and_off_on_request(
+    tiny_model_dir, tiny_tokenizer, tmp_path
+):
+    chat_dir = tmp_path / "chat-tokenizer"
+    tokenizer = type(tiny_tokenizer).from_pretrained(tiny_model_dir)
+    tokenizer.chat_template = _CHAT_TEMPLATE
+    tokenizer.save_pretrained(chat_dir)
+    path = write_jsonl(tmp_path / "tqa.jsonl", _qa_rows(10))
+    prompts = {}
+    for model, setting in ((chat_dir, None), (chat_dir, False), (tiny_model_dir, None)):
+        dm = QADataModule(dataset="triviaqa", data_path=str(path), model_name=str(model), use_chat_template=setting)
+        dm.setup("predict")
+        prompts[(model, setting)] = (dm.chat_template_used, dm.tokenizer.decode(dm.prompt_ids(dm.test_records[0])))
+    assert prompts[(chat_dir, None)][0] and prompts[(chat_dir, None)][1].startswith("<s>user: ")
+    assert prompts[(chat_dir, False)] == (False, prompts[(chat_dir, False)][1])
+    assert prompts[(chat_dir, False)][1].startswith("Question: ")  # the plain prompt_template, as the scripts did
+    assert prompts[(tiny_model_dir, None)][0] is False  # no template: the plain prompt, no error
+    with pytest.raises(ValueError, match="has no chat template"):
+        QADataModule(
+            dataset="triviaqa", data_path=str(path), model_name=str(tiny_model_dir), use_chat_template=True
+        ).setup("fit")
+
+
 def test_coqa__story_is_the_context_and_is_cut_to_fit_max_length(tiny_model_dir, tmp_path):
     rows = coqa_rows() * 4
     rows[0] = {**rows[0], "story": "The cat runs to the river. " * 60}

@@ -37,6 +37,26 @@ def test_sensitivity_scores__equal_a_numpy_computation_of_var_times_net_change()
     assert top.tolist() == sorted(np.argsort(-expected)[:2].tolist())
 
 
+def test_sensitivity__leaves_out_the_jump_the_drop_itself_makes_at_a_window_start():
+    # A demo-like history: small training drift, and at the first epoch of the window (epoch 2) dimension 0
+    # jumps by 400, as a massive-activation dimension does when the rows writing it are zeroed.
+    generator = torch.Generator().manual_seed(0)
+    epochs = [-1, 0, 1, 2, 3, 4, 5, 6]
+    history = torch.cumsum(0.1 * torch.randn(len(epochs), 5, 8, generator=generator), 0)
+    history[epochs.index(2) :, :, 0] += 400.0
+    callback = SensitiveNeuronDropout(identify_every_n_epochs=2, drop_epochs=3)
+    for last in range(len(epochs)):
+        callback.history, callback.history_epochs = history[: last + 1], epochs[: last + 1]
+        used = callback.sensitivity_history()
+        start = epochs.index(2) if epochs[last] >= 2 else 0  # the window's first epoch on; before it, everything
+        assert torch.equal(used, history[start : last + 1])
+    # At the next identification (after epoch 6), the dimension that jumped is not singled out by its jump.
+    scores = sensitivity_scores(callback.sensitivity_history(), 3)
+    assert scores.max() < 1 and scores[0] < scores.max()
+    across = sensitivity_scores(history, 3)  # compared across the window start, as before
+    assert across[0] > 1000 * scores.max() and across.argmax() == 0
+
+
 @pytest.mark.parametrize("bad", [0.0, 1.0, -0.1, 1.5])
 def test_sensitivity_threshold_outside_0_1__errors(bad):
     with pytest.raises(ValueError, match="strictly between 0 and 1"):

@@ -186,15 +186,15 @@ def test_bf16__window_holds_rows_at_zero_eigenscores_match_and_the_model_reloads
     assert probe.rows_abs_max[1] == [0.0, 0.0, 0.0] and probe.moments_abs_max[1] == [0.0, 0.0, 0.0]
     assert min(probe.rows_abs_max[2]) > 0
     with open(logger.log_dir + "/metrics.csv") as f:
-        rows = [row for row in csv.DictReader(f) if row.get("send/eigenscore")]
+        rows = [row for row in csv.DictReader(f) if row.get("send/tracking_eigenscore")]
     assert [float(row["send/dropped_neurons"]) for row in rows] == [0, round(0.25 * D_MODEL), 0]
     assert send.history.dtype == torch.float32 and send.history_epochs == [-1, 0, 1, 2]
     for row, embeddings in zip(rows, send.history[1:]):  # the logged scores are those of that epoch's embeddings
-        score, ees = float(row["send/eigenscore"]), float(row["send/ees"])
+        score, ees = float(row["send/tracking_eigenscore"]), float(row["send/tracking_ees"])
         assert np.isfinite(score) and np.isfinite(ees)
         expected = numpy_eigenscore(embeddings, alpha=1e-3)
         assert score == pytest.approx(expected, rel=1e-5) and ees == pytest.approx(expected, rel=1e-2)
-        assert float(row["send/ees_estimated"]) == 0.0  # a tiny tracking set: the exact score is cheaper
+        assert float(row["send/tracking_ees_estimated"]) == 0.0  # a tiny tracking set: the exact score is cheaper
 
     # Saved as trained, so nothing is rounded: bfloat16 for bf16-true, the float32 weights for bf16-mixed.
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "bf16")

@@ -52,6 +52,10 @@ __all__ = [
 ]
 
 
+EES_METHODS = ("auto", "slq", "kpm", "exact")
+"""The ``method`` values of ``efficient_eigenscore``."""
+
+
 def _lower_gram(a: Tensor, blocks: int = 8) -> Tensor:
     """Lower triangle of a a^T (upper part zero) by row blocks: (blocks + 1) / (2 blocks) of the flops of the full
     product, 9/16 at 8 blocks (torch has no syrk); Cholesky reads only the lower triangle."""
@@ -144,8 +148,8 @@ def efficient_eigenscore(
     that says which path ran.
     """
     z = _check_embeddings(embeddings)
-    if method not in ("auto", "slq", "kpm", "exact"):
-        raise ValueError(f"method={method!r}; choose 'auto', 'slq', 'kpm' or 'exact'")
+    if method not in EES_METHODS:
+        raise ValueError(f"method={method!r}; choose one of {', '.join(map(repr, EES_METHODS))}")
     if num_moments is not None and num_moments < 2:
         raise ValueError(f"num_moments={num_moments}; at least 2 Lanczos steps or Chebyshev moments are needed")
     op = _Covariance(z)

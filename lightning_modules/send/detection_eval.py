@@ -1,0 +1,194 @@
+"""Hallucination detection evaluated as INSIDE does (Chen et al., ICLR 2024, section 4.1 and Table 1): per detection
+method and per correctness label, the AUROC of the method's score for telling hallucinated answers from correct
+ones, with a bootstrap confidence interval and the class counts, and the Pearson correlation of the score with the
+continuous correctness score. Plain numpy; docs/send.md, Evaluating hallucination detection.
+
+Every method's score is oriented so that HIGHER means MORE LIKELY HALLUCINATED (``Method.sign``), and the
+positive class of every AUROC is "hallucinated".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
+
+import numpy as np
+
+
+class Method(NamedTuple):
+    """A per-question hallucination score stored in each answer of a predictions file."""
+
+    title: str
+    """Name in tables and plots."""
+    sign: float
+    """+1 when a higher stored value means more likely hallucinated, -1 when it means less likely."""
+    legacy_fields: tuple[str, ...] = ()
+    """Names the field had in files written by earlier versions."""
+
+
+METHODS: dict[str, Method] = {
+    "answer_eigenscore": Method("EigenScore", 1.0, ("eigenscore",)),
+    "answer_ees": Method("efficient EigenScore", 1.0),
+    "perplexity": Method("perplexity", 1.0),
+    "ln_entropy": Method("LN-entropy", 1.0),
+    "lexical_similarity": Method("lexical similarity", -1.0),
+    "energy": Method("energy", 1.0),
+}
+"""Answer field -> method; docs/send.md, Baselines, defines each."""
+
+
+class Label(NamedTuple):
+    """A correctness label: a continuous per-answer score and the rule that makes it correct / hallucinated."""
+
+    title: str
+    """Name in tables and plots."""
+    score_field: str
+    """The answer field with the continuous correctness score (higher = more correct), for the Pearson r."""
+    threshold_setting: str | None
+    """The setting that holds the threshold (``score >= threshold`` is correct); None: a fixed rule."""
+
+
+LABELS: dict[str, Label] = {
+    "f1": Label("F1", "f1", "hallucination_f1"),
+    "exact_match": Label("exact match", "exact_match", None),
+    "rouge_l": Label("ROUGE-L", "rouge_l", "hallucination_rouge_l"),
+    "truthfulqa": Label("TruthfulQA closer-to-correct", "truthfulqa_margin", None),
+    "judge": Label("judge", "judge_p_yes", None),
+}
+"""Label name -> label; the flags are each answer's ``hallucinated[name]`` (docs/send.md, Correctness labels)."""
+
+
+def auroc(scores: Sequence[float], hallucinated: Sequence[bool]) -> float:
+    """P(score of a hallucinated answer > score of a correct one), ties counting 1/2 (Mann-Whitney U / (m n)):
+    the area under the ROC curve with hallucinated as the positive class. Needs both classes."""
+    wins = _pairwise_wins(np.asarray(scores, dtype=np.float64), np.asarray(hallucinated, dtype=bool))
+    return float(wins.mean())
+
+
+def _pairwise_wins(scores: np.ndarray, positive: np.ndarray) -> np.ndarray:
+    """(m, n) float64: 1 where positive i outscores negative j, 1/2 for a tie, 0 otherwise."""
+    if positive.all() or not positive.any():
+        raise ValueError(f"AUROC needs both classes; all {len(positive)} labels are {bool(positive[0])}")
+    pos, neg = scores[positive][:, None], scores[~positive][None, :]
+    return (pos > neg) + 0.5 * (pos == neg)
+
+
+def bootstrap_auroc_interval(
+    scores: Sequence[float],
+    hallucinated: Sequence[bool],
+    num_resamples: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile interval of the AUROC over ``num_resamples`` stratified bootstrap resamples (the hallucinated and
+    the correct answers each resampled with replacement, keeping both counts, as pROC's ``ci.auc`` does).
+
+    A resample is a vector of counts c_p over the m hallucinated and c_n over the n correct answers, and its AUROC
+    is c_p^T W c_n / (m n) with W the pairwise-win matrix: every resample is exact, with no re-sorting.
+    """
+    if not 0 < level < 1:
+        raise ValueError(f"level={level} must lie strictly between 0 and 1 (0.95 = a 95% interval)")
+    if num_resamples < 1:
+        raise ValueError(f"num_resamples={num_resamples} must be at least 1")
+    wins = _pairwise_wins(np.asarray(scores, dtype=np.float64), np.asarray(hallucinated, dtype=bool))
+    m, n = wins.shape
+    rng = np.random.default_rng(seed)
+    counts_p = rng.multinomial(m, np.full(m, 1 / m), size=num_resamples).astype(np.float64)
+    counts_n = rng.multinomial(n, np.full(n, 1 / n), size=num_resamples).astype(np.float64)
+    values = ((counts_p @ wins) * counts_n).sum(1) / (m * n)
+    tail = (1 - level) / 2
+    low, high = np.quantile(values, [tail, 1 - tail])
+    return float(low), float(high)
+
+
+def roc_curve(scores: Sequence[float], hallucinated: Sequence[bool]) -> tuple[np.ndarray, np.ndarray]:
+    """False- and true-positive rates (each (thresholds + 1,), from (0, 0) to (1, 1)) as the threshold falls
+    through the distinct scores; tied scores move both rates at once, so the curve's area is ``auroc``."""
+    scores, positive = np.asarray(scores, dtype=np.float64), np.asarray(hallucinated, dtype=bool)
+    order = np.argsort(-scores, kind="stable")
+    scores, positive = scores[order], positive[order]
+    last_of_tie = np.r_[np.diff(scores) != 0, True]
+    tp, fp = np.cumsum(positive)[last_of_tie], np.cumsum(~positive)[last_of_tie]
+    return np.r_[0.0, fp / max(fp[-1], 1)], np.r_[0.0, tp / max(tp[-1], 1)]
+
+
+def pearson(x: Sequence[float], y: Sequence[float]) -> float | None:
+    """Pearson correlation; None where either side is constant (or fewer than 2 points)."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return None
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+class Settings(NamedTuple):
+    """How the detection table is computed."""
+
+    min_class_size: int = 10
+    """Fewest hallucinated and fewest correct answers a label needs before an AUROC is reported."""
+    num_resamples: int = 1000
+    """Bootstrap resamples of the confidence interval."""
+    level: float = 0.95
+    """Confidence level of the interval."""
+    seed: int = 0
+    """Seed of the bootstrap."""
+
+
+def method_scores(row: Mapping, method: str) -> float | None:
+    """The stored value of ``method`` in one answer (under its current or a legacy name), or None."""
+    for field in (method, *METHODS[method].legacy_fields):
+        value = row.get(field)
+        if value is not None:
+            return float(value)
+    return None
+
+
+def class_counts(rows: Sequence[Mapping], label: str) -> dict[str, int]:
+    """Answers with a flag under ``label``: how many are hallucinated and how many correct."""
+    flags = [row["hallucinated"][label] for row in rows if label in (row.get("hallucinated") or {})]
+    return {"hallucinated": int(sum(flags)), "correct": len(flags) - int(sum(flags))}
+
+
+def shortfall(counts: Mapping[str, int], min_class_size: int) -> str | None:
+    """Why an AUROC would not be supported by these class counts, or None when both classes are large enough."""
+    for name in ("correct", "hallucinated"):
+        if counts[name] < min_class_size:
+            return f"not enough {name} answers (n = {counts[name]}, fewer than {min_class_size})"
+    return None
+
+
+def evaluate(rows: Sequence[Mapping], method: str, label: str, settings: Settings | None = None) -> dict:
+    """One cell of the table: ``auroc``, ``ci_low``, ``ci_high`` (None with a ``note`` where a class has fewer than
+    ``min_class_size`` answers), ``pearson`` (of minus the oriented score, a confidence, with the label's
+    continuous correctness score: a useful detector has a positive r, as in INSIDE's Table 1), and the class counts
+    over the answers that have both the method's score and the label (``settings``: default ``Settings()``)."""
+    settings = settings or Settings()
+    sign, score_field = METHODS[method].sign, LABELS[label].score_field
+    usable = [
+        row for row in rows if method_scores(row, method) is not None and label in (row.get("hallucinated") or {})
+    ]
+    counts = class_counts(usable, label)
+    cell: dict = {"n_hallucinated": counts["hallucinated"], "n_correct": counts["correct"]}
+    cell |= {"auroc": None, "ci_low": None, "ci_high": None, "pearson": None, "note": None}
+    if not usable:
+        cell["note"] = "no answers with this score and label"
+        return cell
+    scores = [sign * method_scores(row, method) for row in usable]
+    continuous = [row.get(score_field) for row in usable]
+    if all(value is not None for value in continuous):
+        cell["pearson"] = pearson([-score for score in scores], [float(value) for value in continuous])
+    cell["note"] = shortfall(counts, settings.min_class_size)
+    if cell["note"] is None:
+        flags = [row["hallucinated"][label] for row in usable]
+        cell["auroc"] = auroc(scores, flags)
+        cell["ci_low"], cell["ci_high"] = bootstrap_auroc_interval(
+            scores, flags, settings.num_resamples, settings.level, settings.seed
+        )
+    return cell
+
+
+def detection_table(rows: Sequence[Mapping], settings: Settings | None = None) -> dict[str, dict[str, dict]]:
+    """``evaluate`` for every method some answer has, under every label some answer has: {method: {label: cell}}."""
+    settings = settings or Settings()
+    methods = [m for m in METHODS if any(method_scores(row, m) is not None for row in rows)]
+    labels = [name for name in LABELS if any(name in (row.get("hallucinated") or {}) for row in rows)]
+    return {method: {label: evaluate(rows, method, label, settings) for label in labels} for method in methods}
