@@ -151,3 +151,16 @@ def test_harvest__with_position_0_kept_every_position_is_a_row(tmp_path, cache_c
     assert torch.equal(torch.from_numpy(reader.read(TINY_SITES[1], 0, reader.num_rows)), expected)
     context, position = reader.row_location(np.array([0, 9, 10, 119]))
     assert context.tolist() == [0, 0, 1, 11] and position.tolist() == [0, 9, 0, 9]
+
+
+def test_harvest__residual_stream_sites_equal_the_direct_harvest(tmp_path, cache_corpus, tiny_model_dir, tiny_model):
+    sites = ["layers.1.resid_pre", "layers.0.resid_post", "layers.1.resid_post"]
+    out = harvest_tiny(tmp_path / "resid", cache_corpus, tiny_model_dir, sites=sites, num_contexts=16)
+    reader = ActivationCache(out)
+    ids = TokenizedCorpus(cache_corpus).batch(range(16))
+    for site in sites:
+        reader.open(site)
+        rows = torch.from_numpy(reader.read(site, 0, reader.num_rows))
+        assert torch.equal(rows, direct_harvest(tiny_model, site, ids).reshape(-1, 64)), site
+    # The residual stream entering layer 1 is the one leaving layer 0.
+    assert torch.equal(torch.from_numpy(reader.read(sites[0], 0, 30)), torch.from_numpy(reader.read(sites[1], 0, 30)))
