@@ -28,7 +28,7 @@ import numpy as np
 import scipy.fft
 import torch
 
-from neurolight.lightning_modules.send.qa_metrics import efficient_eigenscore, eigenscore
+from neurolight.lightning_modules.send.eigenscore import efficient_eigenscore, eigenscore
 
 FAMILIES = ("gaussian", "power-law", "outliers", "rank-deficient")
 

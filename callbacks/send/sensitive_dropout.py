@@ -324,7 +324,7 @@ class SensitiveNeuronDropout(pl.Callback):
         dropped = len(self.sensitive) if self.schedule(epoch).drop and self.sensitive is not None else 0
         metrics = {"send/dropped_neurons": float(dropped)}
         if self.log_eigenscore:
-            from neurolight.lightning_modules.send.qa_metrics import efficient_eigenscore, eigenscore
+            from neurolight.lightning_modules.send.eigenscore import efficient_eigenscore, eigenscore
 
             metrics["send/tracking_eigenscore"] = float(eigenscore(embeddings, alpha=self.alpha))
             ees = efficient_eigenscore(embeddings, alpha=self.alpha, seed=0, return_info=True)

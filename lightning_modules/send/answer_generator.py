@@ -39,8 +39,8 @@ from neurolight.lightning_modules.send.detection_scores import (
     scored_lengths,
     token_statistics,
 )
+from neurolight.lightning_modules.send.eigenscore import efficient_eigenscore, eigenscore
 from neurolight.lightning_modules.send.eigenscore.score import EES_METHODS
-from neurolight.lightning_modules.send.qa_metrics import efficient_eigenscore, eigenscore
 
 
 class StopTokens(NamedTuple):

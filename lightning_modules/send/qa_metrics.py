@@ -13,28 +13,15 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.functional.text import squad as _tm_squad
 
-from neurolight.lightning_modules.send.eigenscore import (
-    EigenScoreEstimate,
-    chebyshev_polynomials,
-    efficient_eigenscore,
-    eigenscore,
-    jackson_damping,
-    seeded_generator,
-    spectral_upper_bound,
-)
+# The EigenScore math lives in (and is exported from) send.eigenscore; these Metrics only aggregate it.
+from neurolight.lightning_modules.send.eigenscore import efficient_eigenscore, eigenscore, seeded_generator
 
 __all__ = [
     "EfficientEigenScore",
     "EigenScore",
-    "EigenScoreEstimate",
-    "chebyshev_polynomials",
-    "efficient_eigenscore",
-    "eigenscore",
     "exact_match",
-    "jackson_damping",
     "rouge_l",
     "rouge_l_tokens",
-    "spectral_upper_bound",
     "token_f1",
     "truthfulqa_closer_to_correct",
     "truthfulqa_margin",

@@ -9,9 +9,9 @@ import math
 import pytest
 import torch
 
+from neurolight.lightning_modules.send.eigenscore import efficient_eigenscore, eigenscore
 from neurolight.lightning_modules.send.eigenscore.covariance import _Covariance
 from neurolight.lightning_modules.send.eigenscore.deflation import _Deflated
-from neurolight.lightning_modules.send.qa_metrics import efficient_eigenscore, eigenscore
 
 ALPHA = 1e-3
 

@@ -24,7 +24,7 @@ from neurolight.lightning_modules.send.answer_generator import (
     first_stop,
     stop_tokens,
 )
-from neurolight.lightning_modules.send.qa_metrics import eigenscore
+from neurolight.lightning_modules.send.eigenscore import eigenscore
 
 # TruthfulQA-schema rows; the canned answer to each question tests one scoring case.
 TRUTHFULQA = [

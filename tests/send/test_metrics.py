@@ -14,15 +14,17 @@ import pytest
 import torch
 
 from neurolight.lightning_modules.send.detection_eval import auroc
-from neurolight.lightning_modules.send.qa_metrics import (
-    EfficientEigenScore,
-    EigenScore,
+from neurolight.lightning_modules.send.eigenscore import (
     chebyshev_polynomials,
     efficient_eigenscore,
     eigenscore,
-    exact_match,
     jackson_damping,
     spectral_upper_bound,
+)
+from neurolight.lightning_modules.send.qa_metrics import (
+    EfficientEigenScore,
+    EigenScore,
+    exact_match,
     token_f1,
     truthfulqa_closer_to_correct,
 )
