@@ -76,7 +76,8 @@ class DeadLatentResampler(pl.Callback):
             self.fired[name] = fired.clone() if name not in self.fired else self.fired[name].to(fired.device) + fired
         if self.method == "anthropic":
             first = units[0][1]
-            self.inputs_scale = float(first.activation_scale)
+            if self.inputs_scale is None:  # fixed once estimated; float() of a CUDA tensor would sync every step
+                self.inputs_scale = float(first.activation_scale)
             self._remember(first.normalize(first.batch_activations(batch)).detach())
         step = trainer.global_step
         if step % self.interval == 0 and (self.last_step is None or step <= self.last_step):
