@@ -118,7 +118,5 @@ class LineProgress(ProgressBar):
     def on_predict_end(self, trainer, pl_module) -> None:
         self._line(trainer, "predict", self._done, self._predict_total(trainer), final=True)
 
-    @staticmethod
-    def _predict_total(trainer) -> int | float:
-        totals = trainer.num_predict_batches  # one per dataloader (the latent sampler has two passes)
-        return sum(totals) if all(isinstance(n, int) for n in totals) else float("inf")
+    def _predict_total(self, trainer) -> int | float:
+        return self._eval_total(trainer.num_predict_batches)  # one per dataloader (the latent sampler has two passes)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from neurolight.datamodules.llm.hooked import HookPoint, StopForward
+from neurolight.datamodules.llm.hooked import HookPoint, StopForward, module_input
 
 
 @torch.no_grad()
@@ -34,7 +34,11 @@ def capture_sites(model: nn.Module, sites: Sequence[HookPoint], input_ids: Tenso
         for index, site in enumerate(sites):
             record = reader(index)
             if site.reads_input:
-                handles.append(site.module.register_forward_pre_hook(lambda _m, args, r=record: r(args)))
+                handles.append(
+                    site.module.register_forward_pre_hook(
+                        lambda _m, args, kwargs, r=record: r(module_input(args, kwargs)), with_kwargs=True
+                    )
+                )
             else:
                 handles.append(site.module.register_forward_hook(lambda _m, _a, out, r=record: r(out)))
         model(input_ids=input_ids, use_cache=False)

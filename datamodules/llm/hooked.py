@@ -110,7 +110,7 @@ def _replace_first(value, replacement: Tensor):
 _INPUT_KEYWORDS = ("hidden_states", "input", "x")
 
 
-def _input_of(args: tuple, kwargs: dict) -> Tensor:
+def module_input(args: tuple, kwargs: dict) -> Tensor:
     """The first input of a module call, positional or by keyword."""
     if args:
         return args[0]
@@ -290,7 +290,7 @@ class HookedLLM:
         module = self.hook_point.module
         if self.hook_point.reads_input:
             handle = module.register_forward_pre_hook(
-                lambda _m, args, kwargs: capture(_input_of(args, kwargs)), with_kwargs=True
+                lambda _m, args, kwargs: capture(module_input(args, kwargs)), with_kwargs=True
             )
         else:
             handle = module.register_forward_hook(lambda _m, _args, output: capture(output))

@@ -288,9 +288,15 @@ class SparseAutoencoderModule(pl.LightningModule):
         optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.learning_rate, betas=self.hparams.adam_betas)
         if not self.hparams.lr_warmup_steps:
             return optimizer
-        warmup = self.hparams.lr_warmup_steps
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup(self.hparams.lr_warmup_steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def linear_warmup(steps: int):
+    """The learning-rate factor of step ``step``: rising linearly to 1 over ``steps`` steps (0: 1 from the start)."""
+    if not steps:
+        return lambda step: 1.0
+    return lambda step: min(1.0, (step + 1) / steps)
 
 
 def init_args_from_checkpoint(hyperparameters: dict) -> dict:

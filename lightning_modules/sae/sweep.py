@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from neurolight.lightning_modules.sae.architectures import Architecture, TopK, build_architecture
-from neurolight.lightning_modules.sae.module import SparseAutoencoderModule
+from neurolight.lightning_modules.sae.module import SparseAutoencoderModule, linear_warmup
 
 
 @dataclass
@@ -147,7 +147,7 @@ class SparseAutoencoderSweep(pl.LightningModule):
         optimizer = torch.optim.Adam(groups, betas=self.hparams.adam_betas)
         if not any(warmups):
             return optimizer
-        schedules = [_warmup(steps) for steps in warmups]
+        schedules = [linear_warmup(steps) for steps in warmups]
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedules)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -160,12 +160,6 @@ class SparseAutoencoderSweep(pl.LightningModule):
     def unit_outputs(outputs: dict) -> dict[str, dict]:
         """Each member's ``training_step`` output, by name, from the sweep's."""
         return outputs["units"]
-
-
-def _warmup(steps: int):
-    if not steps:
-        return lambda step: 1.0
-    return lambda step: min(1.0, (step + 1) / steps)
 
 
 def member_config(member: SweepMember) -> dict:
