@@ -136,21 +136,24 @@ class SaeCheckpoint(FolderHolder, Callback):
         if trainer.is_global_zero:
             if tokens > 0:  # a checkpoint written with no step since the last one has no window to show
                 for unit, fired in counts.items():
-                    picture = f"{name}_{unit}_feature_density.png" if unit else f"{name}_feature_density.png"
-                    plot_feature_density(fired, tokens, directory / picture, trainer.global_step)
+                    plot_feature_density(fired, tokens, directory / _picture(name, unit), trainer.global_step)
             self.written.append(str(path))
 
     def summary(self, trainer) -> str:
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if isinstance(v, Tensor) and v.numel() == 1}
         lines = ["", "SAE training finished"]
+        units = list(self.fired) if self.fired else [""]  # a sweep's members, or "" for one SAE
         if self.written:
             last = Path(self.written[-1])
-            lines += [f"  checkpoint: {last}", f"  histogram:  {last.with_name(last.stem + '_feature_density.png')}"]
+            lines.append(f"  checkpoint: {last}")
+            lines += [f"  histogram:  {last.with_name(_picture(last.stem, unit))}" for unit in units]
         if trainer.logger is not None and trainer.logger.log_dir:
             lines.append(f"  metrics:    {trainer.logger.log_dir}")
-        for key in ("train/l0", "train/explained_variance", "val/explained_variance", "val/ce_loss_recovered"):
-            if key in metrics:
-                lines.append(f"  {key}: {metrics[key]:.4g}")
+        for unit in units:
+            prefix = f"{unit}/" if unit else ""
+            for key in ("train/l0", "train/explained_variance", "val/explained_variance", "val/ce_loss_recovered"):
+                if prefix + key in metrics:
+                    lines.append(f"  {prefix}{key}: {metrics[prefix + key]:.4g}")
         return "\n".join(lines)
 
     def state_dict(self) -> dict:
@@ -161,6 +164,11 @@ class SaeCheckpoint(FolderHolder, Callback):
         fired = state["fired"]
         self.fired = {"": fired} if isinstance(fired, Tensor) else fired  # a Tensor: written before sweeps
         self.tokens = state["tokens"]
+
+
+def _picture(checkpoint: str, unit: str) -> str:
+    """The histogram's file name beside checkpoint ``checkpoint`` (its stem), for member ``unit`` ("" for one SAE)."""
+    return f"{checkpoint}_{unit}_feature_density.png" if unit else f"{checkpoint}_feature_density.png"
 
 
 def plot_feature_density(fired: Tensor, tokens: float, path: Path, step: int) -> Path:

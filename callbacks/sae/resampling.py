@@ -1,13 +1,14 @@
 """DeadLatentResampler: give latents that stopped firing a new direction, on a fixed step schedule.
 
-Needs a LightningModule with ``sae`` (a SparseAutoencoder), ``batch_activations(batch)``, ``normalize(x)``,
+Needs a LightningModule with ``sae`` (a SparseAutoencoder), ``activations(batch)``, ``normalize(x)``,
 ``reset_latent_statistics(dead)`` and a ``training_step`` that returns ``fired`` (per-latent firing counts of the step,
 summed over ranks), as SparseAutoencoderModule does. What to reset besides the encoder and decoder (JumpReLU's
 thresholds, BatchTopK's running threshold) the SAE's architecture says (``Architecture.resample_resets``).
 
 In a ``SparseAutoencoderSweep`` each member is resampled as a single SAE would be: its own firing counts, its own
-generator (seeded alike, so a member draws what its separate fit would), the same recent inputs in its own
-normalisation (the inputs are kept as the first member normalises them and rescaled for the others).
+generator (seeded alike, so a member draws what its separate fit would), the recent inputs of its site in its own
+normalisation (each site's inputs are kept as the first member reading it normalises them, and rescaled for the
+others).
 """
 
 from __future__ import annotations
@@ -59,8 +60,10 @@ class DeadLatentResampler(pl.Callback):
         self.seed = seed
         self.generators: dict[str, torch.Generator] = {}  # per SAE ("" for a single one), made on first use
         self.fired: dict[str, Tensor] = {}
-        self.inputs: Tensor | None = None  # ring buffer of recent inputs normalised by the first SAE (anthropic)
-        self.inputs_scale: float | None = None  # that normalisation scalar
+        # Per site ("" for SAEs that name none): ring buffer of recent inputs normalised by the first SAE reading it
+        # (anthropic), and that normalisation scalar.
+        self.inputs: dict[str, Tensor] = {}
+        self.inputs_scale: dict[str, float] = {}
         self.inputs_seen = 0
         self.history: list[dict] = []
 
@@ -75,22 +78,27 @@ class DeadLatentResampler(pl.Callback):
             fired = output["fired"].detach()
             self.fired[name] = fired.clone() if name not in self.fired else self.fired[name].to(fired.device) + fired
         if self.method == "anthropic":
-            first = units[0][1]
-            if self.inputs_scale is None:  # fixed once estimated; float() of a CUDA tensor would sync every step
-                self.inputs_scale = float(first.activation_scale)
-            self._remember(first.normalize(first.batch_activations(batch)).detach())
+            readers = {}  # the first SAE reading each site
+            for _, unit, _ in units:
+                readers.setdefault(_site(unit), unit)
+            for site, unit in readers.items():
+                if site not in self.inputs_scale:  # fixed once estimated; float() of a CUDA tensor syncs every step
+                    self.inputs_scale[site] = float(unit.activation_scale)
+                x = unit.normalize(unit.activations(batch)).detach()[-self.num_inputs :]
+                self._remember(site, x)
+            self.inputs_seen += len(x)  # the same rows (tokens) of every site
         step = trainer.global_step
         if step % self.interval == 0 and (self.last_step is None or step <= self.last_step):
             for name, unit, _ in units:
                 self.resample(trainer, unit, name)
 
-    def _remember(self, x: Tensor) -> None:
-        if self.inputs is None:
-            self.inputs = torch.zeros(self.num_inputs, x.shape[1], dtype=x.dtype, device=x.device)
-        x = x[-self.num_inputs :]
+    def _remember(self, site: str, x: Tensor) -> None:
+        """Write this step's inputs of ``site`` into its ring buffer (``inputs_seen`` is counted once a step)."""
+        if site not in self.inputs:
+            self.inputs[site] = torch.zeros(self.num_inputs, x.shape[1], dtype=x.dtype, device=x.device)
+        inputs = self.inputs[site]
         slots = (self.inputs_seen + torch.arange(len(x))) % self.num_inputs
-        self.inputs[slots.to(self.inputs.device)] = x.to(self.inputs.device)
-        self.inputs_seen += len(x)
+        inputs[slots.to(inputs.device)] = x.to(inputs.device)
 
     # ------------------------------------------------------------------------------------------ resampling
     def generator(self, name: str = "") -> torch.Generator:
@@ -146,11 +154,12 @@ class DeadLatentResampler(pl.Callback):
         available = min(self.inputs_seen, self.num_inputs)
         if available == 0:
             raise RuntimeError("anthropic resampling needs training inputs, but none were seen in this interval")
-        sae = pl_module.sae
-        inputs = self.inputs[:available].to(b_dec.device, sae.W_enc.dtype)
+        sae, site = pl_module.sae, _site(pl_module)
+        inputs = self.inputs[site][:available].to(b_dec.device, sae.W_enc.dtype)
         scale = float(pl_module.activation_scale)
-        if self.inputs_scale is not None and scale != self.inputs_scale:  # a sweep member with its own scalar
-            inputs = inputs * (scale / self.inputs_scale)
+        kept_at = self.inputs_scale.get(site, scale)  # (checkpoints of before sweeps did not record it)
+        if scale != kept_at:  # a sweep member with its own scalar
+            inputs = inputs * (scale / kept_at)
         x_hat = sae(inputs).x_hat
         weights = (inputs - x_hat).float().pow(2).sum(1).pow(2)  # loss squared (Towards Monosemanticity)
         if weights.sum() <= 0:
@@ -163,8 +172,8 @@ class DeadLatentResampler(pl.Callback):
         return {
             "generators": {name: generator.get_state() for name, generator in self.generators.items()},
             "fired": {name: fired.cpu() for name, fired in self.fired.items()},
-            "inputs": None if self.inputs is None else self.inputs.cpu(),
-            "inputs_scale": self.inputs_scale,
+            "inputs": {site: inputs.cpu() for site, inputs in self.inputs.items()},
+            "inputs_scale": dict(self.inputs_scale),
             "inputs_seen": self.inputs_seen,
             "history": list(self.history),
         }
@@ -176,10 +185,17 @@ class DeadLatentResampler(pl.Callback):
         for name, generator_state in state["generators"].items():
             self.generator(name).set_state(generator_state)
         self.fired = dict(state["fired"])
-        self.inputs = state["inputs"]
-        self.inputs_scale = state.get("inputs_scale")
+        inputs, scale = state["inputs"], state.get("inputs_scale")
+        if not isinstance(inputs, dict):  # written before sweeps over sites: one site, ""
+            inputs, scale = ({} if inputs is None else {"": inputs}), ({} if scale is None else {"": scale})
+        self.inputs, self.inputs_scale = dict(inputs), dict(scale or {})
         self.inputs_seen = state["inputs_seen"]
         self.history = list(state["history"])
+
+
+def _site(unit) -> str:
+    """The site an SAE module reads, "" where it names none (its data module's only site)."""
+    return unit.hparams.get("site") or ""
 
 
 def _reset(tensor: Tensor, dead: Tensor, value: float) -> Tensor:

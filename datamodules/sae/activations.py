@@ -2,7 +2,9 @@
 
 Training batches are (batch_size_autoencoder, d_in) raw activations (the SAE module applies its normalisation
 scalar); validation batches are (batch, num_tokens) token ids, so the module can splice its reconstruction back
-into the LLM (``hooked_llm``) and measure the downstream loss.
+into the LLM (``hooked_llm_at(site)``) and measure the downstream loss. Given ``sites``, one forward pass reads them
+all (stopped after the deepest) and training batches are ``{site: (batch_size_autoencoder, d_site)}``, the rows of
+the same tokens, mixed together: what a sweep over sites trains on (docs/sae.md, Sweeps over sites).
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
+from neurolight.datamodules.llm.capture import capture_sites
 from neurolight.datamodules.llm.hooked import HOOK_POINTS, HookedLLM
 from neurolight.datamodules.sae.activation_buffer import ActivationBuffer
+from neurolight.datamodules.sae.activation_cache import parse_site, site_name
 from neurolight.datamodules.sae.tokenized_corpus import TokenizedCorpus
 
 
@@ -60,6 +64,7 @@ class ActivationDataModule(pl.LightningDataModule):
         val_batch_size: int = 8,
         checkpoint_buffer: bool = True,
         seed: int = 0,
+        sites: list[str] | None = None,
     ) -> None:
         """
         Args:
@@ -99,6 +104,10 @@ class ActivationDataModule(pl.LightningDataModule):
             checkpoint_buffer: Save the buffer contents in checkpoints so a resumed run continues exactly;
                 off saves memory and disk, and a resume then refills the buffer from the corpus position.
             seed: Seed of corpus order and buffer mixing.
+            sites: Several sites to read in each forward pass instead of ``layer_type`` / ``layer_id``, named as
+                ``neurolight-harvest`` names them (``[layers.15.mlp_sublayer, layers.10.resid_post]``); batches are
+                then ``{site: activations}`` and each SAE names the site it reads (``SweepMember.site``). The forward
+                is the hooked one, stopped after the deepest site (``compile_llm`` applies to one site only).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -109,7 +118,22 @@ class ActivationDataModule(pl.LightningDataModule):
             "resid_pre": resid_pre_hookpoint,
             "resid_post": resid_post_hookpoint,
         }
+        if sites is not None:
+            if not sites:
+                raise ValueError("sites is empty; name at least one site, or leave it out to use layer_type/layer_id")
+            for name in sites:
+                parse_site(name)  # raises on a malformed name
+            if duplicates := sorted({name for name in sites if sites.count(name) > 1}):
+                raise ValueError(f"sites names {', '.join(duplicates)} more than once; list every site once")
+            if compile_llm:
+                raise ValueError(
+                    "compile_llm compiles the forward up to one site; with several sites set compile_llm: false "
+                    "(or train each site from an activation cache: neurolight-harvest)"
+                )
+            # The checkpoint then records no single site of the data module: each SAE records its own.
+            self.hparams.update(layer_id=None, layer_type=None)
         self.hooked_llm: HookedLLM | None = None
+        self.hooked_llms: dict[str, HookedLLM] = {}  # by site
         self.buffer: ActivationBuffer | None = None
         self.corpus: TokenizedCorpus | None = None
         self._pass, self._position = 0, 0  # corpus pass and position within this rank's order
@@ -140,14 +164,12 @@ class ActivationDataModule(pl.LightningDataModule):
         device = torch.device(hp.device_llm) if hp.device_llm else self._trainer_device()
         model = load_causal_lm(hp.model_name, dtype=dtype_from_name(hp.llm_dtype, "llm_dtype"), device=device)
         self.corpus.validate(model.get_input_embeddings().num_embeddings)
-        self.hooked_llm = HookedLLM(
-            model,
-            hp.layer_type,
-            hp.layer_id,
-            self.hook_points,
-            compile=hp.compile_llm,
-            compile_mode=hp.llm_compile_mode,
-        )
+        for site in self.site_names:
+            layer_type, layer_id = parse_site(site)
+            compile = hp.compile_llm and not hp.sites
+            hooked = HookedLLM(model, layer_type, layer_id, self.hook_points, compile, hp.llm_compile_mode)
+            self.hooked_llms[site] = hooked
+        self.hooked_llm = next(iter(self.hooked_llms.values())) if not hp.sites else None
         self.buffer = ActivationBuffer(
             capacity=hp.num_batches_preload * hp.batch_size_autoencoder,
             batch_size=hp.batch_size_autoencoder,
@@ -166,8 +188,29 @@ class ActivationDataModule(pl.LightningDataModule):
         return self.trainer.global_rank, self.trainer.world_size
 
     @property
+    def site_names(self) -> list[str]:
+        """The sites served: ``sites``, or the one of ``layer_type`` / ``layer_id``."""
+        hp = self.hparams
+        return list(hp.sites) if hp.sites else [site_name(hp.layer_type, hp.layer_id)]
+
+    @property
+    def site_widths(self) -> dict[str, int]:
+        """The width (d_in) of each site served, in the order of ``site_names``."""
+        return {site: hooked.d_in for site, hooked in self.hooked_llms.items()}
+
+    @property
     def d_in(self) -> int:
-        return self.hooked_llm.d_in
+        if len(self.hooked_llms) != 1:
+            raise AttributeError(f"d_in: this data module serves {len(self.hooked_llms)} sites; see site_widths")
+        return next(iter(self.hooked_llms.values())).d_in
+
+    def hooked_llm_at(self, site: str | None = None) -> HookedLLM:
+        """The LLM hooked at ``site`` (default: the only site), for validation's splicing."""
+        if site is None and len(self.hooked_llms) == 1:
+            return next(iter(self.hooked_llms.values()))
+        if site not in self.hooked_llms:
+            raise ValueError(f"this data module serves {', '.join(self.hooked_llms)}, not {site}")
+        return self.hooked_llms[site]
 
     @property
     def num_train_contexts(self) -> int:
@@ -194,20 +237,39 @@ class ActivationDataModule(pl.LightningDataModule):
         return ids[:, : self.hparams.num_tokens]
 
     def _produce(self) -> Tensor:
-        acts = self.hooked_llm.harvest(self._next_contexts())
+        """The next contexts' activations, (tokens, d_in); with several sites, their rows side by side."""
+        contexts = self._next_contexts()
+        if self.hooked_llm is not None:
+            acts = self.hooked_llm.harvest(contexts)
+        else:
+            hooked = list(self.hooked_llms.values())
+            model = hooked[0].model
+            acts = torch.cat(capture_sites(model, [h.hook_point for h in hooked], contexts.to(hooked[0].device)), -1)
         if self.hparams.exclude_first_position:
             acts = acts[:, 1:]
         return acts.reshape(-1, acts.shape[-1])
 
-    def _next_train_batch(self) -> Tensor:
+    def _next_train_batch(self) -> Tensor | dict[str, Tensor]:
         batch = self._replay.popleft() if self._replay else self.buffer.next_batch()
         self._served += 1
         self._recent.append(batch)
-        return batch
+        return self._by_site(batch)
 
-    def mean_activation_norm(self) -> float:
-        """Mean L2 norm of the activations in the (filled) buffer; these rows are still served afterwards."""
-        return self.buffer.peek().float().norm(dim=1).mean().item()
+    def _by_site(self, rows: Tensor) -> Tensor | dict[str, Tensor]:
+        """Buffer rows as a batch: the rows themselves for one site, ``{site: its columns}`` for several."""
+        if self.hooked_llm is not None:
+            return rows
+        widths = self.site_widths
+        return dict(zip(widths, rows.split(list(widths.values()), dim=-1)))
+
+    def mean_activation_norm(self, site: str | None = None) -> float:
+        """Mean L2 norm of the activations of ``site`` (default: the only one) in the (filled) buffer; these rows
+        are still served afterwards."""
+        rows = self.buffer.peek()
+        if self.hooked_llm is None:
+            self.hooked_llm_at(site)  # raises unless site is one of the sites
+            rows = self._by_site(rows)[site]
+        return rows.float().norm(dim=1).mean().item()
 
     # -------------------------------------------------------------------------------------------- loaders
     def train_dataloader(self) -> DataLoader:

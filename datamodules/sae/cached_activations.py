@@ -9,7 +9,8 @@ cache): each pass (epoch) permutes the blocks of ``block_rows`` consecutive trai
 ``shuffle_rows`` rows at a time and serves that window's rows in a random order. Every training row is served
 exactly once per pass over all ranks, memory holds one window, and a resumed fit needs only the count of
 batches served to continue at the right row. Validation batches are the rows of the last ``val_contexts``
-contexts, never trained on; without an LLM the SAE module reports the activation-space metrics on them.
+contexts, never trained on; without an LLM the SAE module reports the activation-space metrics on them. Given
+``sites``, every batch is ``{site: rows}``: the same rows (tokens) of each site, for a sweep over sites.
 """
 
 from __future__ import annotations
@@ -54,16 +55,16 @@ class _TrainStream(IterableDataset):
 
 
 class _ValidationRows(Dataset):
-    def __init__(self, cache: ActivationCache, site: str, start: int, stop: int, batch_rows: int) -> None:
-        self.cache, self.site, self.start, self.stop, self.batch_rows = cache, site, start, stop, batch_rows
+    def __init__(self, datamodule: CachedActivationDataModule, start: int, stop: int, batch_rows: int) -> None:
+        self.datamodule, self.start, self.stop, self.batch_rows = datamodule, start, stop, batch_rows
 
     def __len__(self) -> int:
         return -(-(self.stop - self.start) // self.batch_rows)
 
-    def __getitem__(self, index: int) -> Tensor:
+    def __getitem__(self, index: int) -> Tensor | dict[str, Tensor]:
         start = self.start + index * self.batch_rows
-        rows = self.cache.read(self.site, start, min(start + self.batch_rows, self.stop))
-        return to_tensor(rows, self.cache.dtype)
+        cache, stop = self.datamodule.cache, min(start + self.batch_rows, self.stop)
+        return self.datamodule.as_batch({site: cache.read(site, start, stop) for site in self.datamodule.sites})
 
 
 class CachedActivationDataModule(pl.LightningDataModule):
@@ -80,6 +81,7 @@ class CachedActivationDataModule(pl.LightningDataModule):
         val_batch_size: int = 1024,
         verify_checksums: bool = True,
         seed: int = 0,
+        sites: list[str] | None = None,
     ) -> None:
         """
         Args:
@@ -99,6 +101,9 @@ class CachedActivationDataModule(pl.LightningDataModule):
                 site once; a damaged shard is named). Off for caches too large to read at every start: sizes and
                 headers are checked either way.
             seed: Seed of the block permutation and the window shuffles.
+            sites: Several of the cache's sites to serve together instead of ``layer_type`` / ``layer_id``
+                (``[layers.15.mlp_sublayer, layers.10.resid_post]``): every batch is then ``{site: rows}``, the
+                same rows of each, and each SAE names the site it reads (``SweepMember.site``).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -106,8 +111,16 @@ class CachedActivationDataModule(pl.LightningDataModule):
                      val_batch_size=val_batch_size)  # fmt: skip
         if bad := [f"{name}={value}" for name, value in sizes.items() if value < 1]:
             raise ValueError(f"{', '.join(bad)}: must be at least 1")
+        if sites is not None and (not sites or layer_id is not None or layer_type is not None):
+            raise ValueError(
+                "give either sites (a non-empty list) or layer_id and layer_type, not both"
+                if sites
+                else "sites is empty; name at least one site, or leave it out"
+            )
+        if sites and (duplicates := sorted({name for name in sites if sites.count(name) > 1})):
+            raise ValueError(f"sites names {', '.join(duplicates)} more than once; list every site once")
         self.cache: ActivationCache | None = None
-        self.site: str | None = None
+        self.sites: list[str] = []
         self.train_rows = 0
         self.consumed = 0  # training batches consumed in this run's stream (restored on resume)
         self.first_pass = 0  # the pass the stream starts at (a resume with another layout starts a new one)
@@ -119,7 +132,7 @@ class CachedActivationDataModule(pl.LightningDataModule):
         hp = self.hparams
         cache = ActivationCache(hp.cache_path)
         manifest = cache.manifest
-        self.site = self._choose_site(cache)
+        self.sites = self._choose_sites(cache)
         if hp.model_name is not None and model_id(hp.model_name) != manifest["model"]:
             raise ValueError(
                 f"activation cache {cache.path} was harvested from {manifest['model_name']} ({manifest['model']}), "
@@ -134,14 +147,16 @@ class CachedActivationDataModule(pl.LightningDataModule):
                 f"{hp.val_contexts} validation contexts plus a block of {hp.block_rows} rows per rank; lower "
                 "val_contexts or block_rows, or harvest more contexts"
             )
-        cache.open(self.site, verify=hp.verify_checksums)
+        for site in self.sites:
+            cache.open(site, verify=hp.verify_checksums)
         self.cache = cache
-        info = manifest["sites"][self.site]
-        # What a fit from the LLM records (ActivationDataModule's settings), so the checkpoint names its LLM and site.
+        if not hp.sites:
+            info = manifest["sites"][self.sites[0]]
+            hp.update(layer_id=info["layer_id"], layer_type=info["layer_type"])
+        # What a fit from the LLM records (ActivationDataModule's settings), so the checkpoint names its LLM and its
+        # site (with several sites, each SAE records its own).
         hp.update(
             model_name=hp.model_name or manifest["model_name"],
-            layer_id=info["layer_id"],
-            layer_type=info["layer_type"],
             dataset_path=manifest["corpus"]["path"],
             num_tokens=manifest["num_tokens"],
             exclude_first_position=manifest["exclude_first_position"],
@@ -149,10 +164,17 @@ class CachedActivationDataModule(pl.LightningDataModule):
             **{f"{layer_type}_hookpoint": template for layer_type, template in manifest["hook_templates"].items()},
         )
 
-    def _choose_site(self, cache: ActivationCache) -> str:
+    def _choose_sites(self, cache: ActivationCache) -> list[str]:
         hp = self.hparams
+        if hp.sites:
+            if missing := [site for site in hp.sites if site not in cache.sites]:
+                raise ValueError(
+                    f"activation cache {cache.path} holds no site {', '.join(missing)} (it holds "
+                    f"{', '.join(cache.sites)}); choose among those, or harvest them: neurolight-harvest --sites [...]"
+                )
+            return list(hp.sites)
         if hp.layer_id is None and hp.layer_type is None and len(cache.sites) == 1:
-            return cache.sites[0]
+            return [cache.sites[0]]
         if hp.layer_id is None or hp.layer_type is None:
             raise ValueError(
                 f"activation cache {cache.path} holds the sites {', '.join(cache.sites)}; set both "
@@ -164,7 +186,7 @@ class CachedActivationDataModule(pl.LightningDataModule):
                 f"activation cache {cache.path} holds no site {site} (it holds {', '.join(cache.sites)}); choose one "
                 f"of those, or harvest it: neurolight-harvest --sites [{site}] ..."
             )
-        return site
+        return [site]
 
     def _rank(self) -> tuple[int, int]:
         if self.trainer is None:
@@ -172,12 +194,29 @@ class CachedActivationDataModule(pl.LightningDataModule):
         return self.trainer.global_rank, self.trainer.world_size
 
     @property
-    def d_in(self) -> int:
-        return self.cache.d_in(self.site)
+    def site_widths(self) -> dict[str, int]:
+        """The width (d_in) of each site served, in the order of ``sites``."""
+        return {site: self.cache.d_in(site) for site in self.sites}
 
-    def mean_activation_norm(self) -> float:
-        """Mean L2 norm of the site's rows, from the cache's manifest (all rows: no pass over the data)."""
-        return self.cache.mean_norm(self.site)
+    @property
+    def d_in(self) -> int:
+        if len(self.sites) != 1:
+            raise AttributeError(f"d_in: this data module serves {len(self.sites)} sites; see site_widths")
+        return self.cache.d_in(self.sites[0])
+
+    def mean_activation_norm(self, site: str | None = None) -> float:
+        """Mean L2 norm of the rows of ``site`` (default: the only one), from the cache's manifest (all rows: no
+        pass over the data)."""
+        if site is None and len(self.sites) == 1:
+            site = self.sites[0]
+        if site not in self.sites:
+            raise ValueError(f"this data module serves {', '.join(self.sites)}, not {site}")
+        return self.cache.mean_norm(site)
+
+    def as_batch(self, rows: dict[str, np.ndarray]) -> Tensor | dict[str, Tensor]:
+        """Rows read per site as a batch: a tensor for one site, ``{site: tensor}`` for ``sites``."""
+        tensors = {site: to_tensor(array, self.cache.dtype) for site, array in rows.items()}
+        return tensors if self.hparams.sites else next(iter(tensors.values()))
 
     # ---------------------------------------------------------------------------------------------- order
     def windows(self, offset: int, rank: int, world: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -201,26 +240,34 @@ class CachedActivationDataModule(pl.LightningDataModule):
                 offset = 0
             epoch += 1
 
-    def batches(self, start: int = 0) -> Iterator[Tensor]:
-        """(batch_size_autoencoder, d_in) training batches of this rank from batch ``start`` of its stream on."""
+    def batches(self, start: int = 0) -> Iterator[Tensor | dict[str, Tensor]]:
+        """(batch_size_autoencoder, d_in) training batches of this rank from batch ``start`` of its stream on
+        (``{site: rows}`` with ``sites``)."""
         rank, world = self._rank()
         size = self.hparams.batch_size_autoencoder
         pieces, have = [], 0  # the next batch's rows; a batch may take the end of one window and the start of the next
         for starts, stops, order in self.windows(start * size, rank, world):
-            window = np.empty((int((stops - starts).sum()), self.d_in), STORAGE_DTYPES[self.cache.dtype])
-            at = 0
-            for first, stop in zip(starts.tolist(), stops.tolist()):
-                self.cache.read(self.site, first, stop, out=window[at : at + stop - first])
-                at += stop - first
+            windows = {site: self._read_window(site, starts, stops) for site in self.sites}
             # One gather a batch: memory holds one window, not a shuffled copy of it.
             position = 0
             while position < len(order):
                 take = order[position : position + size - have]
-                pieces.append(window[take])
+                pieces.append({site: window[take] for site, window in windows.items()})
                 have, position = have + len(take), position + len(take)
                 if have == size:
-                    yield to_tensor(pieces[0] if len(pieces) == 1 else np.concatenate(pieces), self.cache.dtype)
+                    if len(pieces) > 1:
+                        pieces = [{site: np.concatenate([piece[site] for piece in pieces]) for site in self.sites}]
+                    yield self.as_batch(pieces[0])
                     pieces, have = [], 0
+
+    def _read_window(self, site: str, starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
+        """The rows of the blocks ``starts``-``stops`` of ``site``, block after block."""
+        window = np.empty((int((stops - starts).sum()), self.cache.d_in(site)), STORAGE_DTYPES[self.cache.dtype])
+        at = 0
+        for first, stop in zip(starts.tolist(), stops.tolist()):
+            self.cache.read(site, first, stop, out=window[at : at + stop - first])
+            at += stop - first
+        return window
 
     # -------------------------------------------------------------------------------------------- loaders
     def train_dataloader(self) -> DataLoader:
@@ -228,7 +275,7 @@ class CachedActivationDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         # Map-style: under DDP Lightning's DistributedSampler splits the held-out batches across ranks.
-        rows = _ValidationRows(self.cache, self.site, self.train_rows, self.cache.num_rows, self.hparams.val_batch_size)
+        rows = _ValidationRows(self, self.train_rows, self.cache.num_rows, self.hparams.val_batch_size)
         return DataLoader(rows, batch_size=None, shuffle=False)
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):

@@ -3,10 +3,12 @@
 
 neurolight fit --config configs/sae/demo.yaml
 
-The module asks its data module, where there is one, only for what it offers (duck-typed): ``d_in`` (checked
-against ``act_vec_size``), ``mean_activation_norm()`` (the normalisation scalar's estimate; else it is estimated from
-the first training batches) and ``hooked_llm`` (validation splices the reconstruction into the LLM; without one,
-validation batches are activations and report the activation-space metrics).
+The module asks its data module, where there is one, only for what it offers (duck-typed): ``site_widths`` (the
+width of each site it serves, checked against ``act_vec_size``), ``mean_activation_norm(site)`` (the normalisation
+scalar's estimate; else it is estimated from the first training batches) and ``hooked_llm_at(site)`` (validation
+splices the reconstruction into the LLM; without one, validation batches are activations and report the
+activation-space metrics). A data module that serves several sites yields batches ``{site: activations}``; the
+module reads its own ``site`` from them (docs/sae.md, Sweeps over sites).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class SparseAutoencoderModule(pl.LightningModule):
         metrics_every_n_steps: int = 50,
         max_l0_fraction: float | None = 0.1,
         norm_estimation_batches: int = 8,
+        site: str | None = None,
     ) -> None:
         """
         Args:
@@ -75,6 +78,9 @@ class SparseAutoencoderModule(pl.LightningModule):
                 not provide ``mean_activation_norm()`` (a plain DataLoader): the first ones of a fresh iterator of
                 the training DataLoader, read before the first step. Torch's RNG is restored afterwards, so training
                 sees the order it would without the estimate, those batches included.
+            site: The site this SAE reads where the data module serves several in one batch (its ``sites``), named
+                as ``neurolight-harvest`` names them: ``layers.15.mlp_sublayer``. The checkpoint records it as the
+                SAE's site. Default: the data module's only site.
         """
         super().__init__()
         if norm_estimation_batches < 1:
@@ -101,6 +107,18 @@ class SparseAutoencoderModule(pl.LightningModule):
         flat = self.normalize(activations.reshape(-1, activations.shape[-1]))
         return (self.sae(flat).x_hat / self.activation_scale).reshape(activations.shape)
 
+    def activations(self, batch) -> Tensor:
+        """This SAE's (n, d_in) activations of a batch: of its ``site`` where the batch maps sites to activations."""
+        if isinstance(batch, dict):
+            site = self.hparams.site
+            if site is None or site not in batch:
+                given = "no site is set" if site is None else f"it has no site {site}"
+                raise ValueError(
+                    f"the batch holds the sites {', '.join(batch)} and {given}; set the SAE's site to one of them"
+                )
+            batch = batch[site]
+        return self.batch_activations(batch)
+
     @staticmethod
     def batch_activations(batch) -> Tensor:
         """The (n, d_in) activations of a training or validation batch: a tensor (..., d_in), or a one-element
@@ -119,18 +137,33 @@ class SparseAutoencoderModule(pl.LightningModule):
 
     def setup(self, stage: str) -> None:
         datamodule = self._datamodule()
-        d_in = getattr(datamodule, "d_in", None)
-        if d_in is not None and d_in != self.hparams.act_vec_size:
+        widths = getattr(datamodule, "site_widths", None)
+        if not widths:
+            return
+        site = self.hparams.site
+        if site is None and len(widths) > 1:
             raise ValueError(
-                f"the activations {type(datamodule).__name__} serves have d_in={d_in}, but the SAE expects "
-                f"act_vec_size={self.hparams.act_vec_size}; set model.init_args.act_vec_size: {d_in}"
+                f"{type(datamodule).__name__} serves the sites {', '.join(widths)}; set {self._settings_path()}site "
+                "to the one this SAE reads"
+            )
+        if site is not None and site not in widths:
+            raise ValueError(
+                f"{self._settings_path()}site is {site}, but {type(datamodule).__name__} serves "
+                f"{', '.join(widths)}; name one of those, or add {site} to the data module's sites"
+            )
+        d_in = widths[site if site is not None else next(iter(widths))]
+        if d_in != self.hparams.act_vec_size:
+            raise ValueError(
+                f"the activations {type(datamodule).__name__} serves at {site or next(iter(widths))} have "
+                f"d_in={d_in}, but the SAE expects act_vec_size={self.hparams.act_vec_size}; set "
+                f"{self._settings_path()}act_vec_size: {d_in}"
             )
 
     def on_train_start(self) -> None:
         if not torch.isnan(self.activation_scale):
             return  # estimated in an earlier run and restored from the checkpoint
         estimate = getattr(self._datamodule(), "mean_activation_norm", None)
-        norm = estimate() if callable(estimate) else self._mean_norm_of_first_batches()
+        norm = estimate(self.hparams.site) if callable(estimate) else self._mean_norm_of_first_batches()
         norm = self.trainer.strategy.reduce(torch.tensor(float(norm), device=self.device), reduce_op="mean")
         self.activation_scale.fill_(math.sqrt(self.hparams.act_vec_size) / norm.item())
 
@@ -141,7 +174,7 @@ class SparseAutoencoderModule(pl.LightningModule):
         total, rows = 0.0, 0
         with torch.random.fork_rng(devices=[]):
             for index, batch in enumerate(loader):
-                x = self.batch_activations(batch).float()
+                x = self.activations(batch).float()
                 total, rows = total + float(x.norm(dim=1).sum()), rows + len(x)
                 if index + 1 == self.hparams.norm_estimation_batches:
                     break
@@ -151,7 +184,7 @@ class SparseAutoencoderModule(pl.LightningModule):
 
     # ------------------------------------------------------------------------------------------ training
     def training_step(self, batch: Tensor, batch_idx: int) -> dict:
-        x = self.normalize(self.batch_activations(batch))
+        x = self.normalize(self.activations(batch))
         dead = self.tokens_since_fired >= self.hparams.dead_tokens_threshold
         out = self.sae(x, dead_mask=dead)
         fired, num_tokens = (out.latents > 0).sum(0), len(x)
@@ -258,13 +291,14 @@ class SparseAutoencoderModule(pl.LightningModule):
 
     # ---------------------------------------------------------------------------------------- validation
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
-        """With the data module's LLM (``hooked_llm``), batches are token ids: the activation-space metrics and the
-        downstream ones of the reconstruction spliced into the LLM. Otherwise batches are activations:
+        """With the data module's LLM (``hooked_llm_at(site)``), batches are token ids: the activation-space metrics
+        and the downstream ones of the reconstruction spliced into the LLM. Otherwise batches are activations:
         ``val/l0``, ``val/mse`` and ``val/explained_variance`` only."""
-        hooked = getattr(self._datamodule(), "hooked_llm", None)
+        hooked_llm_at = getattr(self._datamodule(), "hooked_llm_at", None)
+        hooked = hooked_llm_at(self.hparams.site) if callable(hooked_llm_at) else None
         skip_first = hooked is not None and self.trainer.datamodule.hparams.exclude_first_position
         if hooked is None:
-            acts = self.batch_activations(batch)
+            acts = self.activations(batch)
         else:
             acts = hooked.harvest(batch)[:, int(skip_first) :]
         x = self.normalize(acts.reshape(-1, acts.shape[-1]).to(self.device))

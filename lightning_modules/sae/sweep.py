@@ -9,10 +9,16 @@ member as they treat a single SAE). The members' losses are summed into one back
 the gradient of its own loss only, and one Adam with a parameter group per member is, parameter by parameter, the
 Adam each would have alone; so a member trains as its separate fit on the same batches would (docs/sae.md, Sweeps).
 ``SparseAutoencoder.from_pretrained(checkpoint, name=...)`` reads one member back.
+
+The members may also read different sites, as sparsify trains SAEs on all layers at once: a data module given
+``sites`` reads them all in one forward pass (or one read of the cache) and serves batches ``{site: activations}``
+of the same tokens; each member names its ``site`` and, where its width differs from the sweep's, its
+``act_vec_size`` (docs/sae.md, Sweeps over sites).
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import lightning.pytorch as pl
@@ -37,12 +43,16 @@ class SweepMember:
     """Adam learning rate; default: the sweep's."""
     lr_warmup_steps: int | None = None
     """Linear learning-rate warm-up steps; default: the sweep's."""
+    site: str | None = None
+    """The site it reads where the data module serves several (``layers.15.mlp_sublayer``); default: the only one."""
+    act_vec_size: int | None = None
+    """Width of its site's activations (d_in); default: the sweep's."""
 
 
 class SparseAutoencoderSweep(pl.LightningModule):
     def __init__(
         self,
-        act_vec_size: int,
+        act_vec_size: int | None,
         saes: list[SweepMember],
         learning_rate: float = 2e-4,
         adam_betas: tuple[float, float] = (0.9, 0.999),
@@ -56,7 +66,8 @@ class SparseAutoencoderSweep(pl.LightningModule):
     ) -> None:
         """
         Args:
-            act_vec_size: Width of the activations every member reads (d_in).
+            act_vec_size: Width of the activations the members read (d_in), for those that set none (null when each
+                member sets its own).
             saes: The members: each a name, a number of latents, an architecture and optionally its own learning
                 rate and warm-up.
             learning_rate: Adam learning rate of the members that set none.
@@ -84,6 +95,10 @@ class SparseAutoencoderSweep(pl.LightningModule):
         bad = [name for name in names if not name or "/" in name or "." in name]
         if bad:
             raise ValueError(f"sweep names {bad} must be non-empty, without '/' or '.' (they name metrics and files)")
+        if act_vec_size is None and (unsized := [member.name for member in members if member.act_vec_size is None]):
+            raise ValueError(
+                f"the sweep members {', '.join(unsized)} have no act_vec_size; set the sweep's act_vec_size or theirs"
+            )
         self.save_hyperparameters(ignore=["saes"])
         self.hparams["saes"] = [member_config(member) for member in members]
         shared = dict(
@@ -95,14 +110,20 @@ class SparseAutoencoderSweep(pl.LightningModule):
             max_l0_fraction=max_l0_fraction,
             norm_estimation_batches=norm_estimation_batches,
         )
-        self.units = nn.ModuleDict(
+        with _own_hyperparameters():
+            self.units = self._build_units(act_vec_size, members, learning_rate, lr_warmup_steps, shared)
+
+    @staticmethod
+    def _build_units(act_vec_size, members, learning_rate, lr_warmup_steps, shared) -> nn.ModuleDict:
+        return nn.ModuleDict(
             {
                 member.name: SparseAutoencoderModule(
-                    act_vec_size,
+                    act_vec_size if member.act_vec_size is None else member.act_vec_size,
                     member.dict_vec_size,
                     member.architecture,
                     learning_rate=learning_rate if member.learning_rate is None else member.learning_rate,
                     lr_warmup_steps=lr_warmup_steps if member.lr_warmup_steps is None else member.lr_warmup_steps,
+                    site=member.site,
                     **shared,
                 )
                 for member in members
@@ -120,8 +141,7 @@ class SparseAutoencoderSweep(pl.LightningModule):
             unit.on_train_start()
 
     def training_step(self, batch, batch_idx: int) -> dict:
-        x = SparseAutoencoderModule.batch_activations(batch)
-        outputs = {name: unit.training_step(x, batch_idx) for name, unit in self.units.items()}
+        outputs = {name: unit.training_step(batch, batch_idx) for name, unit in self.units.items()}
         # One backward for all: each member's parameters receive only its own loss's gradient.
         loss = torch.stack([output["loss"] for output in outputs.values()]).sum()
         return {"loss": loss, "units": outputs}
@@ -172,6 +192,8 @@ def member_config(member: SweepMember) -> dict:
         "architecture": architecture_config(member.architecture),
         "learning_rate": member.learning_rate,
         "lr_warmup_steps": member.lr_warmup_steps,
+        "site": member.site,
+        "act_vec_size": member.act_vec_size,
     }
 
 
@@ -183,3 +205,18 @@ def units_of(pl_module: pl.LightningModule, outputs: dict | None = None) -> list
         return [("", pl_module, outputs)]
     per_unit = pl_module.unit_outputs(outputs) if outputs is not None else {}
     return [(name, unit, per_unit.get(name)) for name, unit in units().items()]
+
+
+@contextmanager
+def _own_hyperparameters():
+    """Members built inside it record their own arguments as hyperparameters. Under LightningCLI,
+    ``save_hyperparameters`` records the arguments the CLI gave for the module it instantiates (the sweep) in every
+    module built during that instantiation, so without this each member's ``hparams`` would be the sweep's: its own
+    learning rate, warm-up, width and site lost."""
+    from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+
+    token = _given_hyperparameters.set(None)
+    try:
+        yield
+    finally:
+        _given_hyperparameters.reset(token)

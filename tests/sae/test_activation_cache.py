@@ -120,8 +120,8 @@ def test_mismatches__of_model_site_and_width_are_refused_naming_the_fix(tmp_path
     from tests.helpers.sae import make_module, make_trainer
 
     datamodule = CachedActivationDataModule(str(tiny_cache), layer_id=0, layer_type="attn_sublayer")
-    with pytest.raises(ValueError, match=r"CachedActivationDataModule serves have d_in=64, but the SAE expects "
-                                         r"act_vec_size=128; set model.init_args.act_vec_size: 64"):  # fmt: skip
+    expected = r"serves at layers.0.attn_sublayer have d_in=64, but the SAE expects act_vec_size=128; set model.init_"
+    with pytest.raises(ValueError, match=expected + r"args.act_vec_size: 64"):
         make_trainer(tmp_path, max_steps=1).fit(make_module(act_vec_size=128), datamodule)
 
 

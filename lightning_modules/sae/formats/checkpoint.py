@@ -68,18 +68,24 @@ def _sweep_member(hparams: dict, path: Path, name: str | None) -> tuple[dict, st
         raise ValueError(f"{path} is a sweep of {len(members)} SAEs and {given}; name one of: {', '.join(members)}")
     member = members[name]
     args = {
-        "act_vec_size": hparams["act_vec_size"],
+        "act_vec_size": hparams["act_vec_size"] if member.get("act_vec_size") is None else member["act_vec_size"],
         "dict_vec_size": member["dict_vec_size"],
         "architecture": member["architecture"],
         "learning_rate": hparams["learning_rate"] if member.get("learning_rate") is None else member["learning_rate"],
+        "site": member.get("site"),
     }
     return args, f"units.{name}."
 
 
 def checkpoint_metadata(checkpoint: dict, init_args: dict) -> SaeMetadata:
-    """The site, data settings and training hyperparameters a checkpoint records."""
+    """The site, data settings and training hyperparameters a checkpoint records: the SAE's own ``site`` where it
+    names one (a data module serving several sites), else the data module's."""
     data = checkpoint.get("datamodule_hyper_parameters") or {}
-    layer_type = data.get("layer_type")
+    layer_type, layer_id = data.get("layer_type"), data.get("layer_id")
+    if init_args.get("site"):
+        from neurolight.datamodules.sae.activation_cache import parse_site
+
+        layer_type, layer_id = parse_site(init_args["site"])
     overrides = {}
     for key, template in data.items():
         if key.endswith(_HOOKPOINT_SUFFIX) and template:
@@ -87,7 +93,6 @@ def checkpoint_metadata(checkpoint: dict, init_args: dict) -> SaeMetadata:
     from neurolight.datamodules.llm.hooked import HOOK_POINTS
 
     overrides = {site: template for site, template in overrides.items() if HOOK_POINTS.get(site) != template}
-    layer_id = data.get("layer_id")
     hook_name = None
     if layer_type is not None and layer_id is not None:
         hook_name = {**HOOK_POINTS, **overrides}.get(layer_type, "").format(layer_id) or None
