@@ -154,6 +154,13 @@ def _truncation_blocker(model: nn.Module, layer_type: str, layer_id: int, hook_p
     return None
 
 
+def _keep_first(fn: Callable[[Tensor], Tensor], skip_first_position: bool) -> Callable[[Tensor], Tensor]:
+    """``fn`` applied to the activations, position 0 left clean where ``skip_first_position``."""
+    if not skip_first_position:
+        return fn
+    return lambda acts: torch.cat([acts[:, :1], fn(acts[:, 1:])], dim=1)
+
+
 class HookedLLM:
     """A frozen causal LM plus one hook point: harvest activations, or splice a replacement back in.
 
@@ -323,8 +330,23 @@ class HookedLLM:
             handle.remove()
 
     @torch.no_grad()
+    def reference_logits(self, input_ids: Tensor, skip_first_position: bool = False) -> dict[str, Tensor]:
+        """The clean and the zero-ablated next-token logits of ``splice_metrics``, (batch, seq - 1, vocab) each:
+        the same for every SAE spliced at this site into these contexts, so a sweep computes them once."""
+        input_ids = input_ids.to(self.device)
+        zero = _keep_first(torch.zeros_like, skip_first_position)
+        return {
+            "clean": self.logits_with(input_ids)[:, :-1].float(),
+            "zero": self.logits_with(input_ids, zero)[:, :-1].float(),
+        }
+
+    @torch.no_grad()
     def splice_metrics(
-        self, input_ids: Tensor, reconstruct: Callable[[Tensor], Tensor], skip_first_position: bool = False
+        self,
+        input_ids: Tensor,
+        reconstruct: Callable[[Tensor], Tensor],
+        skip_first_position: bool = False,
+        reference: dict[str, Tensor] | None = None,
     ) -> dict[str, Tensor]:
         """Next-token CE of the clean model, with the reconstruction spliced in, and with the site zero-ablated.
 
@@ -332,18 +354,14 @@ class HookedLLM:
         (CE_zero - CE_spliced) / (CE_zero - CE_clean), and ``kl`` = KL(clean || spliced) per token (nats).
         ``reconstruct`` maps (batch, seq, d_in) activations to their reconstruction. With
         ``skip_first_position`` position 0 keeps its clean activation (the SAE never saw it in training).
+        ``reference``: ``reference_logits`` of the same contexts, where already computed.
         """
-
-        def keep_first(fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
-            if not skip_first_position:
-                return fn
-            return lambda acts: torch.cat([acts[:, :1], fn(acts[:, 1:])], dim=1)
-
         input_ids = input_ids.to(self.device)
         targets = input_ids[:, 1:]
-        clean = self.logits_with(input_ids)[:, :-1].float()
-        spliced = self.logits_with(input_ids, keep_first(lambda a: reconstruct(a).to(a.dtype)))[:, :-1].float()
-        zero = self.logits_with(input_ids, keep_first(torch.zeros_like))[:, :-1].float()
+        reference = reference or self.reference_logits(input_ids, skip_first_position)
+        clean, zero = reference["clean"], reference["zero"]
+        splice = _keep_first(lambda a: reconstruct(a).to(a.dtype), skip_first_position)
+        spliced = self.logits_with(input_ids, splice)[:, :-1].float()
 
         def ce(logits: Tensor) -> Tensor:
             return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))

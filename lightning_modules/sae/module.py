@@ -290,17 +290,24 @@ class SparseAutoencoderModule(pl.LightningModule):
         return sweep.log(f"{self._sweep_name}/{name}", value, *args, **kwargs)
 
     # ---------------------------------------------------------------------------------------- validation
-    def validation_step(self, batch: Tensor, batch_idx: int) -> None:
+    def validation_step(self, batch: Tensor, batch_idx: int, shared: dict | None = None) -> None:
         """With the data module's LLM (``hooked_llm_at(site)``), batches are token ids: the activation-space metrics
         and the downstream ones of the reconstruction spliced into the LLM. Otherwise batches are activations:
-        ``val/l0``, ``val/mse`` and ``val/explained_variance`` only."""
+        ``val/l0``, ``val/mse`` and ``val/explained_variance`` only. ``shared``: what the SAEs of a sweep reading the
+        same site share on this batch (its activations, the clean and zero-ablated logits), filled by the first."""
         hooked_llm_at = getattr(self._datamodule(), "hooked_llm_at", None)
         hooked = hooked_llm_at(self.hparams.site) if callable(hooked_llm_at) else None
         skip_first = hooked is not None and self.trainer.datamodule.hparams.exclude_first_position
         if hooked is None:
             acts = self.activations(batch)
         else:
-            acts = hooked.harvest(batch)[:, int(skip_first) :]
+            at_site = (shared or {}).get(self.hparams.site)
+            if at_site is None:
+                at_site = {"acts": hooked.harvest(batch)[:, int(skip_first) :],
+                           "reference": hooked.reference_logits(batch, skip_first)}  # fmt: skip
+                if shared is not None:
+                    shared[self.hparams.site] = at_site
+            acts = at_site["acts"]
         x = self.normalize(acts.reshape(-1, acts.shape[-1]).to(self.device))
         out = self.sae(x)
         metrics = {"val/l0": (out.latents > 0).sum(-1).float().mean(), "val/mse": out.mse}
@@ -309,6 +316,7 @@ class SparseAutoencoderModule(pl.LightningModule):
                 batch,
                 lambda a: self.reconstruct(a.to(self.device)).to(a.device),
                 skip_first_position=skip_first,
+                reference=at_site["reference"],
             )
             for name in ("ce_loss_recovered", "kl", "ce_spliced", "ce_clean"):
                 metrics[f"val/{name}"] = splice[name]

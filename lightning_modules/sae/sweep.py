@@ -156,8 +156,9 @@ class SparseAutoencoderSweep(pl.LightningModule):
             unit.renormalize_decoder()
 
     def validation_step(self, batch, batch_idx: int) -> None:
+        shared = {}  # per site: the LLM's activations and reference logits on this batch, computed once
         for unit in self.units.values():
-            unit.validation_step(batch, batch_idx)
+            unit.validation_step(batch, batch_idx, shared)
 
     def configure_optimizers(self):
         groups, warmups = [], []

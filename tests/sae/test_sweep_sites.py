@@ -102,12 +102,20 @@ def test_several_sites_from_the_llm__one_forward_serves_each_sites_rows_of_the_s
     assert together.mean_activation_norm(ATTN) == pytest.approx(alone[ATTN].mean_activation_norm(), rel=1e-5)
 
 
-def test_sweep_over_sites_from_the_llm__validation_splices_each_member_at_its_site(tmp_path, cache_corpus,
-                                                                                  tiny_model_dir):  # fmt: skip
+def test_sweep_over_sites_from_the_llm__validation_splices_each_member_at_its_site(
+    tmp_path, cache_corpus, tiny_model_dir, monkeypatch
+):
+    from neurolight.datamodules.llm.hooked import HookedLLM
+
     datamodule = make_datamodule(cache_corpus, tiny_model_dir, sites=TINY_SITES)
     run = trainer(tmp_path, 10, limit_val_batches=1, val_check_interval=10)
     together = sweep()
+    calls, reference_logits = [], HookedLLM.reference_logits
+    monkeypatch.setattr(HookedLLM, "reference_logits", lambda self, *a: calls.append(self.layer_type) or
+                        reference_logits(self, *a))  # fmt: skip
     run.fit(together, datamodule)
+    # The two members at the attention output share its activations and its clean and zero-ablated logits.
+    assert sorted(calls) == ["attn_sublayer", "mlp_activations"]
     # The one validation batch (after the last step), spliced by hand at each member's site with its final weights.
     ids = next(iter(datamodule.val_dataloader()))
     for member in MEMBERS:
