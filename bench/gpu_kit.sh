@@ -173,16 +173,16 @@ check() {
         # Issue 13, item 1: each library with the same settings and with its fastest documented ones (neurolight bf16
         # LLM and buffer, compile_llm, bf16-mixed; SAELens bf16 LLM, autocast, autocast_lm, compile_llm, compile_sae),
         # at batch sizes a GPU user picks (64 x 64-token contexts a forward, 4096-token SAE steps); prints the forward's
-        # share of the bf16 matmul ceiling too. 4 runs, each with its compilations: ~8 min (not measured there yet).
+        # share of the bf16 matmul ceiling too. 4 runs, each with its compilations: ~6 min (an estimate).
         sae-fastest)
-            step 08_sae_fastest 570 python3 bench/sae_throughput.py --device cuda --model "$model" --random-weights \
-                --settings same,fastest --tokens 524288 --batch-llm 64 --batch-sae 4096 --json "$OUT/08_sae_fastest.json"
+            step 08_sae_fastest 500 python3 bench/sae_throughput.py --device cuda --model "$model" --random-weights \
+                --settings same,fastest --tokens 262144 --batch-llm 64 --batch-sae 4096 --json "$OUT/08_sae_fastest.json"
             ;;
         # Issue 13, items 2 and 4: the 8-SAE sweep, neurolight's one run against SAELens sequential and its
         # MultiSAETrainingRunner, and every SAE's held-out EV and L0 (on random-weight activations: both sides alike).
-        # Same settings (float32), GPU batch sizes; 8 sequential SAELens runs reload the model: ~7 min (estimate).
+        # Same settings (float32), GPU batch sizes; 8 sequential SAELens runs reload the model: ~5 min (an estimate).
         sweep)
-            step 09_sweep 570 python3 bench/sae_sweep.py --device cuda --model "$model" --random-weights \
+            step 09_sweep 480 python3 bench/sae_sweep.py --device cuda --model "$model" --random-weights \
                 --tokens 262144 --batch-llm 64 --batch-sae 4096 --json "$OUT/09_sweep.json"
             ;;
         # The truncated forward to layer 15 against the GPU's own bf16 matmul speed (issue 13: >= 60%): eager fp32,
