@@ -32,26 +32,27 @@ in tokens, the same training contexts in the same order, no validation, no check
   "AutoModelForCausalLM"`` on the same local model directory, the corpus as a pretokenized in-memory
   ``datasets.Dataset``, wandb off, no checkpoints, no evals, no output written.
 
-Each side runs in its own subprocess (clean peak memory, no shared caches); with ``--repeats N`` the sides
-alternate A B B A ... so that load from other processes hits both alike. Timed per side: the training wall time
-(from the start of training, i.e. including the first buffer fill, to the end of the last step; model loading
-and setup are not counted, ``--json`` keeps their time), the time inside the LLM forward (neurolight
-``HookedLLM.harvest``, SAELens ``ActivationsStore.get_activations``), the time inside the SAE steps (forward,
-backward, optimizer and the per-step hooks; on CUDA these two from CUDA events, adding no synchronisation), the
-rest (buffer, data loading, loop overhead), peak RSS and, on CUDA, peak allocated memory.
+Each side runs in its own subprocess (clean peak memory, no shared in-memory caches; inductor's on-disk cache is
+shared, so a compilation done by an earlier run is read back faster); with ``--repeats N`` the sides alternate A B B
+A ... so that load from other processes hits both alike. Timed per side: the training wall time (from the start of
+training, i.e. including the first buffer fill, to the end of the last step; model loading and setup are not
+counted, ``--json`` keeps their time), the time inside the LLM forward (neurolight ``HookedLLM.harvest``, SAELens
+``ActivationsStore.get_activations``), the time inside the SAE steps (forward, backward, optimizer and the per-step
+hooks; on CUDA these two from CUDA events, adding no synchronisation), the rest (buffer, data loading, loop
+overhead), peak RSS and, on CUDA, peak allocated memory.
 
 Differences that remain (they do not change the amount of work per token): the SAE details differ as the two
 libraries do (neurolight: unit-norm decoder rows re-projected every step, AuxK normalised by the residual variance,
 one activation scale estimated on the first buffer; SAELens: decoder norms folded into the TopK, gradient-norm
-clipping, ``normalize_activations="none"``, since its norm estimate would cost extra LLM batches); both buffers
-hold ~8192 activations and serve half of them between refills, but their end effects differ (which refill the last
-step falls into), so the LLM forwards run are printed for each side, with a "steady" rate that leaves start-up and
-end effects out. In fastest mode, the dtypes differ too: neurolight keeps its buffer in bf16 and SAELens its store in
-float32 (its single-hook store has no bf16 option), and bf16-mixed (Lightning) and ``autocast`` (SAELens) autocast
-different parts of the step (Lightning the whole training_step, SAELens the SAE forward; both leave the optimizer in
-float32). Compilation: neurolight compiles its truncated forward (inductor ``freezing`` on CPU, CUDA graphs on CUDA)
-and nothing of the SAE (it has no such option); SAELens compiles ``run_with_cache`` (the hooked HF forward, stopped
-by an exception) and the SAE's ``training_forward_pass``.
+clipping, ``normalize_activations="none"``, since its norm estimate would cost extra LLM batches); both buffers hold
+~8192 activations and serve half of them between refills, but their end effects differ (which refill the last step
+falls into), so the LLM forwards run are printed for each side, with a "steady" rate that leaves start-up and end
+effects out. In fastest mode, the dtypes differ too: neurolight keeps its buffer in bf16 and SAELens its store in
+float32 (the runner's ``dtype``, which is also the SAE's: not a separate setting), and bf16-mixed (Lightning) and
+``autocast`` (SAELens) autocast different parts of the step (Lightning the whole training_step, SAELens the SAE
+forward; both leave the optimizer in float32). Compilation: neurolight compiles its truncated forward (inductor
+``freezing`` on CPU, CUDA graphs on CUDA) and nothing of the SAE (it has no such option); SAELens compiles
+``run_with_cache`` (the hooked HF forward, stopped by an exception) and the SAE's ``training_forward_pass``.
 
 SAELens runs the Hugging Face forward with a hook that stops it by an exception after the hooked module; neurolight
 calls the same modules up to the site itself (``HookedLLM._forward_to_site``, bit-identical activations), which
