@@ -35,7 +35,7 @@ for path in (ROOT, ROOT / "bench"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from sae_throughput import load_recipe, prepare_corpus  # noqa: E402  (bench/, beside this script)
+from sae_runs import load_recipe, prepare_corpus  # noqa: E402  (bench/, beside this script)
 
 
 def load() -> str:

@@ -5,10 +5,10 @@
 #   bash bench/gpu_kit.sh download        # here, with PyPI: .whl/ and .gpu_kit/smollm2-config/
 #   bash bench/gpu_kit.sh install         # there: .whl/* into /tmp/site, then version checks
 #   bash bench/gpu_kit.sh check [STEP..]  # there, after install: tests eigenscore sae sae-bf16 sae-compile
-#                                         # forward send-deepspeed
+#                                         # sae-fastest sweep forward send-deepspeed
 #
 # The device tool runs a command for at most 10 minutes, so `check` runs the steps it is given; all of them take
-# about 20 minutes, i.e. four calls. Logs go to $OUT (the device sets it; at most 8 files come back per call).
+# about 35 minutes, i.e. six calls. Logs go to $OUT (the device sets it; at most 8 files come back per call).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -139,7 +139,7 @@ check() {
     export PYTHONPATH=$SITE:$PWD PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/gpu_kit_out}
     mkdir -p "$OUT"
     local model=$KIT/smollm2-config name steps=("$@")
-    ((${#steps[@]})) || steps=(tests eigenscore sae sae-bf16 sae-compile forward send-deepspeed)
+    ((${#steps[@]})) || steps=(tests eigenscore sae sae-bf16 sae-compile sae-fastest sweep forward send-deepspeed)
     for name in "${steps[@]}"; do
         case $name in
         # The fast tests, as CI runs them, less the browser tests (no Chromium there), the Elasticsearch store
@@ -170,6 +170,21 @@ check() {
             step 06_sae_compile 540 python3 bench/sae_throughput.py --device cuda --model "$model" --random-weights \
                 --tokens 1048576 --repeats 2 --llm-dtype bfloat16 --compile-llm --json "$OUT/06_sae_compile.json"
             ;;
+        # Issue 13, item 1: each library with the same settings and with its fastest documented ones (neurolight bf16
+        # LLM and buffer, compile_llm, bf16-mixed; SAELens bf16 LLM, autocast, autocast_lm, compile_llm, compile_sae),
+        # at batch sizes a GPU user picks (64 x 64-token contexts a forward, 4096-token SAE steps); prints the forward's
+        # share of the bf16 matmul ceiling too. 4 runs, each with its compilations: ~6 min (an estimate).
+        sae-fastest)
+            step 08_sae_fastest 500 python3 bench/sae_throughput.py --device cuda --model "$model" --random-weights \
+                --settings same,fastest --tokens 262144 --batch-llm 64 --batch-sae 4096 --json "$OUT/08_sae_fastest.json"
+            ;;
+        # Issue 13, items 2 and 4: the 8-SAE sweep, neurolight's one run against SAELens sequential and its
+        # MultiSAETrainingRunner, and every SAE's held-out EV and L0 (on random-weight activations: both sides alike).
+        # Same settings (float32), GPU batch sizes; 8 sequential SAELens runs reload the model: ~5 min (an estimate).
+        sweep)
+            step 09_sweep 480 python3 bench/sae_sweep.py --device cuda --model "$model" --random-weights \
+                --tokens 262144 --batch-llm 64 --batch-sae 4096 --json "$OUT/09_sweep.json"
+            ;;
         # The truncated forward to layer 15 against the GPU's own bf16 matmul speed (issue 13: >= 60%): eager fp32,
         # eager bf16, compiled bf16 (CUDA graphs), batch 64 x 128 tokens as a GPU user would pick.
         forward)
@@ -195,7 +210,8 @@ AutoTokenizer.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2])' "$model
         # runs/demo/interpret/samples it builds them from the demo SAE checkpoint. Random weights would time
         # another workload.
         *)
-            echo "unknown step '$name'; steps: tests eigenscore sae sae-bf16 sae-compile forward send-deepspeed" >&2
+            echo "unknown step '$name'; steps: tests eigenscore sae sae-bf16 sae-compile sae-fastest sweep forward" \
+                "send-deepspeed" >&2
             exit 2
             ;;
         esac
@@ -207,7 +223,8 @@ download) download ;;
 install) install ;;
 check) check "${@:2}" ;;
 *)
-    echo "usage: bash bench/gpu_kit.sh download | install | check [tests eigenscore sae sae-bf16 sae-compile forward send-deepspeed]" >&2
+    echo "usage: bash bench/gpu_kit.sh download | install | check [tests eigenscore sae sae-bf16 sae-compile" \
+        "sae-fastest sweep forward send-deepspeed]" >&2
     exit 2
     ;;
 esac
