@@ -7,7 +7,8 @@ thresholds, BatchTopK's running threshold) the SAE's architecture says (``Archit
 
 In a ``SparseAutoencoderSweep`` each member is resampled as a single SAE would be: its own firing counts, its own
 generator (seeded alike, so a member draws what its separate fit would), the same recent inputs in its own
-normalisation (the inputs are kept as the first member normalises them and rescaled for the others).
+normalisation (the inputs are kept as the first member normalises them and rescaled for the others). A sweep that
+spreads its members over DDP ranks (``distribute_members``) trains on every rank's rows: those are the inputs kept.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from torch import Tensor
 
 from neurolight.datamodules.llm import zero
 from neurolight.lightning_modules.sae.architectures import unit_norm_rows
-from neurolight.lightning_modules.sae.sweep import units_of
+from neurolight.lightning_modules.sae.sweep import trained_batch, units_of
 
 METHODS = ("replacement", "anthropic")
 
@@ -78,7 +79,7 @@ class DeadLatentResampler(pl.Callback):
             first = units[0][1]
             if self.inputs_scale is None:  # fixed once estimated; float() of a CUDA tensor would sync every step
                 self.inputs_scale = float(first.activation_scale)
-            self._remember(first.normalize(first.batch_activations(batch)).detach())
+            self._remember(first.normalize(first.batch_activations(trained_batch(outputs, batch))).detach())
         step = trainer.global_step
         if step % self.interval == 0 and (self.last_step is None or step <= self.last_step):
             for name, unit, _ in units:
