@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler, TensorData
 
 from neurolight.callbacks import DeadLatentResampler, SaeCheckpoint
 from neurolight.lightning_modules import BatchTopK, ReLU, SparseAutoencoderSweep, SweepMember, TopK
-from neurolight.lightning_modules.sae.sweep_ranks import assign_members, plan_owners
+from neurolight.lightning_modules.sae.sweep_ranks import assign_members, gather_rows, plan_owners
 from tests.helpers.sae import synthetic_sparse_data
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -64,8 +64,10 @@ class RecordRank(pl.Callback):
 
 
 def trainer(root: Path, ranks: int, **options) -> pl.Trainer:
+    # Forked ranks start at once, without importing torch again; Lightning refuses to fork once CUDA is up.
+    spawn = "ddp_spawn" if torch.cuda.is_initialized() else "ddp_fork"
     return pl.Trainer(
-        accelerator="cpu", devices=ranks, strategy="ddp_fork" if ranks > 1 else "auto", max_steps=STEPS,
+        accelerator="cpu", devices=ranks, strategy=spawn if ranks > 1 else "auto", max_steps=STEPS,
         max_epochs=-1, default_root_dir=str(root), log_every_n_steps=2, enable_checkpointing=False,
         logger=pl.loggers.CSVLogger(str(root), name="logs", version=0), enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
@@ -179,3 +181,22 @@ def test_spread_sweep__a_strategy_other_than_ddp_is_refused_in_one_line():
     fake = SimpleNamespace(strategy=pl.strategies.SingleDeviceStrategy(), world_size=2)
     with pytest.raises(ValueError, match=r"strategy is SingleDeviceStrategy; use trainer.strategy: ddp .*false$"):
         plan_owners(fake, sweep().units)
+
+
+def _gather_on_rank(rank: int, port: int, folder: Path) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        rows = torch.arange(6.0).view(3, 2)[: 3 - rank] + 10 * rank  # rank 0: 3 rows, rank 1: 2 (a short batch)
+        torch.save(gather_rows(rows), folder / f"gathered{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_gather_rows__takes_ranks_with_different_row_counts_in_rank_order(tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    torch.multiprocessing.start_processes(_gather_on_rank, (port, tmp_path), nprocs=2, start_method="fork")
+    expected = torch.tensor([[0.0, 1], [2, 3], [4, 5], [10, 11], [12, 13]])
+    for rank in range(2):
+        assert torch.equal(torch.load(tmp_path / f"gathered{rank}.pt"), expected)
