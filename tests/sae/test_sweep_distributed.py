@@ -6,7 +6,6 @@ a step checkpoint ends where the straight run does."""
 from __future__ import annotations
 
 import csv
-import socket
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,6 +17,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler, TensorData
 from neurolight.callbacks import DeadLatentResampler, SaeCheckpoint
 from neurolight.lightning_modules import BatchTopK, ReLU, SparseAutoencoderSweep, SweepMember, TopK
 from neurolight.lightning_modules.sae.sweep_ranks import assign_members, gather_rows, plan_owners
+from tests.helpers.gloo import free_port, run_on_ranks
 from tests.helpers.sae import synthetic_sparse_data
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -111,12 +111,9 @@ def metrics(root: Path) -> dict[tuple[int, str], float]:
 def runs(tmp_path_factory) -> dict[str, Path]:
     """A 2-rank spread sweep, the same resumed from its step-8 checkpoint, and the one-process reference."""
     root = tmp_path_factory.mktemp("spread")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MASTER_ADDR", "127.0.0.1")
-        patch.setenv("MASTER_PORT", str(port))
+        patch.setenv("MASTER_PORT", str(free_port()))
         patch.setenv("PL_GLOBAL_SEED", "0")  # the samplers' seed, whatever an earlier test seeded
         loader = DataLoader(TensorDataset(DATA), batch_size=BATCH)  # Lightning adds the DistributedSampler
         trainer(root / "straight", 2).fit(sweep(), loader)
@@ -183,20 +180,13 @@ def test_spread_sweep__a_strategy_other_than_ddp_is_refused_in_one_line():
         plan_owners(fake, sweep().units)
 
 
-def _gather_on_rank(rank: int, port: int, folder: Path) -> None:
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        rows = torch.arange(6.0).view(3, 2)[: 3 - rank] + 10 * rank  # rank 0: 3 rows, rank 1: 2 (a short batch)
-        torch.save(gather_rows(rows), folder / f"gathered{rank}.pt")
-    finally:
-        torch.distributed.destroy_process_group()
+def _gather_on_rank(rank: int, folder: Path) -> None:
+    rows = torch.arange(6.0).view(3, 2)[: 3 - rank] + 10 * rank  # rank 0: 3 rows, rank 1: 2 (a short batch)
+    torch.save(gather_rows(rows), folder / f"gathered{rank}.pt")
 
 
 def test_gather_rows__takes_ranks_with_different_row_counts_in_rank_order(tmp_path):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    torch.multiprocessing.start_processes(_gather_on_rank, (port, tmp_path), nprocs=2, start_method="fork")
+    run_on_ranks(_gather_on_rank, tmp_path)
     expected = torch.tensor([[0.0, 1], [2, 3], [4, 5], [10, 11], [12, 13]])
     for rank in range(2):
         assert torch.equal(torch.load(tmp_path / f"gathered{rank}.pt"), expected)
