@@ -58,9 +58,9 @@ class SaeCheckpoint(FolderHolder, Callback):
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         # Last among the callbacks (as Lightning orders its own checkpoint callbacks): a checkpoint then holds what
-        # the others did at its step, such as a resampling, and resuming from it repeats none of it.
-        trainer.callbacks.remove(self)
-        trainer.callbacks.append(self)
+        # the others did at its step, such as a resampling, and resuming from it repeats none of it. A new list, not
+        # remove/append: Lightning is iterating over the old one to call setup, and would skip the next callback's.
+        trainer.callbacks = [callback for callback in trainer.callbacks if callback is not self] + [self]
         if stage == "fit" and trainer.is_global_zero:
             self.hold(self.directory(trainer), "neurolight fit")
 

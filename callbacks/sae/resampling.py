@@ -8,7 +8,8 @@ thresholds, BatchTopK's running threshold) the SAE's architecture says (``Archit
 In a ``SparseAutoencoderSweep`` each member is resampled as a single SAE would be: its own firing counts, its own
 generator (seeded alike, so a member draws what its separate fit would), the recent inputs of its site in its own
 normalisation (each site's inputs are kept as the first member reading it normalises them, and rescaled for the
-others).
+others). A sweep that spreads its members over DDP ranks (``distribute_members``) trains on every rank's rows: those
+are the inputs kept.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch import Tensor
 
 from neurolight.datamodules.llm import zero
 from neurolight.lightning_modules.sae.architectures import unit_norm_rows
-from neurolight.lightning_modules.sae.sweep import units_of
+from neurolight.lightning_modules.sae.sweep import trained_batch, units_of
 
 METHODS = ("replacement", "anthropic")
 
@@ -81,10 +82,11 @@ class DeadLatentResampler(pl.Callback):
             readers = {}  # the first SAE reading each site
             for _, unit, _ in units:
                 readers.setdefault(_site(unit), unit)
+            trained = trained_batch(outputs, batch)
             for site, unit in readers.items():
                 if site not in self.inputs_scale:  # fixed once estimated; float() of a CUDA tensor syncs every step
                     self.inputs_scale[site] = float(unit.activation_scale)
-                x = unit.normalize(unit.activations(batch)).detach()[-self.num_inputs :]
+                x = unit.normalize(unit.activations(trained)).detach()[-self.num_inputs :]
                 self._remember(site, x)
             self.inputs_seen += len(x)  # the same rows (tokens) of every site
         step = trainer.global_step

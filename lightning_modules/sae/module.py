@@ -34,6 +34,17 @@ from neurolight.lightning_modules.sae.sparse_autoencoder import SaeOutput, Spars
 # Hyperparameters that checkpoints written before architectures were objects hold beside ``architecture`` (a name).
 _LEGACY_SETTINGS = ("k", "l1_coefficient", "auxk_coefficient", "k_aux")
 _DEFAULT_ARCHITECTURE = ReLU()
+# What ``training_metrics`` may return; the last two are logged with the metrics window's dead and dense fractions.
+TRAINING_METRICS = (
+    "train/loss",
+    "train/mse",
+    "train/sparsity",
+    "train/aux",
+    "train/reconstruction",
+    "train/l0",
+    "train/explained_variance",
+)
+_WINDOW_METRICS = TRAINING_METRICS[-2:]
 
 
 class SparseAutoencoderModule(pl.LightningModule):
@@ -185,47 +196,86 @@ class SparseAutoencoderModule(pl.LightningModule):
     # ------------------------------------------------------------------------------------------ training
     def training_step(self, batch: Tensor, batch_idx: int) -> dict:
         x = self.normalize(self.activations(batch))
-        dead = self.tokens_since_fired >= self.hparams.dead_tokens_threshold
-        out = self.sae(x, dead_mask=dead)
+        out = self.sae(x, dead_mask=self.dead_latents())
         fired, num_tokens = (out.latents > 0).sum(0), len(x)
         if self.trainer.world_size > 1:
             # Firing counts over all ranks, so every rank (and every callback) agrees on which latents are dead.
             fired = self.trainer.strategy.reduce(fired.float(), reduce_op="sum").long()
             num_tokens *= self.trainer.world_size
-        with torch.no_grad():
-            self.tokens_since_fired += num_tokens
-            # masked_fill_, not boolean indexing: indexing needs the number of hits on the host (a CUDA sync).
-            self.tokens_since_fired.masked_fill_(fired > 0, 0)
-            self.window_fired += fired
-            self.window_tokens += num_tokens
-        step = self.global_step + 1
-        log_every = self.trainer.log_every_n_steps
-        # Lightning writes step values only every log_every_n_steps; recording them on the other steps is pure
-        # per-step overhead, which dominates when the SAE step is a few small GPU kernels.
-        if log_every and step % log_every == 0:
-            self.log_dict(
-                {"train/loss": out.loss, "train/mse": out.mse, "train/sparsity": out.sparsity, "train/aux": out.aux},
-                prog_bar=False,
-            )
-            if out.reconstruction is not out.mse:
-                self.log("train/reconstruction", out.reconstruction)
-        if step % self.hparams.metrics_every_n_steps == 0:
-            self._log_sparsity_metrics(x, out)
+        self.record_firing(fired, num_tokens)
+        self.log_training_metrics(self.training_metrics(x, out))
         return {"loss": out.loss, "fired": fired.detach(), "num_tokens": num_tokens}
 
+    # The pieces of training_step, also called one by one by a sweep that spreads its members over DDP ranks
+    # (lightning_modules/sae/sweep_ranks.py): only a member's owner rank runs the forward.
+    def dead_latents(self) -> Tensor:
+        """(d_sae,) bool: the latents that have not fired for ``dead_tokens_threshold`` tokens."""
+        return self.tokens_since_fired >= self.hparams.dead_tokens_threshold
+
     @torch.no_grad()
-    def _log_sparsity_metrics(self, x: Tensor, out: SaeOutput) -> None:
+    def record_firing(self, fired: Tensor, num_tokens: int) -> None:
+        """Count a step's firings: ``fired`` (d_sae,) per-latent counts over ``num_tokens`` tokens (all ranks')."""
+        self.tokens_since_fired += num_tokens
+        # masked_fill_, not boolean indexing: indexing needs the number of hits on the host (a CUDA sync).
+        self.tokens_since_fired.masked_fill_(fired > 0, 0)
+        self.window_fired += fired
+        self.window_tokens += num_tokens
+
+    def metrics_due(self) -> bool:
+        """Whether this step logs metrics: the loss terms every ``log_every_n_steps`` steps, L0 and explained
+        variance every ``metrics_every_n_steps``."""
+        return self._loss_terms_due() or self._window_due()
+
+    def _loss_terms_due(self) -> bool:
+        # Lightning writes step values only every log_every_n_steps; recording them on the other steps is pure
+        # per-step overhead, which dominates when the SAE step is a few small GPU kernels.
+        log_every = self.trainer.log_every_n_steps
+        return bool(log_every) and (self.global_step + 1) % log_every == 0
+
+    def _window_due(self) -> bool:
+        return (self.global_step + 1) % self.hparams.metrics_every_n_steps == 0
+
+    def training_metrics(self, x: Tensor, out: SaeOutput) -> dict[str, Tensor]:
+        """The metrics of this step's forward (normalised inputs ``x``, output ``out``) due for logging now
+        (``metrics_due``), keyed by names among ``TRAINING_METRICS``."""
+        metrics = {}
+        if self._loss_terms_due():
+            metrics = {
+                "train/loss": out.loss,
+                "train/mse": out.mse,
+                "train/sparsity": out.sparsity,
+                "train/aux": out.aux,
+            }
+            if out.reconstruction is not out.mse:
+                metrics["train/reconstruction"] = out.reconstruction
+        if self._window_due():
+            with torch.no_grad():
+                metrics["train/l0"] = (out.latents > 0).sum(-1).float().mean()
+                metrics["train/explained_variance"] = explained_variance(x, out.x_hat)
+        return metrics
+
+    def log_training_metrics(self, metrics: dict[str, Tensor], sync_dist: bool = True) -> None:
+        """Log ``training_metrics``; on a metrics step with them the dead and dense fractions (from the firing
+        counters, the same on every rank), then start a new metrics window. ``sync_dist``: average L0 and explained
+        variance over ranks (False where they already describe every rank's rows)."""
+        per_step = {name: value for name, value in metrics.items() if name not in _WINDOW_METRICS}
+        if per_step:
+            self.log_dict(per_step, prog_bar=False)
+        if self._window_due():
+            self._log_sparsity_metrics({name: metrics[name] for name in _WINDOW_METRICS}, sync_dist)
+
+    @torch.no_grad()
+    def _log_sparsity_metrics(self, metrics: dict[str, Tensor], sync_dist: bool) -> None:
         frequency = self.window_fired.float() / self.window_tokens.clamp_min(1)
         self._warn_if_dense(float(self.window_fired.sum()) / max(int(self.window_tokens), 1))
         self.log_dict(
             {
-                "train/l0": (out.latents > 0).sum(-1).float().mean(),
-                "train/explained_variance": explained_variance(x, out.x_hat),
-                "train/dead_fraction": (self.tokens_since_fired >= self.hparams.dead_tokens_threshold).float().mean(),
+                **metrics,
+                "train/dead_fraction": self.dead_latents().float().mean(),
                 "train/dense_fraction": (frequency > 10**self.hparams.dense_log_freq).float().mean(),
             },
             prog_bar=True,
-            sync_dist=True,
+            sync_dist=sync_dist,
         )
         self.window_fired.zero_()
         self.window_tokens.zero_()

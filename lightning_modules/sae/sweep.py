@@ -27,6 +27,7 @@ from torch import nn
 
 from neurolight.lightning_modules.sae.architectures import Architecture, TopK, build_architecture
 from neurolight.lightning_modules.sae.module import SparseAutoencoderModule, linear_warmup
+from neurolight.lightning_modules.sae.sweep_ranks import gather_batch, plan_owners, spread_training_step
 
 
 @dataclass
@@ -63,6 +64,7 @@ class SparseAutoencoderSweep(pl.LightningModule):
         metrics_every_n_steps: int = 50,
         max_l0_fraction: float | None = 0.1,
         norm_estimation_batches: int = 8,
+        distribute_members: bool = False,
     ) -> None:
         """
         Args:
@@ -81,6 +83,11 @@ class SparseAutoencoderSweep(pl.LightningModule):
             max_l0_fraction: Warn when a member's L0 stays above this fraction of d_in (None: never).
             norm_estimation_batches: Batches the normalisation scalar is estimated from without a data module that
                 provides it.
+            distribute_members: Under DDP, train each member on one rank only (its owner, the members balanced by
+                d_sae * d_in), on the rows of all ranks gathered: a member trains as in a one-process sweep whose
+                batch holds every rank's; compute is spread, memory is not (every rank holds every member and its
+                Adam state; docs/sae.md, Sweeps). False: every rank trains every member on its own rows. Without
+                DDP it changes nothing.
         """
         super().__init__()
         members = [member if isinstance(member, SweepMember) else SweepMember(**member) for member in saes]
@@ -112,6 +119,7 @@ class SparseAutoencoderSweep(pl.LightningModule):
         )
         with _own_hyperparameters():
             self.units = self._build_units(act_vec_size, members, learning_rate, lr_warmup_steps, shared)
+        self._owners: dict[str, int] | None = None  # member name -> owner rank, while spread over DDP ranks
 
     @staticmethod
     def _build_units(act_vec_size, members, learning_rate, lr_warmup_steps, shared) -> nn.ModuleDict:
@@ -135,12 +143,16 @@ class SparseAutoencoderSweep(pl.LightningModule):
         for name, unit in self.units.items():
             unit.attach_to_sweep(self, name)
             unit.setup(stage)
+        spread = stage == "fit" and self.hparams.distribute_members and self.trainer.world_size > 1
+        self._owners = plan_owners(self.trainer, self.units) if spread else None
 
     def on_train_start(self) -> None:
         for unit in self.units.values():
             unit.on_train_start()
 
     def training_step(self, batch, batch_idx: int) -> dict:
+        if self._owners is not None:
+            return spread_training_step(self.units, self._owners, gather_batch(batch))
         outputs = {name: unit.training_step(batch, batch_idx) for name, unit in self.units.items()}
         # One backward for all: each member's parameters receive only its own loss's gradient.
         loss = torch.stack([output["loss"] for output in outputs.values()]).sum()
@@ -221,3 +233,9 @@ def _own_hyperparameters():
         yield
     finally:
         _given_hyperparameters.reset(token)
+
+
+def trained_batch(outputs: dict, batch):
+    """The batch the SAEs trained on at a step, given its ``training_step`` output: every rank's rows where a sweep
+    spreads its members over ranks (``distribute_members``), else this rank's ``batch``."""
+    return outputs.get("activations", batch) if isinstance(outputs, dict) else batch

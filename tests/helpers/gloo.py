@@ -1,0 +1,32 @@
+"""CPU process groups (gloo) for tests: a free loopback port, and a function run on each rank of a group."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+
+import torch
+
+
+def free_port() -> int:
+    """A loopback port free at the time of asking (for MASTER_PORT or a tcp:// rendezvous)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def run_on_ranks(worker: Callable, *args, world_size: int = 2, start_method: str = "fork") -> None:
+    """``worker(rank, *args)`` on ``world_size`` processes joined in a gloo group; returns when all have ended and
+    raises what one raised. Fork starts at once (no second import of torch); spawn is safe after CUDA started."""
+    rendezvous = f"tcp://127.0.0.1:{free_port()}"
+    torch.multiprocessing.start_processes(
+        _in_group, (worker, world_size, rendezvous, args), nprocs=world_size, start_method=start_method
+    )
+
+
+def _in_group(rank: int, worker: Callable, world_size: int, rendezvous: str, args: tuple) -> None:
+    torch.distributed.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world_size)
+    try:
+        worker(rank, *args)
+    finally:
+        torch.distributed.destroy_process_group()
