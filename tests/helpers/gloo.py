@@ -15,9 +15,10 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def run_on_ranks(worker: Callable, *args, world_size: int = 2, start_method: str = "fork") -> None:
+def run_on_ranks(worker: Callable, *args, world_size: int = 2, start_method: str = "spawn") -> None:
     """``worker(rank, *args)`` on ``world_size`` processes joined in a gloo group; returns when all have ended and
-    raises what one raised. Fork starts at once (no second import of torch); spawn is safe after CUDA started."""
+    raises what one raised. Spawned by default: a fork of a test process that earlier tests left with threads can
+    deadlock (and fork is refused once CUDA started)."""
     rendezvous = f"tcp://127.0.0.1:{free_port()}"
     torch.multiprocessing.start_processes(
         _in_group, (worker, world_size, rendezvous, args), nprocs=world_size, start_method=start_method

@@ -64,8 +64,9 @@ class RecordRank(pl.Callback):
 
 
 def trainer(root: Path, ranks: int, **options) -> pl.Trainer:
-    # Forked ranks start at once, without importing torch again; Lightning refuses to fork once CUDA is up.
-    spawn = "ddp_spawn" if torch.cuda.is_initialized() else "ddp_fork"
+    # Spawned, not forked: a fork of the test process, which earlier tests left with threads (torch's pools, W&B's
+    # service), can deadlock in the ranks' first collective; it did so in the whole suite.
+    spawn = "ddp_spawn"
     return pl.Trainer(
         accelerator="cpu", devices=ranks, strategy=spawn if ranks > 1 else "auto", max_steps=STEPS,
         max_epochs=-1, default_root_dir=str(root), log_every_n_steps=2, enable_checkpointing=False,
