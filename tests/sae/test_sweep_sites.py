@@ -188,3 +188,23 @@ def test_sweep_over_sites_through_the_cli__members_keep_their_own_settings(tmp_p
     assert [group["lr"] for group in checkpoint["optimizer_states"][0]["param_groups"]] == [0.003, 0.001]
     attn = SparseAutoencoder.from_pretrained(next(tmp_path.rglob("last.ckpt")), name="attn")
     assert (attn.d_in, attn.metadata.layer_type, attn.metadata.layer_id) == (64, "attn_sublayer", 0)
+
+
+def test_sweep_over_sites_from_the_llm__resumed_from_a_step_checkpoint_ends_bit_identical(
+    tmp_path, cache_corpus, tiny_model_dir
+):
+    """The mixing buffer holds every site's rows side by side; a resume restores it, and the batches in flight,
+    with every member's state and the resampler's per-site inputs."""
+
+    def fit(root, ckpt_path=None):
+        checkpoints = SaeCheckpoint(batches_between_ckpt=4, dirpath=str(root / "checkpoints"))
+        resampler = DeadLatentResampler(method="anthropic", neuron_resampling_interval=5, num_resampling_inputs=256)
+        run = trainer(root, 12, callbacks=[checkpoints, resampler])
+        together = sweep()
+        run.fit(together, make_datamodule(cache_corpus, tiny_model_dir, sites=TINY_SITES), ckpt_path=ckpt_path)
+        return together
+
+    straight = fit(tmp_path / "a")
+    resumed = fit(tmp_path / "a", ckpt_path=tmp_path / "a" / "checkpoints" / "step_0000008.ckpt")
+    for key, value in straight.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value), key
