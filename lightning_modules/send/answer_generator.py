@@ -136,6 +136,9 @@ class Generation(NamedTuple):
     """(rows, steps) answer token ids after the prompt; rows of one prompt are consecutive."""
     logits: tuple[Tensor, ...]
     """Per step, the raw logits (rows, vocab) that chose that step's token (before temperature and top-k/p)."""
+    hidden: tuple[Tensor, ...] | None = None
+    """K sampled answers only: per step, the hidden state (rows, d) of layer ``embedding_layer`` at the position fed
+    to that step: step 0 the last prompt token, step i answer token i - 1; one step more than ``tokens`` holds."""
 
 
 class AnswerGenerator(pl.LightningModule):
@@ -261,6 +264,16 @@ class AnswerGenerator(pl.LightningModule):
         every step; rows of one prompt are consecutive. ``sample`` picks the K-answer settings (hd_*) instead of
         the scored answer's."""
         hp = self.hparams
+        extra, new_tokens = {}, hp.max_new_tokens
+        if num_return_sequences > 1:
+            # Each prompt's prefill once, its KV cache copied for the K rows (generate would run the prompt K times),
+            # and the answer embeddings read as the tokens are generated (no second forward over prompt + answer,
+            # INSIDE reads them from generate too). One step more than kept: its input is the last kept token,
+            # whose hidden state ends an answer that no stop token cut.
+            extra["cache"] = self._prompt_cache(input_ids, attention_mask, num_return_sequences)
+            input_ids = input_ids.repeat_interleave(num_return_sequences, 0)
+            attention_mask = attention_mask.repeat_interleave(num_return_sequences, 0)
+            extra["output_hidden_states"], new_tokens, num_return_sequences = True, new_tokens + 1, 1
         if sample:
             settings = {"do_sample": True, "temperature": hp.hd_temperature, "top_p": hp.hd_top_p, "top_k": hp.hd_top_k}
         elif hp.temperature > 0:
@@ -270,7 +283,7 @@ class AnswerGenerator(pl.LightningModule):
         out = self.model.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            max_new_tokens=hp.max_new_tokens,
+            max_new_tokens=new_tokens,
             eos_token_id=self.eos_ids,
             stopping_criteria=StoppingCriteriaList([AnswerLineStop(self.stops, input_ids.shape[1])]),
             pad_token_id=self.tokenizer.pad_token_id,
@@ -278,36 +291,38 @@ class AnswerGenerator(pl.LightningModule):
             return_dict_in_generate=True,
             output_logits=True,  # raw logits: the baselines score tokens under the model's own distribution
             **settings,
+            **extra,
         )
-        return Generation(out.sequences[:, input_ids.shape[1] :], tuple(out.logits))
+        keep = hp.max_new_tokens
+        hidden = None
+        if out.hidden_states is not None:
+            hidden = tuple(step[self.layer][:, -1].float() for step in out.hidden_states)
+        return Generation(out.sequences[:, input_ids.shape[1] :][:, :keep], tuple(out.logits)[:keep], hidden)
+
+    @torch.no_grad()
+    def _prompt_cache(self, input_ids: Tensor, attention_mask: Tensor, copies: int):
+        """The KV cache of every prompt but its last token (which generate feeds itself), ``copies`` rows a prompt."""
+        mask = attention_mask[:, :-1]
+        cache = self.model(
+            input_ids=input_ids[:, :-1], attention_mask=mask, position_ids=_position_ids(mask), use_cache=True
+        ).cache
+        cache.batch_repeat_interleave(copies)
+        return cache
 
     def statistics(self, generation: Generation, answers: Answers) -> TokenStatistics:
         """Mean log-probability and energy of each answer's tokens (``detection_scores.token_statistics``)."""
         lengths = scored_lengths(answers.num_tokens, answers.stopped, generation.tokens.shape[1])
         return token_statistics(generation.logits, generation.tokens, lengths, self.hparams.energy_temperature)
 
-    def answer_embeddings(
-        self, input_ids: Tensor, attention_mask: Tensor, generated: Tensor, answers: Answers
-    ) -> Tensor:
+    @staticmethod
+    def answer_embeddings(hidden: tuple[Tensor, ...], answers: Answers) -> Tensor:
         """(rows, d) float32: hidden state ``self.layer`` at each answer's last token (the position whose output
-        ended the answer, as INSIDE reads it from generate; the last prompt token for an empty answer).
-
-        ``input_ids`` / ``attention_mask`` (rows, prompt) are the left-padded prompts repeated per row of
-        ``generated`` (rows, new). Positions after the read one are masked out and cut, so they change nothing.
+        ended the answer, as INSIDE reads it from generate; the last prompt token for an empty answer), from
+        ``Generation.hidden`` (``hidden``: its steps, for these rows): an answer of n tokens ends at step n's input.
         """
-        width = input_ids.shape[1]
-        num_tokens = answers.num_tokens.to(generated.device)
-        answer_mask = torch.arange(generated.shape[1], device=generated.device) < num_tokens[:, None]
-        sequences = torch.cat([input_ids, generated], 1)
-        mask = torch.cat([attention_mask, answer_mask.long()], 1)
-        read_at = width + num_tokens - 1
-        end = int(read_at.max()) + 1
-        sequences, mask = sequences[:, :end], mask[:, :end]
-        out = self.model(
-            input_ids=sequences, attention_mask=mask, position_ids=_position_ids(mask), output_hidden_states=True
-        )
-        rows = torch.arange(len(sequences), device=sequences.device)
-        return out.hidden_states[self.layer][rows, read_at].float()
+        steps = torch.stack(hidden, 1)  # (rows, steps, d)
+        rows = torch.arange(len(steps), device=steps.device)
+        return steps[rows, answers.num_tokens.to(steps.device)]
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         """One dict per question: ``question_id``, ``question``, ``reference_answer`` (the training target),
@@ -356,12 +371,10 @@ class AnswerGenerator(pl.LightningModule):
         sampled = cut_answers(generation.tokens, self.stops, self.tokenizer)
         mean_logprob = self.statistics(generation, sampled).mean_logprob
         for row in range(len(input_ids)):
-            # One question at a time: the hidden states of all layers for B * K sequences can be large.
+            # One question at a time: its K consecutive rows.
             rows = slice(row * k, (row + 1) * k)
             part = Answers(sampled.texts[rows], sampled.num_tokens[rows], sampled.stopped[rows])
-            prompt_ids = input_ids[row : row + 1].expand(k, -1)
-            prompt_mask = attention_mask[row : row + 1].expand(k, -1)
-            embeddings = self.answer_embeddings(prompt_ids, prompt_mask, generation.tokens[rows], part)
+            embeddings = self.answer_embeddings(tuple(step[rows] for step in generation.hidden), part)
             yield {
                 "sampled_responses": part.texts,
                 "answer_eigenscore": float(eigenscore(embeddings, alpha=hp.alpha)),

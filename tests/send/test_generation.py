@@ -321,21 +321,33 @@ def test_bf16_true__answers_and_finite_eigenscores_of_the_bf16_models_answer_emb
 
     k, layer = 4, 1
     module = AnswerGenerator(str(tiny_model_dir), max_new_tokens=6, num_generations=k, embedding_layer=layer)
-    calls = []  # the arguments and result of every answer_embeddings call (one per question)
-    original = module.answer_embeddings
+    calls = []  # the answers and result of every answer_embeddings call (one per question)
+    sampled = []  # per batch: the prompts and the K sampled answers of each
+    original_embeddings, original_generate = module.answer_embeddings, module.generate
 
-    def record(*args):
-        calls.append((args, original(*args)))
+    def record(hidden, answers):
+        calls.append((answers, original_embeddings(hidden, answers)))
         return calls[-1][1]
 
+    def record_generate(input_ids, attention_mask, sample, num_return_sequences=1):
+        generation = original_generate(input_ids, attention_mask, sample, num_return_sequences)
+        if num_return_sequences > 1:
+            for q in range(len(input_ids)):
+                rows = slice(q * num_return_sequences, (q + 1) * num_return_sequences)
+                prompts = (input_ids[q : q + 1].expand(num_return_sequences, -1),
+                           attention_mask[q : q + 1].expand(num_return_sequences, -1))  # fmt: skip
+                sampled.append((*prompts, generation.tokens[rows]))
+        return generation
+
     monkeypatch.setattr(module, "answer_embeddings", record)
+    monkeypatch.setattr(module, "generate", record_generate)
     trainer = pl.Trainer(accelerator="cpu", precision="bf16-true", logger=False, enable_progress_bar=False)
     batches = trainer.predict(module, datamodule=make_data(tiny_model_dir, truthfulqa_file, num_samples=3))
     rows = [row for batch in batches for row in batch]
 
     assert {p.dtype for p in module.model.parameters()} == {torch.bfloat16}
-    assert len(rows) == len(calls) == 3
-    for row, ((prompt_ids, prompt_mask, generated, answers), embeddings) in zip(rows, calls):
+    assert len(rows) == len(calls) == len(sampled) == 3
+    for row, (answers, embeddings), (prompt_ids, prompt_mask, generated) in zip(rows, calls, sampled):
         assert isinstance(row["generated_response"], str) and len(row["sampled_responses"]) == k
         assert embeddings.dtype == torch.float32 and embeddings.shape == (k, 64)
         # Each answer embedded by hand: the bf16 model on the unpadded prompt + answer, hidden state at its end.
