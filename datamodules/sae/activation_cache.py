@@ -50,6 +50,16 @@ def parse_site(name: str) -> tuple[str, int]:
     return match.group(2), int(match.group(1))
 
 
+def check_site_names(sites: list[str]) -> None:
+    """Refuse a data module's ``sites`` list that is empty, names a site malformed or names one twice."""
+    if not sites:
+        raise ValueError("sites is empty; name at least one site, or leave it out to use layer_type/layer_id")
+    for name in sites:
+        parse_site(name)  # raises on a malformed name
+    if duplicates := sorted({name for name in sites if sites.count(name) > 1}):
+        raise ValueError(f"sites names {', '.join(duplicates)} more than once; list every site once")
+
+
 def model_id(name: str) -> str:
     """What a model name stands for: the Hugging Face id of a short name, the absolute path of a local directory."""
     from neurolight.datamodules.llm.models import MODELS

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from neurolight.datamodules.llm.capture import capture_sites
 from neurolight.datamodules.llm.hooked import HOOK_POINTS, HookedLLM
 from neurolight.datamodules.sae.activation_buffer import ActivationBuffer
-from neurolight.datamodules.sae.activation_cache import parse_site, site_name
+from neurolight.datamodules.sae.activation_cache import check_site_names, parse_site, site_name
 from neurolight.datamodules.sae.tokenized_corpus import TokenizedCorpus
 
 
@@ -119,12 +119,7 @@ class ActivationDataModule(pl.LightningDataModule):
             "resid_post": resid_post_hookpoint,
         }
         if sites is not None:
-            if not sites:
-                raise ValueError("sites is empty; name at least one site, or leave it out to use layer_type/layer_id")
-            for name in sites:
-                parse_site(name)  # raises on a malformed name
-            if duplicates := sorted({name for name in sites if sites.count(name) > 1}):
-                raise ValueError(f"sites names {', '.join(duplicates)} more than once; list every site once")
+            check_site_names(sites)
             if compile_llm:
                 raise ValueError(
                     "compile_llm compiles the forward up to one site; with several sites set compile_llm: false "
@@ -166,8 +161,7 @@ class ActivationDataModule(pl.LightningDataModule):
         self.corpus.validate(model.get_input_embeddings().num_embeddings)
         for site in self.site_names:
             layer_type, layer_id = parse_site(site)
-            compile = hp.compile_llm and not hp.sites
-            hooked = HookedLLM(model, layer_type, layer_id, self.hook_points, compile, hp.llm_compile_mode)
+            hooked = HookedLLM(model, layer_type, layer_id, self.hook_points, hp.compile_llm, hp.llm_compile_mode)
             self.hooked_llms[site] = hooked
         self.hooked_llm = next(iter(self.hooked_llms.values())) if not hp.sites else None
         self.buffer = ActivationBuffer(

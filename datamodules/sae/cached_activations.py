@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from neurolight.datamodules.sae.activation_cache import (
     STORAGE_DTYPES,
     ActivationCache,
+    check_site_names,
     model_id,
     site_name,
     to_tensor,
@@ -111,14 +112,10 @@ class CachedActivationDataModule(pl.LightningDataModule):
                      val_batch_size=val_batch_size)  # fmt: skip
         if bad := [f"{name}={value}" for name, value in sizes.items() if value < 1]:
             raise ValueError(f"{', '.join(bad)}: must be at least 1")
-        if sites is not None and (not sites or layer_id is not None or layer_type is not None):
-            raise ValueError(
-                "give either sites (a non-empty list) or layer_id and layer_type, not both"
-                if sites
-                else "sites is empty; name at least one site, or leave it out"
-            )
-        if sites and (duplicates := sorted({name for name in sites if sites.count(name) > 1})):
-            raise ValueError(f"sites names {', '.join(duplicates)} more than once; list every site once")
+        if sites is not None:
+            if layer_id is not None or layer_type is not None:
+                raise ValueError("give either sites (a non-empty list) or layer_id and layer_type, not both")
+            check_site_names(sites)
         self.cache: ActivationCache | None = None
         self.sites: list[str] = []
         self.train_rows = 0

@@ -152,22 +152,23 @@ class SparseAutoencoderModule(pl.LightningModule):
         if not widths:
             return
         site = self.hparams.site
-        if site is None and len(widths) > 1:
-            raise ValueError(
-                f"{type(datamodule).__name__} serves the sites {', '.join(widths)}; set {self._settings_path()}site "
-                "to the one this SAE reads"
-            )
-        if site is not None and site not in widths:
+        if site is None:
+            if len(widths) > 1:
+                raise ValueError(
+                    f"{type(datamodule).__name__} serves the sites {', '.join(widths)}; set "
+                    f"{self._settings_path()}site to the one this SAE reads"
+                )
+            site = next(iter(widths))
+        elif site not in widths:
             raise ValueError(
                 f"{self._settings_path()}site is {site}, but {type(datamodule).__name__} serves "
                 f"{', '.join(widths)}; name one of those, or add {site} to the data module's sites"
             )
-        d_in = widths[site if site is not None else next(iter(widths))]
+        d_in = widths[site]
         if d_in != self.hparams.act_vec_size:
             raise ValueError(
-                f"the activations {type(datamodule).__name__} serves at {site or next(iter(widths))} have "
-                f"d_in={d_in}, but the SAE expects act_vec_size={self.hparams.act_vec_size}; set "
-                f"{self._settings_path()}act_vec_size: {d_in}"
+                f"the activations {type(datamodule).__name__} serves at {site} have d_in={d_in}, but the SAE expects "
+                f"act_vec_size={self.hparams.act_vec_size}; set {self._settings_path()}act_vec_size: {d_in}"
             )
 
     def on_train_start(self) -> None:
