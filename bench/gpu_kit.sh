@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# Wheels and a model config for a lent GPU machine (H100, Python 3.12, torch 2.11 preinstalled, no network),
+# Wheels and a model config for a lent GPU machine (H100/H200, Python 3.12, torch 2.11 preinstalled, no network),
 # then the GPU runs worth doing there. bench/README.md, "On a lent GPU machine", has the calls.
 #
 #   bash bench/gpu_kit.sh download        # here, with PyPI: .whl/ and .gpu_kit/smollm2-config/
-#   bash bench/gpu_kit.sh install         # there: .whl/* into /tmp/site, then version checks
+#   bash bench/gpu_kit.sh install         # there: .whl/* into /tmp/site, neurolight editable, version checks
 #   bash bench/gpu_kit.sh check [STEP..]  # there, after install: tests eigenscore sae sae-bf16 sae-compile
-#                                         # sae-fastest sweep forward send-deepspeed
+#                                         # sae-fastest sweep forward send-deepspeed lease
 #
 # The device tool runs a command for at most 10 minutes, so `check` runs the steps it is given; all of them take
-# about 35 minutes, i.e. six calls. Logs go to $OUT (the device sets it; at most 8 files come back per call).
+# about 35 minutes, i.e. six calls. A session's lease is 15 minutes in all: `lease` is the one call that fits (it
+# took 3.5 min on an H200, install included). Logs go to $OUT (the device sets it; at most 8 files come back).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -29,19 +30,18 @@ MISSING=(
     opentelemetry-exporter-otlp-proto-common opentelemetry-exporter-otlp-common opentelemetry-exporter-http-transport
     fanoutqa # the SEND demo's QA set (only its bundled JSON is read)
 )
-# In the image too, in another or an unread version: transformers there is 5.17, ours 5.24; protobuf, because
-# googleapis-common-protos (imported by wandb's opentelemetry) refuses a runtime older than 6.33.5. huggingface-hub
-# is not carried: the image's 1.33 meets transformers' and datasets' >=1.31 (ours, 2.x, would bring httpx2 and more).
-PINNED=(transformers lightning protobuf)
+# In the image too, in another or an unread version: protobuf, because googleapis-common-protos (imported by wandb's
+# opentelemetry) refuses a runtime older than 6.33.5. transformers is not carried: ours (5.25) needs
+# huggingface-hub >= 2.4, which would bring httpx2 and more, and the image has hub 1.33; so the runs use the image's
+# transformers 5.17 (pyproject asks >= 4.45, transformer-lens >= 5.9).
+PINNED=(lightning protobuf)
 # Required by carried packages but never imported on the paths above (pip installs with --no-deps): SAELens's
 # plotting, text and env helpers and transformer-lens's type checkers. elasticsearch stays behind too: only
 # callbacks/interpret/stores/elasticsearch.py imports it, lazily, and its tests need a noida-db server.
 LEFT_BEHIND=(plotly plotly-express babe nltk python-dotenv tenacity beartype typeguard fancy-einsum
     transformers-stream-generator cwevals)
 
-# Size: 43 MiB of wheels, 19 of them wandb (its Go service binary) and 13 transformers. Should room run short,
-# transformers is the one to leave behind: the image's 5.17 meets pyproject's >=4.45 and transformer-lens's >=5.9,
-# though the runs then test another version than ours.
+# Size: 31 MiB of wheels, 19 of them wandb (its Go service binary).
 
 PLATFORMS=(manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64)
 
@@ -97,17 +97,24 @@ download() {
 install() {
     PIP_ROOT_USER_ACTION=ignore python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
         --upgrade --target "$SITE" "$WHEELS"/*.whl
+    # neurolight itself, editable, as make venv installs it here: pyproject.toml maps neurolight.callbacks to
+    # callbacks/ and so on, which only its import finder knows (the repo's neurolight/ holds the namespace's
+    # __init__ alone). No network: the image's setuptools builds it.
+    PIP_ROOT_USER_ACTION=ignore PYTHONPATH=$SITE python3 -m pip install -q --no-index --no-deps --no-build-isolation \
+        -e .
     export PYTHONPATH=$SITE
     local report=${OUT:-/tmp}/00_install.log
     mkdir -p "$(dirname "$report")"
     {
         python3 - <<'EOF'
 import importlib
+import importlib.metadata
 
-for name in ("torch", "transformers", "lightning", "jsonargparse", "datasets", "deepspeed", "sae_lens"):
+for name in ("torch", "transformers", "lightning", "jsonargparse", "datasets", "deepspeed", "sae_lens", "neurolight"):
     try:
         module = importlib.import_module(name)
-        print(f"{name:13s} {module.__version__:16s} {module.__file__}")
+        version = getattr(module, "__version__", None) or importlib.metadata.version(name)
+        print(f"{name:13s} {version:16s} {module.__file__}")
     except Exception as error:  # a missing wheel shows here by name; the others still print
         print(f"{name:13s} FAILED: {error!r}")
 import torch
@@ -134,9 +141,17 @@ step() {
     echo "=== $name: exit $rc"
 }
 
+random_smollm2() { # CONFIG_DIR OUT_DIR: a seeded random-weight SmolLM2 saved with its tokenizer (no weights travel)
+    python3 -c 'import sys, torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+torch.manual_seed(0)
+AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(sys.argv[1])).save_pretrained(sys.argv[2])
+AutoTokenizer.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2])' "$1" "$2"
+}
+
 check() {
     [[ -d $SITE ]] || { echo "$SITE is missing: run bash bench/gpu_kit.sh install first" >&2; exit 1; }
-    export PYTHONPATH=$SITE:$PWD PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/gpu_kit_out}
+    export PYTHONPATH=$SITE PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/gpu_kit_out}
     mkdir -p "$OUT"
     local model=$KIT/smollm2-config name steps=("$@")
     ((${#steps[@]})) || steps=(tests eigenscore sae sae-bf16 sae-compile sae-fastest sweep forward send-deepspeed)
@@ -194,16 +209,34 @@ check() {
         # The SEND demo recipe under the DeepSpeed overlay (ZeRO-2, bf16-mixed) on random weights of SmolLM2's
         # shapes, since the real ones (a 94 MB GGUF) do not travel: whether it runs, and its epoch time.
         send-deepspeed)
-            python3 -c 'import sys, torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-torch.manual_seed(0)
-AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(sys.argv[1])).save_pretrained(sys.argv[2])
-AutoTokenizer.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2])' "$model" /tmp/smollm2-random
+            random_smollm2 "$model" /tmp/smollm2-random
             step 05_send_deepspeed 420 python3 -m neurolight fit --config configs/send/demo.yaml \
                 --config configs/trainer/deepspeed.yaml \
                 --model.init_args.model_name /tmp/smollm2-random --data.init_args.model_name /tmp/smollm2-random \
                 --model.init_args.output_dir /tmp/send_deepspeed --trainer.default_root_dir /tmp/send_deepspeed \
                 --trainer.logger.init_args.save_dir /tmp/send_deepspeed
+            ;;
+        # What one 15-minute device lease holds (one ~9-minute call after the machine's start): issue 13's two GPU
+        # benches, shortened (item 1: same and fastest settings, with the forward's share of the bf16 matmul
+        # ceiling; items 2 and 4: the sweep against MultiSAETrainingRunner), then the SEND recipe under DeepSpeed
+        # ZeRO-2 and ZeRO-3 for a few steps each. Each part has its own timeout, so one overrun loses only itself.
+        lease)
+            step 10_sae_fastest 170 python3 bench/sae_throughput.py --device cuda --model "$model" --random-weights \
+                --settings same,fastest --tokens 65536 --repeats 1 --batch-llm 64 --batch-sae 4096 \
+                --json "$OUT/10_sae_fastest.json"
+            step 11_sweep 200 python3 bench/sae_sweep.py --device cuda --model "$model" --random-weights \
+                --sides neurolight,saelens-multi --tokens 131072 --batch-llm 64 --batch-sae 4096 \
+                --json "$OUT/11_sweep.json"
+            random_smollm2 "$model" /tmp/smollm2-random
+            local stage
+            for stage in 2 3; do
+                step "12_send_zero$stage" 70 python3 -m neurolight fit --config configs/send/demo.yaml \
+                    --config configs/trainer/deepspeed.yaml --trainer.strategy.init_args.stage "$stage" \
+                    --trainer.max_epochs 1 --trainer.limit_train_batches 12 --trainer.limit_val_batches 2 \
+                    --model.init_args.model_name /tmp/smollm2-random --data.init_args.model_name /tmp/smollm2-random \
+                    --model.init_args.output_dir "/tmp/send_zero$stage" --trainer.default_root_dir "/tmp/send_zero$stage" \
+                    --trainer.logger.init_args.save_dir "/tmp/send_zero$stage"
+            done
             ;;
         # bench/interpret_throughput.py has no step: its explainer is SmolLM2 with its real weights (the 94 MB
         # GGUF, more than travels), whose explanations and generation lengths are what it measures, and without
@@ -211,7 +244,7 @@ AutoTokenizer.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2])' "$model
         # another workload.
         *)
             echo "unknown step '$name'; steps: tests eigenscore sae sae-bf16 sae-compile sae-fastest sweep forward" \
-                "send-deepspeed" >&2
+                "send-deepspeed lease" >&2
             exit 2
             ;;
         esac
@@ -224,7 +257,7 @@ install) install ;;
 check) check "${@:2}" ;;
 *)
     echo "usage: bash bench/gpu_kit.sh download | install | check [tests eigenscore sae sae-bf16 sae-compile" \
-        "sae-fastest sweep forward send-deepspeed]" >&2
+        "sae-fastest sweep forward send-deepspeed lease]" >&2
     exit 2
     ;;
 esac

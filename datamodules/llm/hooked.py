@@ -20,6 +20,7 @@ an exception).
 from __future__ import annotations
 
 import difflib
+import inspect
 import warnings
 from collections.abc import Callable
 from typing import NamedTuple
@@ -242,12 +243,14 @@ class HookedLLM:
 
         inputs_embeds = torch.empty(*input_ids.shape, 0, device=input_ids.device, dtype=self.model.dtype)
         position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+        # transformers renamed the cache argument (past_key_values up to 5.17, cache since); both mean "none" here.
+        no_cache = {"cache": None} if "cache" in inspect.signature(create_causal_mask).parameters else {}
         return create_causal_mask(
             config=self.model.config,
             inputs_embeds=inputs_embeds,
             attention_mask=None,
-            cache=None,
             position_ids=position_ids,
+            **(no_cache or {"past_key_values": None}),
         )
 
     def _forward_to_site(self, input_ids: Tensor, causal_mask) -> Tensor:
