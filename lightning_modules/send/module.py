@@ -18,14 +18,17 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from contextlib import nullcontext
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from neurolight.datamodules.llm import zero
 from neurolight.datamodules.llm.models import MODELS, load_causal_lm, resolve_model
+from neurolight.lightning_modules.send.prefix_cache import FrozenPrefixCache, check_cacheable_prefix
 
 TRAINING_CONFIG = "training_config.json"
 
@@ -103,6 +106,24 @@ def select_sensitive(scores: Tensor, fraction: float) -> Tensor:
     return torch.topk(scores, k).indices.sort().values
 
 
+@torch.no_grad()
+def logits_are_head_of_hidden(model: nn.Module) -> bool:
+    """Whether ``model``'s logits are its output embedding applied to its decoder's last hidden state, checked on a
+    3-token probe: true for Llama, Mistral and Qwen; false where a soft-cap or logit scale follows the head."""
+    head, decoder = model.get_output_embeddings(), model.get_decoder()
+    if head is None or decoder is None:
+        return False
+    ids = torch.arange(1, 4, device=head.weight.device).unsqueeze(0) % model.config.vocab_size
+    was_training = model.training
+    model.eval()
+    try:
+        full = model(input_ids=ids, use_cache=False).logits
+        ours = head(decoder(input_ids=ids, use_cache=False).last_hidden_state)
+    finally:
+        model.train(was_training)
+    return full.shape == ours.shape and torch.equal(full, ours)  # the same kernels on the same shapes
+
+
 # ------------------------------------------------------------------------------------------------- module
 class SendModule(pl.LightningModule):
     def __init__(
@@ -114,6 +135,7 @@ class SendModule(pl.LightningModule):
         freeze_layers: int = 0,
         freeze_embeddings: bool = False,
         gradient_checkpointing: bool = False,
+        cache_frozen_prefix: bool = False,
         output_dir: str = "output",
         run_name: str | None = None,
         overwrite: bool = False,
@@ -134,6 +156,10 @@ class SendModule(pl.LightningModule):
             freeze_embeddings: Also freeze the input embeddings (with tied embeddings, the LM head too); with
                 ``freeze_layers`` this skips the backward pass through the frozen layers altogether.
             gradient_checkpointing: Recompute activations in the backward pass (less memory, ~30% more time).
+            cache_frozen_prefix: Keep the input of layer ``freeze_layers`` for every training and validation
+                sequence the first time it is computed, so later epochs run only the trainable layers (the SEND
+                demo: 4 of 30 layers). Needs ``freeze_embeddings`` and a prefix without dropout; not under ZeRO-3.
+                Costs ``tokens x hidden size`` values of CPU memory (docs/send.md, Frozen-prefix cache).
             output_dir: Where the fine-tuned model is written at the end of fit, as
                 ``{output_dir}/{run_name}``.
             run_name: Folder name; default ``{model}_{dataset}_SEND`` (model: the short name, else the last part
@@ -154,6 +180,8 @@ class SendModule(pl.LightningModule):
             raise ValueError(f"freeze_layers={freeze_layers} must be >= 0")
         self.save_hyperparameters()
         self.model: nn.Module | None = None
+        self.prefix_cache: FrozenPrefixCache | None = None
+        self.head_on_labels_only = False  # set by configure_model (see loss)
 
     # ---------------------------------------------------------------------------------------------- model
     def configure_model(self) -> None:
@@ -177,6 +205,12 @@ class SendModule(pl.LightningModule):
         if self.hparams.gradient_checkpointing:
             # Non-reentrant: with frozen embeddings the checkpointed inputs need no grad, which reentrant mishandles.
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self.hparams.cache_frozen_prefix:
+            check_cacheable_prefix(self.model, layers, n)
+            self.prefix_cache = FrozenPrefixCache(n)
+        # Under ZeRO-3 the parameters are partitioned here and cannot run a probe: Hugging Face's forward then.
+        if not any(zero.zero_stage(p) == 3 for p in self.model.parameters()):
+            self.head_on_labels_only = logits_are_head_of_hidden(self.model)
 
     def _load_model(self) -> nn.Module:
         # Inside configure_model Lightning has set the default dtype to the trainer's precision (bf16-true ->
@@ -215,13 +249,35 @@ class SendModule(pl.LightningModule):
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, labels: Tensor | None = None):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
 
+    def loss(self, batch: dict[str, Tensor]) -> Tensor:
+        """Hugging Face's causal-LM loss (mean cross-entropy of the tokens whose label is not -100) on a right-padded
+        training or validation batch, through the prefix cache if on.
+
+        The LM head runs only where a label is kept, i.e. on the answer tokens, not on every position: for SmolLM2
+        (a 49152-token vocabulary) the head cost as much as the 4 trained layers of the demo (docs/send.md,
+        Fine-tuning cost). Models whose logits are not plainly the head of the last hidden state take Hugging
+        Face's own forward instead (``logits_are_head_of_hidden``).
+        """
+        input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+        cache = self.prefix_cache
+        skip = nullcontext() if cache is None else cache.around(decoder_layers(self.model), input_ids, attention_mask)
+        with skip:
+            if not self.head_on_labels_only:
+                return self(**batch).loss
+            decoder = self.model.get_decoder()
+            hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        targets = batch["labels"][:, 1:]  # position t predicts token t + 1
+        kept = targets != -100
+        logits = self.model.get_output_embeddings()(hidden[:, :-1][kept])
+        return F.cross_entropy(logits.float(), targets[kept])
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        loss = self(**batch).loss
+        loss = self.loss(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["input_ids"]))
         return loss
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        loss = self(**batch).loss
+        loss = self.loss(batch)
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(batch["input_ids"]))
 
     def configure_optimizers(self):
