@@ -159,7 +159,7 @@ class SendModule(pl.LightningModule):
             cache_frozen_prefix: Keep the input of layer ``freeze_layers`` for every training and validation
                 sequence the first time it is computed, so later epochs run only the trainable layers (the SEND
                 demo: 4 of 30 layers). Needs ``freeze_embeddings`` and a prefix without dropout; not under ZeRO-3.
-                Costs ``tokens x hidden size`` values of CPU memory (docs/send.md, Frozen-prefix cache).
+                Costs ``tokens x hidden size`` values of CPU memory (docs/send.md, Fine-tuning cost).
             output_dir: Where the fine-tuned model is written at the end of fit, as
                 ``{output_dir}/{run_name}``.
             run_name: Folder name; default ``{model}_{dataset}_SEND`` (model: the short name, else the last part

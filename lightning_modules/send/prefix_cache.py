@@ -11,8 +11,8 @@ Hugging Face decoder works, masks per layer type included.
 
 Padded positions get zeros instead of the prefix's output for the pad tokens. Batches are right-padded and
 attention is causal, so no real token attends to them, and their labels are -100: the loss and every gradient are
-unchanged (tests/send/test_prefix_cache.py checks a fit with and without the cache). docs/send.md, "Frozen-prefix
-cache", has the memory it takes.
+unchanged (tests/send/test_prefix_cache.py checks a fit with and without the cache). The memory it takes:
+docs/send.md, Fine-tuning cost.
 """
 
 from __future__ import annotations
