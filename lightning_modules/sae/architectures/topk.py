@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from neurolight.lightning_modules.sae.architectures.base import Architecture
+from neurolight.lightning_modules.sae.architectures.base import Architecture, least_squares_encoder_scale
 
 
 def row_topk(pre_acts: Tensor, k: int) -> Tensor:
@@ -21,7 +21,13 @@ class TopK(Architecture):
     sparsity_setting = "k"
     raise_for_sparsity = False
 
-    def __init__(self, k: int = 32, auxk_coefficient: float = 1 / 32, k_aux: int | None = None) -> None:
+    def __init__(
+        self,
+        k: int = 32,
+        auxk_coefficient: float = 1 / 32,
+        k_aux: int | None = None,
+        encoder_init_scale: float | None = None,
+    ) -> None:
         """
         Args:
             k: Latents kept active per token; lower it for a lower L0. Gao et al. 2024 train most of their SAEs
@@ -29,16 +35,33 @@ class TopK(Architecture):
             auxk_coefficient: Weight of the AuxK loss, which lets dead latents model the reconstruction's residual
                 (Gao et al. 2024, appendix A.2: 1/32).
             k_aux: Dead latents the AuxK loss uses per token; default d_in / 2 (Gao et al. 2024, appendix A.2).
+            encoder_init_scale: The encoder starts as this multiple of the unit-norm decoder (tied initialisation).
+                None: the multiple that best reconstructs random unit-norm inputs at initialisation (least squares;
+                0.81 at k = 16 and 0.46 at k = 128 for d_in = 576, d_sae = 4608), so that a large k does not start
+                from reconstructions longer than their inputs (docs/sae.md, Initialisation). 1.0: W_enc = W_dec.
         """
         if k < 1:
             raise ValueError(f"k={k} must be at least 1")
         if k_aux is not None and k_aux < 1:
             raise ValueError(f"k_aux={k_aux} must be at least 1")
+        if encoder_init_scale is not None and not encoder_init_scale > 0:
+            raise ValueError(
+                f"encoder_init_scale={encoder_init_scale} must be positive, or None for the least-squares one"
+            )
         self.k, self.auxk_coefficient, self.k_aux = k, auxk_coefficient, k_aux
+        self.encoder_init_scale = encoder_init_scale
 
     def check(self, d_in: int, d_sae: int) -> None:
         if self.k > d_sae:
             raise ValueError(f"k={self.k} is out of range; it must be between 1 and d_sae={d_sae}")
+
+    def tied_encoder_scale(self, sae) -> float:
+        # Gao et al. 2024's released code scales the tied encoder at init so that random unit-norm inputs give
+        # reconstructions of unit mean norm; the least-squares scale, which also discounts the part of the
+        # reconstruction that is not along the input, trained better here at every k (docs/sae.md, Initialisation).
+        if self.encoder_init_scale is not None:
+            return self.encoder_init_scale
+        return least_squares_encoder_scale(sae)
 
     def activation(self, sae, pre_acts: Tensor, update: bool) -> Tensor:
         return row_topk(pre_acts, self.k)
