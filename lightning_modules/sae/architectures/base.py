@@ -12,7 +12,6 @@ import inspect
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, ClassVar, NamedTuple
 
-import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
@@ -33,26 +32,6 @@ def remove_parallel_component(grad: Tensor, weight: Tensor) -> Tensor:
     the step, so that the step does not spend itself on a norm the renormalisation would undo)."""
     direction = unit_norm_rows(weight)
     return grad - (grad * direction).sum(1, keepdim=True) * direction
-
-
-@torch.no_grad()
-def least_squares_encoder_scale(sae: SparseAutoencoder, probes: int = 256, seed: int = 0) -> float:
-    """The c > 0 that minimises sum ||u - c x_hat(u)||^2 over ``probes`` random unit-norm inputs u, x_hat(u) being the
-    reconstruction with the encoder tied to the decoder (W_enc = W_dec, biases 0): c = sum <u, x_hat> / sum ||x_hat||^2.
-
-    With W_enc = c W_dec the reconstruction is c x_hat(u) for an activation that commutes with scaling by c > 0
-    (ReLU, TopK, BatchTopK: the same latents are kept). The probes come from a generator of their own, so the global
-    RNG (the next SAE's initialisation, the data order) does not move; they go through in chunks of 64, so the
-    pre-activations of a wide SAE stay small."""
-    weight = sae.W_dec.detach().float()
-    generator = torch.Generator(device=weight.device).manual_seed(seed)
-    u = torch.randn(probes, sae.d_in, generator=generator, device=weight.device)
-    u = u / u.norm(dim=1, keepdim=True)
-    along, length = 0.0, 0.0
-    for chunk in u.split(64):
-        x_hat = sae.architecture.activation(sae, chunk @ weight.T, update=False) @ weight
-        along, length = along + float((chunk * x_hat).sum()), length + float(x_hat.pow(2).sum())
-    return along / length if along > 0 and length > 0 else 1.0
 
 
 class ResampleReset(NamedTuple):
