@@ -78,7 +78,7 @@ class TopK(Architecture):
     def tied_encoder_scale(self, sae) -> float:
         # Gao et al. 2024's released code scales the tied encoder at init so that random unit-norm inputs give
         # reconstructions of unit mean norm; the least-squares scale, which also discounts the part of the
-        # reconstruction that is not along the input, trained better here at every k (docs/sae.md, Initialisation).
+        # reconstruction that is not along the input, trained better at k = 16 and 128 (docs/sae.md, Initialisation).
         if self.encoder_init_scale is not None:
             return self.encoder_init_scale
         return least_squares_encoder_scale(sae)
