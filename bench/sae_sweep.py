@@ -37,8 +37,9 @@ dtype in its store (a bf16 LLM gives bf16 activations); the sequential SAELens s
 every SAE (it is part of its cost); neurolight sums the 8 losses into one backward and steps one Adam with a group per
 SAE (each SAE still gets its own loss's gradient and its own Adam state), SAELens steps 8 optimizers. At a few
 thousand tokens (a CPU-sized run: 16-32 steps, inside the 20-step warm-up) the EVs say whether the two train alike
-from the same start, not what either reaches; the init differs (neurolight: decoder rows of unit norm, encoder tied;
-SAELens: its own TopK init).
+from the same start, not what either reaches; the init differs (neurolight: decoder rows of unit norm, the encoder tied
+at the least-squares scale of docs/sae.md, Initialisation; SAELens: decoder rows of norm 0.1, the encoder tied to them,
+decoder norms folded into the TopK selection).
 """
 
 from __future__ import annotations

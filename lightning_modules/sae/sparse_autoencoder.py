@@ -124,11 +124,12 @@ class SparseAutoencoder(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Unit-norm random decoder rows, encoder tied to them, zero biases (draws from torch's global RNG)."""
+        """Unit-norm random decoder rows, encoder tied to them (times the architecture's ``tied_encoder_scale``), zero
+        biases (draws the decoder from torch's global RNG)."""
         nn.init.kaiming_uniform_(self.W_dec)
         self.normalize_decoder_()
         # Tied init (Anthropic, April 2024 update; Gao et al. 2024, section 2.4) starts every latent live.
-        self.W_enc.copy_(self.W_dec)
+        self.W_enc.copy_(self.W_dec * self.architecture.tied_encoder_scale(self))
         self.b_enc.zero_()
         self.b_dec.zero_()
 

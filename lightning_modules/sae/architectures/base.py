@@ -83,6 +83,11 @@ class Architecture(ABC):
         """Raise a ValueError naming the setting when the settings do not fit an SAE of these sizes."""
         return None
 
+    # ---------------------------------------------------------------------------------------------------- init
+    def tied_encoder_scale(self, sae: SparseAutoencoder) -> float:
+        """The multiple of the unit-norm decoder that the encoder starts from (tied initialisation); 1 by default."""
+        return 1.0
+
     # ------------------------------------------------------------------------------------------------- tensors
     def tensors(self, d_in: int, d_sae: int) -> dict[str, Tensor]:
         """Extra tensors the SAE registers under these names: ``nn.Parameter``s are trained, plain tensors are

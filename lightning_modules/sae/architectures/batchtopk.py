@@ -16,7 +16,12 @@ class BatchTopK(TopK):
     the latents above a running estimate of the smallest kept activation (buffer ``threshold``)."""
 
     def __init__(
-        self, k: int = 32, auxk_coefficient: float = 1 / 32, k_aux: int | None = None, threshold_momentum: float = 0.99
+        self,
+        k: int = 32,
+        auxk_coefficient: float = 1 / 32,
+        k_aux: int | None = None,
+        threshold_momentum: float = 0.99,
+        encoder_init_scale: float | None = None,
     ) -> None:
         """
         Args:
@@ -26,8 +31,10 @@ class BatchTopK(TopK):
             k_aux: Dead latents the AuxK loss uses per token; default d_in / 2.
             threshold_momentum: Momentum of the exponential moving average of the smallest kept activation, the
                 threshold used at inference.
+            encoder_init_scale: The encoder starts as this multiple of the unit-norm decoder; None: the
+                least-squares multiple, as for TopK (docs/sae.md, Initialisation). 1.0: W_enc = W_dec.
         """
-        super().__init__(k, auxk_coefficient, k_aux)
+        super().__init__(k, auxk_coefficient, k_aux, encoder_init_scale)
         if not 0 <= threshold_momentum <= 1:
             raise ValueError(f"threshold_momentum={threshold_momentum} must be in [0, 1]")
         self.threshold_momentum = threshold_momentum

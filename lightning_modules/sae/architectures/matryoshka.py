@@ -23,6 +23,7 @@ class MatryoshkaBatchTopK(BatchTopK):
         auxk_coefficient: float = 1 / 32,
         k_aux: int | None = None,
         threshold_momentum: float = 0.99,
+        encoder_init_scale: float | None = None,
     ) -> None:
         """
         Args:
@@ -33,8 +34,10 @@ class MatryoshkaBatchTopK(BatchTopK):
             k_aux: Dead latents the AuxK loss uses per token; default d_in / 2.
             threshold_momentum: Momentum of the exponential moving average of the smallest kept activation, the
                 threshold used at inference.
+            encoder_init_scale: The encoder starts as this multiple of the unit-norm decoder; None: the
+                least-squares multiple, as for TopK (docs/sae.md, Initialisation). 1.0: W_enc = W_dec.
         """
-        super().__init__(k, auxk_coefficient, k_aux, threshold_momentum)
+        super().__init__(k, auxk_coefficient, k_aux, threshold_momentum, encoder_init_scale)
         if group_sizes is not None and (not group_sizes or min(group_sizes) < 1):
             raise ValueError(f"group_sizes={group_sizes} must be a non-empty list of positive sizes")
         self.group_sizes = None if group_sizes is None else list(group_sizes)
