@@ -100,8 +100,9 @@ class Architecture(ABC):
         inference uses the training rule."""
         return None
 
-    def encode_decode(self, sae: SparseAutoencoder, pre_acts: Tensor, update: bool) -> tuple[Tensor, Tensor]:
-        """``(latents, x_hat)`` of a forward pass; override to decode faster where the latents' structure allows."""
+    def encode_decode(self, sae: SparseAutoencoder, x: Tensor, pre_acts: Tensor, update: bool) -> tuple[Tensor, Tensor]:
+        """``(latents, x_hat)`` of a forward pass on ``x`` (batch, d_in) with pre-activations ``pre_acts``; override
+        to encode or decode faster where the latents' structure allows (``sparse_encoder.gather_pre_acts``)."""
         latents = sae.activate(pre_acts, update)
         return latents, sae.decode(latents)
 
