@@ -378,11 +378,25 @@ class SparseAutoencoderModule(pl.LightningModule):
 
     # ------------------------------------------------------------------------------------------ optimiser
     def configure_optimizers(self):
-        optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.learning_rate, betas=self.hparams.adam_betas)
+        optimizer = adam(self.parameters(), lr=self.hparams.learning_rate, betas=self.hparams.adam_betas)
         if not self.hparams.lr_warmup_steps:
             return optimizer
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup(self.hparams.lr_warmup_steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+_FUSED_ADAM_DEVICES = ("cpu", "cuda")
+
+
+def adam(params, **settings) -> torch.optim.Adam:
+    """``torch.optim.Adam(params, **settings)`` (parameters or parameter groups), fused where all the parameters are
+    on a device with torch's fused Adam kernel (``fused=True``: one pass over each tensor instead of about ten
+    elementwise ones, which on CPU took longer than an SAE's backward). The same update to float rounding; the
+    state (``exp_avg``, ``exp_avg_sq``, ``step``) keeps its names, so checkpoints load either way."""
+    params = list(params)
+    tensors = [p for group in params for p in group["params"]] if isinstance(params[0], dict) else params
+    fused = all(p.device.type in _FUSED_ADAM_DEVICES and p.is_floating_point() for p in tensors)
+    return torch.optim.Adam(params, fused=fused, **settings)
 
 
 def linear_warmup(steps: int):
