@@ -25,8 +25,8 @@ from neurolight.lightning_modules.sae.architectures import (
     Architecture,
     ReLU,
     architecture_config,
-    remove_parallel_component,
-    unit_norm_rows,
+    remove_parallel_component_,
+    unit_norm_rows_,
 )
 from neurolight.lightning_modules.sae.metrics import ExplainedVariance, explained_variance
 from neurolight.lightning_modules.sae.sparse_autoencoder import SaeOutput, SparseAutoencoder
@@ -313,7 +313,7 @@ class SparseAutoencoderModule(pl.LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         if self.sae.normalize_decoder:
-            zero.update_grad(self.sae.W_dec, remove_parallel_component)
+            zero.update_grad(self.sae.W_dec, remove_parallel_component_)
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
@@ -323,7 +323,7 @@ class SparseAutoencoderModule(pl.LightningModule):
         """Right after the optimiser step (Towards Monosemanticity: decoder rows at unit norm), before any callback's
         on_train_batch_end: a step checkpoint then holds the renormalised decoder that the next step starts from."""
         if self.sae.normalize_decoder:
-            zero.update_param(self.sae.W_dec, unit_norm_rows)
+            zero.update_param(self.sae.W_dec, unit_norm_rows_)
 
     # ------------------------------------------------------------------------------------- inside a sweep
     def attach_to_sweep(self, sweep: pl.LightningModule, name: str) -> None:
