@@ -76,12 +76,16 @@ def set_param(param: nn.Parameter, value: Tensor) -> None:
 
 
 def update_param(param: nn.Parameter, fn: Callable[[Tensor], Tensor]) -> None:
+    """Replace the parameter w by ``fn(w)``; ``fn`` may write into its argument and return it (in place, without a
+    copy, where ZeRO does not partition the parameter)."""
     with torch.no_grad():
-        set_param(param, fn(full_param(param).clone()))
+        value = full_param(param)
+        set_param(param, fn(value.clone() if zero_stage(param) else value))
 
 
 def update_grad(param: nn.Parameter, fn: Callable[[Tensor, Tensor], Tensor]) -> None:
-    """Replace the gradient g by ``fn(g, param)``; a no-op where the parameter has no gradient yet."""
+    """Replace the gradient g by ``fn(g, param)``; a no-op where the parameter has no gradient yet. ``fn`` may write
+    into g and return it."""
     with torch.no_grad():
         if not zero_stage(param):
             if param.grad is not None:

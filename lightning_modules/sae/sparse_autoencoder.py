@@ -169,7 +169,7 @@ class SparseAutoencoder(nn.Module):
         if x.ndim != 2:
             raise ValueError(f"forward takes x of shape (batch, d_in), got {tuple(x.shape)}; flatten tokens first")
         pre_acts = self._pre_acts(x)
-        latents, x_hat = self.architecture.encode_decode(self, pre_acts, update=self.training)
+        latents, x_hat = self.architecture.encode_decode(self, x, pre_acts, update=self.training)
         mse = (x - x_hat).pow(2).sum(-1).mean()
         reconstruction = self.architecture.reconstruction_loss(self, x, latents, mse)
         sparsity = self.architecture.sparsity_loss(self, pre_acts, latents)

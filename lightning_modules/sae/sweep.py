@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from neurolight.lightning_modules.sae.architectures import Architecture, TopK, build_architecture
-from neurolight.lightning_modules.sae.module import SparseAutoencoderModule, linear_warmup
+from neurolight.lightning_modules.sae.module import SparseAutoencoderModule, adam, linear_warmup
 from neurolight.lightning_modules.sae.sweep_ranks import gather_batch, plan_owners, spread_training_step
 
 
@@ -177,7 +177,7 @@ class SparseAutoencoderSweep(pl.LightningModule):
         for unit in self.units.values():
             groups.append({"params": list(unit.parameters()), "lr": unit.hparams.learning_rate})
             warmups.append(unit.hparams.lr_warmup_steps)
-        optimizer = torch.optim.Adam(groups, betas=self.hparams.adam_betas)
+        optimizer = adam(groups, betas=self.hparams.adam_betas)
         if not any(warmups):
             return optimizer
         schedules = [linear_warmup(steps) for steps in warmups]

@@ -9,6 +9,7 @@ import torch
 from neurolight.callbacks import DeadLatentResampler
 from neurolight.lightning_modules import SparseAutoencoderModule
 from neurolight.lightning_modules.sae.metrics import explained_variance
+from neurolight.lightning_modules.sae.module import adam
 from tests.helpers.sae import build_tiny_corpus, make_datamodule, make_module, make_trainer
 
 
@@ -330,3 +331,30 @@ def test_explained_variance_metric__is_the_whole_sets_not_a_mean_of_batch_ratios
     assert torch.allclose(metric.compute(), explained_variance(x, x_hat), atol=1e-6)
     mean_of_ratios = sum(explained_variance(a, b) for a, b in zip(batches, reconstructions)) / 2
     assert abs(float(mean_of_ratios - metric.compute())) > 0.01
+
+
+def test_adam__fused_on_cpu_with_the_update_of_torchs_loop_adam():
+    """``module.adam`` takes parameters or groups; on CPU it is torch's fused Adam, whose steps (and moments) equal
+    the per-tensor loop's to float rounding."""
+    torch.manual_seed(0)
+    shapes = [(48, 16), (48,), (48, 16), (16,)]
+    start = [torch.randn(shape) for shape in shapes]
+    fused_params, loop_params = ([torch.nn.Parameter(t.clone()) for t in start] for _ in range(2))
+    fused = adam(
+        [{"params": fused_params[:2], "lr": 3e-3}, {"params": fused_params[2:], "lr": 1e-3}], betas=(0.9, 0.99)
+    )
+    loop = torch.optim.Adam(
+        [{"params": loop_params[:2], "lr": 3e-3}, {"params": loop_params[2:], "lr": 1e-3}],
+        betas=(0.9, 0.99), foreach=False, fused=False,
+    )  # fmt: skip
+    assert fused.defaults["fused"] and adam(torch.nn.Linear(2, 2).parameters(), lr=1e-3).defaults["fused"]
+    for _ in range(20):
+        grads = [torch.randn(shape) for shape in shapes]
+        for params, optimizer in ((fused_params, fused), (loop_params, loop)):
+            for param, grad in zip(params, grads):
+                param.grad = grad.clone()
+            optimizer.step()
+    for a, b in zip(fused_params, loop_params):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(fused.state[a][key], loop.state[b][key], rtol=1e-6, atol=1e-7)

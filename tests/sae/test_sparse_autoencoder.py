@@ -9,7 +9,16 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from neurolight.lightning_modules.sae.architectures import BatchTopK, JumpReLU, ReLU, TopK
+from neurolight.lightning_modules.sae.architectures import (
+    BatchTopK,
+    JumpReLU,
+    ReLU,
+    TopK,
+    remove_parallel_component,
+    remove_parallel_component_,
+    unit_norm_rows,
+    unit_norm_rows_,
+)
 from neurolight.lightning_modules.sae.sparse_autoencoder import SaeOutput, SparseAutoencoder
 from tests.helpers.sae import synthetic_sparse_data, train_sae
 
@@ -193,6 +202,18 @@ def test_remove_parallel_decoder_grad__leaves_grad_orthogonal_to_each_row():
     removed = grad - sae.W_dec.grad
     cosine = F.cosine_similarity(removed, rows, dim=1).abs()
     close(cosine, torch.ones(D_SAE), tol=1e-4)  # only the parallel part was taken away
+
+
+def test_in_place_decoder_constraint__equals_the_out_of_place_one_and_writes_its_argument():
+    generator = torch.Generator().manual_seed(3)
+    weight = torch.randn(D_SAE, D_IN, generator=generator) * torch.linspace(0.1, 3.0, D_SAE)[:, None]
+    weight[7] = 0  # a zero row stays zero (the norm's floor), in both forms
+    grad = torch.randn(D_SAE, D_IN, generator=generator)
+    projected, normalised = grad.clone(), weight.clone()
+    assert remove_parallel_component_(projected, weight) is projected and unit_norm_rows_(normalised) is normalised
+    close(projected, remove_parallel_component(grad, weight))
+    close(normalised, unit_norm_rows(weight))
+    assert not normalised[7].any() and torch.equal(projected[7], grad[7])
 
 
 def test_adam_step_then_normalize_decoder__rows_are_unit_norm():

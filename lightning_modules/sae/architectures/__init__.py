@@ -14,7 +14,9 @@ from neurolight.lightning_modules.sae.architectures.base import (
     Architecture,
     ResampleReset,
     remove_parallel_component,
+    remove_parallel_component_,
     unit_norm_rows,
+    unit_norm_rows_,
 )
 from neurolight.lightning_modules.sae.architectures.batchtopk import BatchTopK
 from neurolight.lightning_modules.sae.architectures.jumprelu import JumpReLU
@@ -39,7 +41,9 @@ __all__ = [
     "architecture_name",
     "build_architecture",
     "remove_parallel_component",
+    "remove_parallel_component_",
     "unit_norm_rows",
+    "unit_norm_rows_",
     *(cls.__name__ for cls in ARCHITECTURES.values()),
 ]
 

@@ -12,6 +12,7 @@ import inspect
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, ClassVar, NamedTuple
 
+import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
@@ -32,6 +33,19 @@ def remove_parallel_component(grad: Tensor, weight: Tensor) -> Tensor:
     the step, so that the step does not spend itself on a norm the renormalisation would undo)."""
     direction = unit_norm_rows(weight)
     return grad - (grad * direction).sum(1, keepdim=True) * direction
+
+
+def unit_norm_rows_(weight: Tensor) -> Tensor:
+    """``unit_norm_rows`` in place, returning ``weight``: no (d_sae, d_in) temporaries, which on CPU cost more than
+    the arithmetic (the decoder constraint after every step)."""
+    return weight.div_(weight.norm(dim=1, keepdim=True).clamp_min(UNIT_NORM_EPS))
+
+
+def remove_parallel_component_(grad: Tensor, weight: Tensor) -> Tensor:
+    """``remove_parallel_component`` in place, returning ``grad``: (g . d) d with d = w / |w| is (g . w) w / |w|^2,
+    so the unit directions need not be formed."""
+    scale = torch.linalg.vecdot(grad, weight) / weight.norm(dim=1).clamp_min(UNIT_NORM_EPS).square()
+    return grad.addcmul_(weight, scale.unsqueeze(1), value=-1)
 
 
 class ResampleReset(NamedTuple):
@@ -105,8 +119,9 @@ class Architecture(ABC):
         inference uses the training rule."""
         return None
 
-    def encode_decode(self, sae: SparseAutoencoder, pre_acts: Tensor, update: bool) -> tuple[Tensor, Tensor]:
-        """``(latents, x_hat)`` of a forward pass; override to decode faster where the latents' structure allows."""
+    def encode_decode(self, sae: SparseAutoencoder, x: Tensor, pre_acts: Tensor, update: bool) -> tuple[Tensor, Tensor]:
+        """``(latents, x_hat)`` of a forward pass on ``x`` (batch, d_in) with pre-activations ``pre_acts``; override
+        to encode or decode faster where the latents' structure allows (``sparse_encoder.gather_pre_acts``)."""
         latents = sae.activate(pre_acts, update)
         return latents, sae.decode(latents)
 

@@ -7,6 +7,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from neurolight.lightning_modules.sae.architectures.base import Architecture
+from neurolight.lightning_modules.sae.architectures.sparse_encoder import gather_pre_acts
 
 
 def row_topk(pre_acts: Tensor, k: int) -> Tensor:
@@ -86,11 +87,12 @@ class TopK(Architecture):
     def activation(self, sae, pre_acts: Tensor, update: bool) -> Tensor:
         return row_topk(pre_acts, self.k)
 
-    def encode_decode(self, sae, pre_acts: Tensor, update: bool) -> tuple[Tensor, Tensor]:
-        # Only k of d_sae latents are nonzero: decoding by gathering their rows costs k/d_sae of the dense
-        # product, forward and backward (Gao et al. 2024 use a sparse kernel for the same reason).
-        values, indices = pre_acts.topk(self.k, dim=-1, sorted=False)
-        values = F.relu(values)
+    def encode_decode(self, sae, x: Tensor, pre_acts: Tensor, update: bool) -> tuple[Tensor, Tensor]:
+        # Only k of d_sae latents are nonzero: decoding by gathering their rows, and the encoder's backward by
+        # touching only theirs, costs k/d_sae of the dense products (Gao et al. 2024 use sparse kernels for the
+        # same reason).
+        indices = pre_acts.detach().topk(self.k, dim=-1, sorted=False).indices
+        values = F.relu(gather_pre_acts(sae, x, pre_acts, indices))
         latents = torch.zeros_like(pre_acts).scatter(-1, indices, values)
         return latents, sae.decode_sparse(indices, values) + sae.b_dec
 
@@ -102,9 +104,10 @@ class TopK(Architecture):
         k_aux = max(1, sae.d_in // 2) if self.k_aux is None else self.k_aux
         # Gao et al. 2024, section A.2: the top k_aux dead latents model the main reconstruction's residual,
         # giving dead latents a gradient that points where live ones fall short.
-        values, indices = pre_acts.masked_fill(~dead, float("-inf")).topk(min(k_aux, n_dead), dim=-1)
+        indices = pre_acts.detach().masked_fill(~dead, float("-inf")).topk(min(k_aux, n_dead), dim=-1).indices
+        values = F.relu(gather_pre_acts(sae, x, pre_acts, indices))
         residual = x - x_hat.detach()
-        error = (residual - sae.decode_sparse(indices, F.relu(values))).pow(2).sum(-1).mean()
+        error = (residual - sae.decode_sparse(indices, values)).pow(2).sum(-1).mean()
         # Normalised like OpenAI's normalized MSE, so auxk_coefficient does not depend on the residual's scale.
         # A residual with no variance (e.g. a batch of one) gives nothing to normalise by: the loss is 0 there,
         # with a safe denominator so that the unused branch's gradient is not NaN.

@@ -1,0 +1,100 @@
+"""The encoder's pre-activations at a few selected entries, with a backward that touches only those entries.
+
+TopK (and AuxK, BatchTopK) pass on a handful of the encoder's pre-activations ``pre = (x - b_dec) @ W_enc.T + b_enc``
+(batch, d_sae): ``k`` per token out of ``d_sae``. Autograd through the dense product would scatter their gradient
+``g`` into a dense (batch, d_sae) matrix ``G`` and spend two dense products on it, ``G.T @ (x - b_dec)`` and
+``G @ W_enc``, as costly as the forward product. With ``G`` zero outside M selected entries ``(n, j)``:
+
+    dL/dW_enc[j] = sum_{(n, j)} g_nj (x_n - b_dec)        (M * d_in multiply-adds, each latent's entries summed)
+    dL/db_enc[j] = sum_{(n, j)} g_nj = s_j
+    dL/db_dec    = -sum_n dL/dx_n = -s @ W_enc             (one (d_sae,) x (d_sae, d_in) product)
+    dL/dx_n      = sum_{(n, j)} g_nj W_enc[j]
+
+the same sums without the zeros (sparsify's ``fused_encoder.py`` does the same for its TopK encoder, through
+``index_add_``; here the per-latent sums are an ``embedding_bag`` over the entries sorted by latent, which needs no
+(M, d_in) intermediate and no host synchronisation).
+
+Under autocast the dense path multiplies ``x - b_dec`` and ``W_enc`` rounded to the autocast dtype (bf16), adds
+``b_enc`` in float32, and its backward rounds the gradient reaching the product to that dtype too; this backward
+rounds the same operands the same way but accumulates in float32 (the dense path rounds its products' outputs to
+bf16 as well): it equals the dense computation on the rounded operands to float32 precision.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+if TYPE_CHECKING:
+    from neurolight.lightning_modules.sae.sparse_autoencoder import SparseAutoencoder
+
+
+def gather_pre_acts(sae: SparseAutoencoder, x: Tensor, pre_acts: Tensor, indices: Tensor) -> Tensor:
+    """``pre_acts.gather(-1, indices)`` (batch, m), differentiable with respect to ``x``, ``sae.b_dec``,
+    ``sae.W_enc`` and ``sae.b_enc`` at the cost of the m gathered entries per row instead of all d_sae.
+
+    ``pre_acts`` (batch, d_sae) must be ``sae``'s pre-activations of ``x`` (batch, d_in), computed in the same
+    autocast state; its own gradient, if any, is bypassed, not used."""
+    rows = torch.arange(len(indices), device=indices.device).unsqueeze(1).expand_as(indices)
+    return gather_pre_acts_at(sae, x, pre_acts, rows.reshape(-1), indices.reshape(-1)).view(indices.shape)
+
+
+def gather_pre_acts_at(sae: SparseAutoencoder, x: Tensor, pre_acts: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    """``pre_acts[rows, cols]`` (M,) for M entries given by token ``rows`` and latent ``cols`` (both (M,)), as
+    ``gather_pre_acts``; any number of entries per token (BatchTopK)."""
+    device = x.device.type
+    autocast = torch.is_autocast_enabled(device)
+    dtype = torch.get_autocast_dtype(device) if autocast else torch.result_type(x, sae.W_enc)
+    return _PreActsAt.apply(pre_acts.detach(), rows, cols, x, sae.b_dec, sae.W_enc, sae.b_enc, dtype)
+
+
+class _PreActsAt(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, pre_acts, rows, cols, x, b_dec, W_enc, b_enc, dtype):
+        ctx.save_for_backward(rows, cols, x, b_dec, W_enc)
+        ctx.dtype, ctx.b_enc_dtype = dtype, b_enc.dtype
+        return pre_acts[rows, cols]
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows, cols, x, b_dec, W_enc = ctx.saved_tensors
+        _, _, _, need_x, need_b_dec, need_W_enc, need_b_enc, _ = ctx.needs_input_grad
+        d_sae = W_enc.shape[0]
+        grad_x = grad_b_dec = grad_W_enc = grad_b_enc = None
+        with torch.autocast(x.device.type, enabled=False):
+            # b_enc is added after the product, in float32: its gradient is not rounded.
+            if need_b_enc:
+                grad_b_enc = torch.zeros(d_sae, dtype=grad.dtype, device=grad.device).index_add_(0, cols, grad)
+            # The product's operands as the forward rounded them; sums in float32.
+            g = grad.to(ctx.dtype).float()
+            if need_W_enc:
+                centred = (x - b_dec).to(ctx.dtype).float()
+                sorted_cols, order = cols.sort()
+                offsets = torch.searchsorted(sorted_cols, torch.arange(d_sae, device=cols.device))
+                grad_W_enc = F.embedding_bag(rows[order], centred, offsets, per_sample_weights=g[order], mode="sum")
+            if need_x or need_b_dec:
+                weight = W_enc.to(ctx.dtype).float()
+            if need_b_dec:
+                s = torch.zeros(d_sae, dtype=g.dtype, device=g.device).index_add_(0, cols, g)
+                grad_b_dec = -(s @ weight)
+            if need_x:
+                sorted_rows, order = rows.sort()
+                offsets = torch.searchsorted(sorted_rows, torch.arange(len(x), device=rows.device))
+                grad_x = F.embedding_bag(cols[order], weight, offsets, per_sample_weights=g[order], mode="sum")
+        return (
+            None,
+            None,
+            None,
+            _like(grad_x, x),
+            _like(grad_b_dec, b_dec),
+            _like(grad_W_enc, W_enc),
+            None if grad_b_enc is None else grad_b_enc.to(ctx.b_enc_dtype),
+            None,
+        )
+
+
+def _like(grad: Tensor | None, input: Tensor) -> Tensor | None:
+    return None if grad is None else grad.to(input.dtype)

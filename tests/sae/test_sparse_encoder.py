@@ -1,0 +1,117 @@
+"""The sparse encoder backward (``architectures/sparse_encoder.py``): the gradients of the gathered pre-activations
+equal those of dense autograd through ``(x - b_dec) @ W_enc.T + b_enc``, in float32 and under bf16 autocast, for
+the gather alone and for a whole TopK SAE with and without AuxK's dead latents."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from neurolight.lightning_modules.sae.architectures import TopK, topk
+from neurolight.lightning_modules.sae.architectures.sparse_encoder import gather_pre_acts, gather_pre_acts_at
+from neurolight.lightning_modules.sae.sparse_autoencoder import SparseAutoencoder
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+D_IN, D_SAE, BATCH, M = 24, 96, 40, 7
+
+
+def make_sae(seed: int = 0, **settings) -> SparseAutoencoder:
+    torch.manual_seed(seed)
+    sae = SparseAutoencoder(D_IN, D_SAE, TopK(**{"k": 6, "k_aux": 9, **settings}))
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.3)
+        sae.b_dec.normal_(0, 0.2)
+    return sae
+
+
+def leaves(seed: int = 1) -> tuple[SparseAutoencoder, torch.Tensor]:
+    """A fresh SAE (always the same weights) and input, so each computation gets its own gradients."""
+    x = torch.randn(BATCH, D_IN, generator=torch.Generator().manual_seed(seed))
+    return make_sae(), x.requires_grad_()
+
+
+def grads(sae: SparseAutoencoder, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {"x": x.grad, "b_dec": sae.b_dec.grad, "W_enc": sae.W_enc.grad, "b_enc": sae.b_enc.grad}
+
+
+def selection() -> tuple[torch.Tensor, torch.Tensor]:
+    """(BATCH, M) distinct latents per row, many shared between rows, and an upstream gradient for each."""
+    generator = torch.Generator().manual_seed(2)
+    indices = torch.stack([torch.randperm(D_SAE // 3, generator=generator)[:M] * 3 for _ in range(BATCH)])
+    return indices, torch.randn(BATCH, M, generator=generator)
+
+
+def rounded(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` rounded to ``dtype`` and back, with an identity gradient: the cast autocast applies to an operand."""
+    return t + (t.to(dtype).float() - t).detach()
+
+
+def reference_pre_acts(sae: SparseAutoencoder, x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """The dense pre-activations by plain float32 autograd; with ``dtype``, the product's operands and the gradient
+    reaching it rounded to it as autocast rounds them (the product itself in float32: no output rounding)."""
+    centred, weight = x - sae.b_dec, sae.W_enc
+    if dtype is None:
+        return centred @ weight.T + sae.b_enc
+    product = rounded(centred, dtype) @ rounded(weight, dtype).T
+    product.register_hook(lambda grad: grad.to(dtype).float())
+    return product + sae.b_enc
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["float32", "bf16-autocast"])
+def test_gather_pre_acts__gradients_equal_dense_autograd_on_the_same_operands(dtype):
+    indices, upstream = selection()
+    dense = leaves()
+    (reference_pre_acts(*dense, dtype).gather(-1, indices) * upstream).sum().backward()
+
+    sae, x = sparse = leaves()
+    with torch.autocast("cpu", dtype or torch.bfloat16, enabled=dtype is not None):
+        pre_acts = sae._pre_acts(x)
+        gathered = gather_pre_acts(sae, x, pre_acts, indices)
+    (gathered * upstream).sum().backward()
+
+    torch.testing.assert_close(gathered, pre_acts.gather(-1, indices), rtol=0, atol=0)
+    expected = grads(*dense)
+    for name, grad in grads(*sparse).items():
+        torch.testing.assert_close(grad, expected[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert not sae.W_enc.grad[1::3].any() and not sae.b_enc.grad[1::3].any(), "latents never selected: no gradient"
+
+
+def test_gather_pre_acts_at__any_number_of_entries_per_row():
+    indices, upstream = selection()
+    keep = torch.rand(BATCH, M, generator=torch.Generator().manual_seed(3)) < 0.4  # 0 to M entries per row
+    rows, cols, upstream = torch.arange(BATCH).unsqueeze(1).expand_as(indices)[keep], indices[keep], upstream[keep]
+    dense = leaves()
+    (reference_pre_acts(*dense, None)[rows, cols] * upstream).sum().backward()
+    sae, x = sparse = leaves()
+    (gather_pre_acts_at(sae, x, sae._pre_acts(x), rows, cols) * upstream).sum().backward()
+    expected = grads(*dense)
+    for name, grad in grads(*sparse).items():
+        torch.testing.assert_close(grad, expected[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("with_dead", [False, True], ids=["live", "auxk"])
+@pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bf16-autocast"])
+def test_topk_sae__parameter_gradients_equal_the_dense_encoder_backward(monkeypatch, with_dead, autocast):
+    """The whole TopK loss (reconstruction, and AuxK on dead latents), its gradients with the sparse encoder
+    backward against those with dense autograd through the pre-activations (``gather_pre_acts`` swapped for a
+    plain gather): equal to float32 precision; under autocast to bf16's, where the dense products round their
+    outputs to bf16 and the sparse sums do not."""
+    x = torch.randn(BATCH, D_IN, generator=torch.Generator().manual_seed(1))
+    dead = (torch.arange(D_SAE) % 5 == 0) if with_dead else None
+
+    def run() -> tuple[SparseAutoencoder, torch.Tensor]:
+        sae = make_sae(auxk_coefficient=0.5)
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            out = sae(x, dead_mask=dead)
+        out.loss.backward()
+        return sae, out
+
+    sparse, sparse_out = run()
+    monkeypatch.setattr(topk, "gather_pre_acts", lambda sae, x, pre_acts, indices: pre_acts.gather(-1, indices))
+    dense, dense_out = run()
+
+    assert (sparse_out.aux > 0) == with_dead
+    torch.testing.assert_close(sparse_out.loss, dense_out.loss, rtol=0, atol=0)
+    tolerance = dict(rtol=2e-2, atol=2e-3) if autocast else dict(rtol=1e-5, atol=1e-6)
+    for name, parameter in dense.named_parameters():
+        torch.testing.assert_close(getattr(sparse, name).grad, parameter.grad, **tolerance, msg=name)
