@@ -29,6 +29,7 @@ from neurolight.lightning_modules.sae.architectures import (
     unit_norm_rows_,
 )
 from neurolight.lightning_modules.sae.metrics import ExplainedVariance, explained_variance
+from neurolight.lightning_modules.sae.optim import adam, linear_warmup
 from neurolight.lightning_modules.sae.sparse_autoencoder import SaeOutput, SparseAutoencoder
 
 # Hyperparameters that checkpoints written before architectures were objects hold beside ``architecture`` (a name).
@@ -383,27 +384,6 @@ class SparseAutoencoderModule(pl.LightningModule):
             return optimizer
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup(self.hparams.lr_warmup_steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-
-_FUSED_ADAM_DEVICES = ("cpu", "cuda")
-
-
-def adam(params, **settings) -> torch.optim.Adam:
-    """``torch.optim.Adam(params, **settings)`` (parameters or parameter groups), fused where all the parameters are
-    on a device with torch's fused Adam kernel (``fused=True``: one pass over each tensor instead of about ten
-    elementwise ones, which on CPU took longer than an SAE's backward). The same update to float rounding; the
-    state (``exp_avg``, ``exp_avg_sq``, ``step``) keeps its names, so checkpoints load either way."""
-    params = list(params)
-    tensors = [p for group in params for p in group["params"]] if isinstance(params[0], dict) else params
-    fused = all(p.device.type in _FUSED_ADAM_DEVICES and p.is_floating_point() for p in tensors)
-    return torch.optim.Adam(params, fused=fused, **settings)
-
-
-def linear_warmup(steps: int):
-    """The learning-rate factor of step ``step``: rising linearly to 1 over ``steps`` steps (0: 1 from the start)."""
-    if not steps:
-        return lambda step: 1.0
-    return lambda step: min(1.0, (step + 1) / steps)
 
 
 def init_args_from_checkpoint(hyperparameters: dict) -> dict:

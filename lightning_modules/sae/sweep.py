@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from neurolight.lightning_modules.sae.architectures import Architecture, TopK, build_architecture
-from neurolight.lightning_modules.sae.module import SparseAutoencoderModule, adam, linear_warmup
+from neurolight.lightning_modules.sae.module import SparseAutoencoderModule
+from neurolight.lightning_modules.sae.optim import adam, linear_warmup
 from neurolight.lightning_modules.sae.sweep_ranks import gather_batch, plan_owners, spread_training_step
 
 

@@ -9,7 +9,7 @@ import torch
 from neurolight.callbacks import DeadLatentResampler
 from neurolight.lightning_modules import SparseAutoencoderModule
 from neurolight.lightning_modules.sae.metrics import explained_variance
-from neurolight.lightning_modules.sae.module import adam
+from neurolight.lightning_modules.sae.optim import adam
 from tests.helpers.sae import build_tiny_corpus, make_datamodule, make_module, make_trainer
 
 
