@@ -68,8 +68,8 @@ demo-interpret: $(STAMP)
 DEMO_PREDICTIONS := $(foreach arm,_base _plain,$(DEMO_DIR)/send/predictions_smollm2-135m_fanoutqa$(arm).json) \
 	$(DEMO_DIR)/send/predictions_smollm2-135m_fanoutqa.json
 # SEND_QUESTIONS: test questions each model answers. SmolLM2 answers ~7% of FanOutQA's correctly, so an AUROC (10
-# correct answers under a label) needs about all 180 test questions: `make demo-send SEND_QUESTIONS=180`, ~20 min
-# (README, What the demo can and cannot show). Answers are generated in bfloat16: half the time on a CPU with
+# correct answers under a label) needs all 181 test questions: `make demo-send SEND_QUESTIONS=200`, about twice the
+# time (README, What the demo can and cannot show). Answers are generated in bfloat16: half the time on a CPU with
 # AVX512-BF16 or AMX (SEND_PRECISION=32-true for float32).
 SEND_QUESTIONS ?= 64
 SEND_PRECISION ?= bf16-true
