@@ -118,10 +118,12 @@ def logits_are_head_of_hidden(model: nn.Module) -> bool:
     model.eval()
     try:
         full = model(input_ids=ids, use_cache=False).logits
-        ours = head(decoder(input_ids=ids, use_cache=False).last_hidden_state)
+        hidden = getattr(decoder(input_ids=ids, use_cache=False), "last_hidden_state", None)
+        ours = None if hidden is None else head(hidden)
     finally:
         model.train(was_training)
-    return full.shape == ours.shape and torch.equal(full, ours)  # the same kernels on the same shapes
+    # The same kernels on the same shapes: equal bit for bit where the logits are plainly head(hidden).
+    return ours is not None and full.shape == ours.shape and torch.equal(full, ours)
 
 
 # ------------------------------------------------------------------------------------------------- module
