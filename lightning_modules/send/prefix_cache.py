@@ -126,6 +126,3 @@ class FrozenPrefixCache:
                 handle.remove()
             for layer in patched:
                 del layer.forward
-
-    def nbytes(self) -> int:
-        return sum(rows.numel() * rows.element_size() for rows in self.rows.values())
