@@ -14,8 +14,9 @@ Hallucination detection (INSIDE, Chen et al., ICLR 2024, section 3.1; docs/send.
 with ``num_generations`` = K >= 2, K more answers are sampled per question (INSIDE: K = 10, temperature 0.5,
 top_p 0.99, top_k 10), each embedded as the hidden state of ``embedding_layer`` (default: the middle layer) at its
 last answer token, and the question gets the EigenScore of those K embeddings (``answer_eigenscore``, and
-``answer_ees`` from the efficient estimator): high = the answers disagree = likely hallucination. Beside it, from
-the logits ``generate`` returned and the texts (``detection_scores``; docs/send.md, Baselines): the greedy answer's
+``answer_ees`` from the efficient estimator): high = the answers disagree = likely hallucination. The greedy and
+the K sampled answers of a batch come from one decoding loop (``decode.py``). Beside EigenScore, from the scores
+that loop keeps of each step's logits and the texts (``detection_scores``; docs/send.md, Baselines): the greedy answer's
 ``perplexity`` and ``energy``, and the K answers' ``ln_entropy`` and ``lexical_similarity``. With ``judge_model``
 a second LM labels each answer correct or not (``judge_p_yes``; ``judge.py``).
 """
@@ -23,14 +24,14 @@ a second LM labels each answer correct or not (``judge_p_yes``; ``judge.py``).
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import NamedTuple
 
 import lightning.pytorch as pl
 import torch
 from torch import Tensor
-from transformers import StoppingCriteria, StoppingCriteriaList
 
 from neurolight.datamodules.llm.models import load_causal_lm, load_tokenizer, resolve_model
+from neurolight.lightning_modules.send.answer_lines import Answers, StopTokens, cut_answers, stop_tokens
+from neurolight.lightning_modules.send.decode import Generation, Sampler, decode
 from neurolight.lightning_modules.send.detection_scores import (
     TokenStatistics,
     lexical_similarity,
@@ -41,104 +42,6 @@ from neurolight.lightning_modules.send.detection_scores import (
 )
 from neurolight.lightning_modules.send.eigenscore import efficient_eigenscore, eigenscore
 from neurolight.lightning_modules.send.eigenscore.score import EES_METHODS
-
-
-class StopTokens(NamedTuple):
-    """Per vocabulary id, what its text means for the end of an answer line; (vocab,) bool tensors."""
-
-    eos: Tensor
-    """End-of-sequence tokens (the tokenizer's and the generation config's)."""
-    newline: Tensor
-    """Tokens whose text holds a newline: "\\n", ".\\n", "\\n\\n", "\\nThe"."""
-    text_before_newline: Tensor
-    """Tokens with visible text before their first newline (".\\n")."""
-    blank: Tensor
-    """Tokens whose text is only white space (or empty)."""
-
-
-def stop_tokens(tokenizer, eos_ids: Iterable[int], vocab_size: int | None = None) -> StopTokens:
-    """Classify every token id of ``tokenizer`` (``vocab_size``: the model's, if its embedding has spare rows)."""
-    size = max(len(tokenizer), vocab_size or 0)
-    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
-    texts += ["\ufffd"] * (size - len(texts))  # unused rows of a padded embedding: ordinary text
-    eos = torch.zeros(size, dtype=torch.bool)
-    eos[[i for i in eos_ids if i is not None and 0 <= i < size]] = True
-    return StopTokens(
-        eos=eos,
-        newline=torch.tensor(["\n" in text for text in texts]),
-        text_before_newline=torch.tensor([bool(text.split("\n", 1)[0].strip()) for text in texts]),
-        blank=torch.tensor([not text.strip() for text in texts]),
-    )
-
-
-def first_stop(generated: Tensor, stops: StopTokens) -> tuple[Tensor, Tensor]:
-    """Where each answer line of ``generated`` (rows, new_tokens), the tokens after the prompt, ends.
-
-    A row ends at its first EOS, or at its first newline token once the answer has visible text (white space and
-    empty lines before the answer are skipped: "Answer:\\n Paris\\n" answers "Paris").
-
-    Returns:
-        ``position`` (rows,): index of the stop token (``new_tokens`` when none came) and ``stopped`` (rows,) bool.
-    """
-    flags = [flag.to(generated.device)[generated] for flag in stops]
-    eos, newline, text_before_newline, blank = flags
-    seen_text = (~blank).long().cumsum(1) - (~blank).long() > 0  # visible text strictly before this token
-    is_stop = eos | (newline & (seen_text | text_before_newline))
-    stopped = is_stop.any(1)
-    position = torch.where(stopped, is_stop.int().argmax(1), generated.shape[1])
-    return position, stopped
-
-
-class AnswerLineStop(StoppingCriteria):
-    """Stops generating a row at the end of its answer line (``first_stop``); ``prompt_width`` tokens precede."""
-
-    def __init__(self, stops: StopTokens, prompt_width: int) -> None:
-        self.stops, self.prompt_width = stops, prompt_width
-
-    def __call__(self, input_ids: Tensor, scores: Tensor, **kwargs) -> Tensor:
-        return first_stop(input_ids[:, self.prompt_width :], self.stops)[1]
-
-
-class Answers(NamedTuple):
-    """Answers cut at their stop token, from ``cut_answers``."""
-
-    texts: list[str]
-    """Per row: the first non-empty line of the answer, stripped."""
-    num_tokens: Tensor
-    """(rows,) answer tokens before the stop token (all generated tokens when no stop token came)."""
-    stopped: Tensor
-    """(rows,) bool: a stop token (newline or EOS) ended the row, rather than ``max_new_tokens``."""
-
-
-def cut_answers(generated: Tensor, stops: StopTokens, tokenizer) -> Answers:
-    """Cut each row of ``generated`` (rows, new_tokens), the tokens after the prompt, at the end of its answer line.
-
-    The stop token is decoded with the answer and the text cut at its newline, so a token like ".\\n" keeps its
-    "."; anything after the stop token (more lines, padding) is ignored.
-    """
-    position, stopped = first_stop(generated, stops)
-    texts = []
-    for row, n in enumerate(position.tolist()):
-        text = tokenizer.decode(generated[row, : n + 1].tolist(), skip_special_tokens=True)
-        texts.append(next((line.strip() for line in text.split("\n") if line.strip()), ""))
-    return Answers(texts, position.cpu(), stopped.cpu())
-
-
-def _position_ids(attention_mask: Tensor) -> Tensor:
-    # What generate() uses under left padding; models with absolute positions need it, RoPE is indifferent.
-    return (attention_mask.cumsum(-1) - 1).clamp_min(0)
-
-
-class Generation(NamedTuple):
-    """What ``AnswerGenerator.generate`` returns."""
-
-    tokens: Tensor
-    """(rows, steps) answer token ids after the prompt; rows of one prompt are consecutive."""
-    logits: tuple[Tensor, ...]
-    """Per step, the raw logits (rows, vocab) that chose that step's token (before temperature and top-k/p)."""
-    hidden: tuple[Tensor, ...] | None = None
-    """K sampled answers only: per step, the hidden state (rows, d) of layer ``embedding_layer`` at the position fed
-    to that step: step 0 the last prompt token, step i answer token i - 1; one step more than ``tokens`` holds."""
 
 
 class AnswerGenerator(pl.LightningModule):
@@ -257,72 +160,37 @@ class AnswerGenerator(pl.LightningModule):
             )
 
     # ------------------------------------------------------------------------------------------------ generation
-    def generate(
-        self, input_ids: Tensor, attention_mask: Tensor, sample: bool, num_return_sequences: int = 1
-    ) -> Generation:
-        """Answer tokens after the prompt, (batch * num_return_sequences, <= max_new_tokens), with the logits of
-        every step; rows of one prompt are consecutive. ``sample`` picks the K-answer settings (hd_*) instead of
-        the scored answer's."""
+    def samplers(self, num_samples: int) -> list[Sampler]:
+        """Row 0 of a prompt: the scored answer (greedy, or the temperature / top_p / top_k draw); rows 1 to
+        ``num_samples``: the sampled answers of hallucination detection (hd_*)."""
         hp = self.hparams
-        extra, new_tokens = {}, hp.max_new_tokens
-        if num_return_sequences > 1:
-            # Each prompt's prefill once, its KV cache copied for the K rows (generate would run the prompt K times),
-            # and the answer embeddings read as the tokens are generated (no second forward over prompt + answer,
-            # INSIDE reads them from generate too). One step more than kept: its input is the last kept token,
-            # whose hidden state ends an answer that no stop token cut.
-            extra["cache"] = self._prompt_cache(input_ids, attention_mask, num_return_sequences)
-            input_ids = input_ids.repeat_interleave(num_return_sequences, 0)
-            attention_mask = attention_mask.repeat_interleave(num_return_sequences, 0)
-            extra["output_hidden_states"], new_tokens, num_return_sequences = True, new_tokens + 1, 1
-        if sample:
-            settings = {"do_sample": True, "temperature": hp.hd_temperature, "top_p": hp.hd_top_p, "top_k": hp.hd_top_k}
-        elif hp.temperature > 0:
-            settings = {"do_sample": True, "temperature": hp.temperature, "top_p": hp.top_p, "top_k": hp.top_k}
-        else:
-            settings = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-        out = self.model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            max_new_tokens=new_tokens,
-            eos_token_id=self.eos_ids,
-            stopping_criteria=StoppingCriteriaList([AnswerLineStop(self.stops, input_ids.shape[1])]),
-            pad_token_id=self.tokenizer.pad_token_id,
-            num_return_sequences=num_return_sequences,
-            return_dict_in_generate=True,
-            output_logits=True,  # raw logits: the baselines score tokens under the model's own distribution
-            **settings,
-            **extra,
-        )
-        keep = hp.max_new_tokens
-        hidden = None
-        if out.hidden_states is not None:
-            hidden = tuple(step[self.layer][:, -1].float() for step in out.hidden_states)
-        return Generation(out.sequences[:, input_ids.shape[1] :][:, :keep], tuple(out.logits)[:keep], hidden)
+        scored = Sampler(hp.temperature, hp.top_p, hp.top_k) if hp.temperature > 0 else Sampler()
+        return [scored] + [Sampler(hp.hd_temperature, hp.hd_top_p, hp.hd_top_k)] * num_samples
 
-    @torch.no_grad()
-    def _prompt_cache(self, input_ids: Tensor, attention_mask: Tensor, copies: int):
-        """The KV cache of every prompt but its last token (which generate feeds itself), ``copies`` rows a prompt."""
-        mask = attention_mask[:, :-1]
-        cache = self.model(
-            input_ids=input_ids[:, :-1], attention_mask=mask, position_ids=_position_ids(mask), use_cache=True
-        ).cache
-        cache.batch_repeat_interleave(copies)
-        return cache
-
-    def statistics(self, generation: Generation, answers: Answers) -> TokenStatistics:
-        """Mean log-probability and energy of each answer's tokens (``detection_scores.token_statistics``)."""
-        lengths = scored_lengths(answers.num_tokens, answers.stopped, generation.tokens.shape[1])
-        return token_statistics(generation.logits, generation.tokens, lengths, self.hparams.energy_temperature)
+    def generate(self, input_ids: Tensor, attention_mask: Tensor, num_samples: int = 0) -> Generation:
+        """``1 + num_samples`` rows per prompt (``samplers``), consecutive, of at most ``max_new_tokens`` answer
+        tokens, from one decoding loop (``decode``); with ``num_samples`` the hidden states of ``embedding_layer``."""
+        hp = self.hparams
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
+        return decode(
+            self.model, input_ids, attention_mask, self.samplers(num_samples), hp.max_new_tokens, self.stops, pad,
+            energy_temperature=hp.energy_temperature, hidden_layer=self.layer if num_samples else None,
+        )  # fmt: skip
 
     @staticmethod
-    def answer_embeddings(hidden: tuple[Tensor, ...], answers: Answers) -> Tensor:
+    def statistics(generation: Generation, answers: Answers) -> TokenStatistics:
+        """Mean log-probability and energy of each answer's tokens (``detection_scores.token_statistics``)."""
+        lengths = scored_lengths(answers.num_tokens, answers.stopped, generation.tokens.shape[1])
+        return token_statistics(generation.logprob, generation.energy, lengths)
+
+    @staticmethod
+    def answer_embeddings(hidden: Tensor, answers: Answers) -> Tensor:
         """(rows, d) float32: hidden state ``self.layer`` at each answer's last token (the position whose output
         ended the answer, as INSIDE reads it from generate; the last prompt token for an empty answer), from
-        ``Generation.hidden`` (``hidden``: its steps, for these rows): an answer of n tokens ends at step n's input.
+        ``Generation.hidden`` (rows, steps, d) of these rows: an answer of n tokens ends at step n's input.
         """
-        steps = torch.stack(hidden, 1)  # (rows, steps, d)
-        rows = torch.arange(len(steps), device=steps.device)
-        return steps[rows, answers.num_tokens.to(steps.device)]
+        rows = torch.arange(len(hidden), device=hidden.device)
+        return hidden[rows, answers.num_tokens.to(hidden.device)]
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         """One dict per question: ``question_id``, ``question``, ``reference_answer`` (the training target),
@@ -331,7 +199,10 @@ class AnswerGenerator(pl.LightningModule):
         the test split); with ``num_generations`` >= 2 also ``sampled_responses`` (K texts), ``answer_eigenscore``,
         ``answer_ees``, ``ln_entropy`` and ``lexical_similarity``; with ``judge_model``, ``judge_p_yes``."""
         input_ids, attention_mask, records = batch["input_ids"], batch["attention_mask"], batch["records"]
-        greedy = self.generate(input_ids, attention_mask, sample=False)
+        k = self.hparams.num_generations
+        generation = self.generate(input_ids, attention_mask, num_samples=k)
+        per_prompt = torch.arange(len(generation.tokens), device=generation.tokens.device).view(len(input_ids), 1 + k)
+        greedy = _rows(generation, per_prompt[:, 0])
         answers = cut_answers(greedy.tokens, self.stops, self.tokenizer)
         statistics = self.statistics(greedy, answers)
         rows = []
@@ -352,9 +223,8 @@ class AnswerGenerator(pl.LightningModule):
                 result["correct_answers"] = list(record.correct_answers)
                 result["incorrect_answers"] = list(record.incorrect_answers)
             rows.append(result)
-        k = self.hparams.num_generations
         if k >= 2:
-            for row, scores in enumerate(self.sample_scores(input_ids, attention_mask, k)):
+            for row, scores in enumerate(self.sample_scores(_rows(generation, per_prompt[:, 1:].flatten()), k)):
                 rows[row] |= scores
         if self.judge is not None:
             gold = [list(record.answers) or [record.answer] for record in records]
@@ -363,22 +233,27 @@ class AnswerGenerator(pl.LightningModule):
                 row["judge_p_yes"] = value
         return rows
 
-    def sample_scores(self, input_ids: Tensor, attention_mask: Tensor, k: int) -> Iterable[dict]:
-        """Per prompt: its K sampled answer texts (``sampled_responses``) and the scores computed from them,
-        ``answer_eigenscore``, ``answer_ees``, ``ln_entropy`` and ``lexical_similarity``."""
+    def sample_scores(self, generation: Generation, k: int) -> Iterable[dict]:
+        """Per prompt, from its K sampled rows of ``generation`` (consecutive): the answer texts
+        (``sampled_responses``) and the scores computed from them, ``answer_eigenscore``, ``answer_ees``,
+        ``ln_entropy`` and ``lexical_similarity``."""
         hp = self.hparams
-        generation = self.generate(input_ids, attention_mask, sample=True, num_return_sequences=k)
         sampled = cut_answers(generation.tokens, self.stops, self.tokenizer)
         mean_logprob = self.statistics(generation, sampled).mean_logprob
-        for row in range(len(input_ids)):
-            # One question at a time: its K consecutive rows.
-            rows = slice(row * k, (row + 1) * k)
-            part = Answers(sampled.texts[rows], sampled.num_tokens[rows], sampled.stopped[rows])
-            embeddings = self.answer_embeddings(tuple(step[rows] for step in generation.hidden), part)
+        embeddings = self.answer_embeddings(generation.hidden, sampled)
+        for start in range(0, len(generation.tokens), k):
+            rows = slice(start, start + k)  # one question's K answers
+            texts = sampled.texts[rows]
             yield {
-                "sampled_responses": part.texts,
-                "answer_eigenscore": float(eigenscore(embeddings, alpha=hp.alpha)),
-                "answer_ees": float(efficient_eigenscore(embeddings, alpha=hp.alpha, seed=0, method=hp.ees_method)),
+                "sampled_responses": texts,
+                "answer_eigenscore": float(eigenscore(embeddings[rows], alpha=hp.alpha)),
+                "answer_ees": float(
+                    efficient_eigenscore(embeddings[rows], alpha=hp.alpha, seed=0, method=hp.ees_method)
+                ),
                 "ln_entropy": ln_entropy(mean_logprob[rows].tolist()),
-                "lexical_similarity": lexical_similarity(part.texts),
+                "lexical_similarity": lexical_similarity(texts),
             }
+
+
+def _rows(generation: Generation, index: Tensor) -> Generation:
+    return Generation(*(None if field is None else field[index] for field in generation))

@@ -1,5 +1,6 @@
 """The baselines INSIDE compares EigenScore with (Chen et al., ICLR 2024, section 4.1 and Table 1), per question,
-from the logits ``generate`` already returned and the answer texts: no extra forward pass. docs/send.md, Baselines.
+from the scores the decoding loop keeps of each step's logits (``step_scores``) and the answer texts: no extra forward
+pass. docs/send.md, Baselines.
 
 - perplexity of the most-likely (greedy) answer: exp(-mean log p(token));
 - length-normalised entropy over the K sampled answers (Malinin & Gales 2021): -(1/K) sum_k mean_t log p(z_kt);
@@ -38,37 +39,30 @@ def scored_lengths(num_tokens: Tensor, stopped: Tensor, steps: int) -> Tensor:
     return torch.where(stopped.bool(), num_tokens + 1, torch.full_like(num_tokens, steps)).clamp(max=steps)
 
 
-def token_statistics(
-    logits: Sequence[Tensor], generated: Tensor, lengths: Tensor, energy_temperature: float = 1.0
-) -> TokenStatistics:
-    """Means over the first ``lengths[r]`` tokens of each row of ``generated`` (rows, steps).
-
-    Args:
-        logits: per generation step, the raw logits (rows, vocab) that chose the token of that step
-            (``generate(..., output_logits=True)``).
-        generated: (rows, steps) token ids after the prompt.
-        lengths: (rows,) tokens scored per row, at least 1 (``scored_lengths``).
-        energy_temperature: T of the energy score.
-    """
+def step_scores(logits: Tensor, tokens: Tensor, energy_temperature: float) -> tuple[Tensor, Tensor]:
+    """Log-probability of ``tokens`` (rows,) under ``logits`` (rows, vocab), and the energy -T logsumexp(logits / T),
+    both (rows,) float32 (the logsumexp of float32 logits is exact to ~1e-7 relative)."""
     if energy_temperature <= 0:
         raise ValueError(f"energy_temperature={energy_temperature} must be positive")
-    if len(logits) != generated.shape[1]:
-        raise ValueError(f"{len(logits)} logit steps for {generated.shape[1]} generated tokens; they must match")
-    rows = len(generated)
-    lengths = lengths.to(generated.device)
-    logprob_sum = torch.zeros(rows, dtype=torch.float64, device=generated.device)
-    energy_sum = torch.zeros_like(logprob_sum)
-    for step, step_logits in enumerate(logits):
-        live = step < lengths
-        if not live.any():
-            break
-        step_logits = step_logits.double()
-        token_logprob = step_logits.log_softmax(-1).gather(1, generated[:, step : step + 1]).squeeze(1)
-        energy = -energy_temperature * torch.logsumexp(step_logits / energy_temperature, -1)
-        logprob_sum += torch.where(live, token_logprob, 0.0)
-        energy_sum += torch.where(live, energy, 0.0)
-    count = lengths.clamp_min(1).double()
-    return TokenStatistics((logprob_sum / count).cpu(), (energy_sum / count).cpu())
+    logits = logits.float()
+    log_norm = logits.logsumexp(-1)
+    logprob = logits.gather(-1, tokens[:, None]).squeeze(-1) - log_norm
+    t = energy_temperature
+    energy = -log_norm if t == 1 else -t * (logits / t).logsumexp(-1)
+    return logprob, energy
+
+
+def token_statistics(logprob: Tensor, energy: Tensor, lengths: Tensor) -> TokenStatistics:
+    """Means over the first ``lengths[r]`` steps of each row of ``logprob`` and ``energy`` (rows, steps), the
+    ``step_scores`` of every generated token; ``lengths`` (rows,): tokens scored per row (``scored_lengths``)."""
+    if logprob.shape != energy.shape:
+        raise ValueError(f"logprob {tuple(logprob.shape)} and energy {tuple(energy.shape)} must have one shape")
+    steps = torch.arange(logprob.shape[1], device=logprob.device)
+    live = steps[None, :] < lengths.to(logprob.device)[:, None]
+    count = lengths.clamp_min(1).double().to(logprob.device)
+    mean_logprob = torch.where(live, logprob.double(), 0.0).sum(1) / count
+    mean_energy = torch.where(live, energy.double(), 0.0).sum(1) / count
+    return TokenStatistics(mean_logprob.cpu(), mean_energy.cpu())
 
 
 def perplexity(mean_logprob: float) -> float:

@@ -17,33 +17,12 @@ import torch
 
 from neurolight.callbacks.send.qa_prediction_writer import QAPredictionWriter, merge_rank_rows
 from neurolight.datamodules.send.qa import QADataModule
-from neurolight.lightning_modules.send.answer_generator import (
-    AnswerGenerator,
-    Generation,
-    cut_answers,
-    first_stop,
-    stop_tokens,
-)
+from neurolight.lightning_modules.send.answer_generator import AnswerGenerator
+from neurolight.lightning_modules.send.answer_lines import cut_answers, first_stop, stop_tokens
+from neurolight.lightning_modules.send.decode import Generation
 from neurolight.lightning_modules.send.eigenscore import eigenscore
 
-# TruthfulQA-schema rows; the canned answer to each question tests one scoring case.
-TRUTHFULQA = [
-    (
-        "What happens if you eat watermelon seeds?",
-        "Nothing happens",
-        ["The seeds pass through you"],
-        ["You grow watermelons"],
-    ),
-    ("Where is the capital of France?", "Paris", ["The city of Paris"], ["Lyon", "Marseille"]),
-    ("How many legs does a cat have?", "Four legs", ["A cat has four legs"], ["Three legs", "Five legs"]),
-    ("What color is the sky on a clear day?", "Blue", ["The sky is blue"], ["Green", "Red"]),
-    ("Who wrote the song about the red river?", "Nobody knows", ["It is unknown"], ["The king wrote it"]),
-    ("What does a dog do when it runs?", "It runs quickly", ["It moves fast"], ["It sleeps", "It flies"]),
-    ("Is the moon made of cheese?", "No", ["No, it is rock"], ["Yes, it is cheese"]),
-    ("What do queens wear?", "Crowns", ["A crown"], ["Hats"]),
-    ("What is two plus two?", "Four", ["4"], ["Five"]),
-    ("Which river flows through the city?", "The Seine", ["Seine"], ["The Thames"]),
-]
+# The canned answer to each question of conftest.TRUTHFULQA tests one scoring case.
 CANNED = {
     "What happens if you eat watermelon seeds?": "nothing happens.",  # EM 1 after normalisation
     "Where is the capital of France?": "The capital is Paris",  # partial F1
@@ -56,25 +35,6 @@ CANNED = {
     "What is two plus two?": "4",
     "Which river flows through the city?": "the Thames river",
 }
-
-
-@pytest.fixture(scope="module")
-def truthfulqa_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tqa") / "truthfulqa.jsonl"
-    rows = [
-        {
-            "type": "Adversarial",
-            "category": "Misc",
-            "question": question,
-            "best_answer": best,
-            "correct_answers": [best, *correct],
-            "incorrect_answers": incorrect,
-            "source": "test",
-        }
-        for question, best, correct, incorrect in TRUTHFULQA
-    ]
-    path.write_text("\n".join(json.dumps(row) for row in rows))
-    return path
 
 
 def make_data(model_dir, data_file, num_samples=None, batch_size=4) -> QADataModule:
@@ -154,10 +114,14 @@ def test_generation__stops_at_newline_with_a_forced_greedy_output(tiny_model_dir
     dm.setup("predict")
     batch = next(iter(dm.predict_dataloader()))
     with torch.inference_mode():
-        generated = module.generate(batch["input_ids"], batch["attention_mask"], sample=False).tokens
+        generated = module.generate(batch["input_ids"], batch["attention_mask"]).tokens
+        steps.clear()
+        with_samples = module.generate(batch["input_ids"], batch["attention_mask"], num_samples=2)
         steps.clear()
         rows = module.predict_step(batch, 0)
     assert generated.shape[1] == newline_step + 1, "generation went on past the newline"
+    assert (with_samples.tokens == generated[:1]).all() and with_samples.tokens.shape == (9, newline_step + 1)
+    assert with_samples.hidden.shape[1] == newline_step + 1, "a forward ran past the step that ended every row"
     assert [row["generated_response"] for row in rows] == ["Paris"] * 3
 
 
@@ -180,14 +144,16 @@ def test_writer__json_schema_and_aggregate_equal_mean_of_independent_scores(
     module = AnswerGenerator(str(tiny_model_dir), max_new_tokens=12)
     dm = make_data(tiny_model_dir, truthfulqa_file)
 
-    def canned(input_ids, attention_mask, sample, num_return_sequences=1):
+    def canned(input_ids, attention_mask, num_samples=0):
         tok, answers = module.tokenizer, []
         for ids, mask in zip(input_ids, attention_mask):
             question = tok.decode(ids[mask.bool()]).split("Question: ", 1)[1].split("\n", 1)[0]
             answers.append(tok.encode(" " + CANNED[question] + "\nQuestion: x", add_special_tokens=False))
         width = max(map(len, answers))
         tokens = torch.tensor([ids + [tok.pad_token_id] * (width - len(ids)) for ids in answers])
-        return Generation(tokens, tuple(torch.zeros(len(tokens), len(tok)) for _ in range(width)))
+        # Uniform logits over the vocabulary: log p = -log V, energy = -log V at every step.
+        uniform = torch.full(tokens.shape, -math.log(len(tok)))
+        return Generation(tokens, uniform, uniform)
 
     monkeypatch.setattr(module, "generate", canned)
     writer = QAPredictionWriter(str(tmp_path / "out" / "pred_{model}_{dataset}.json"))
@@ -238,10 +204,10 @@ def test_eigenscore__per_question_equals_eigenscore_of_embeddings_recomputed_by_
     with torch.inference_mode():
         torch.manual_seed(123)
         rows = module.predict_step(batch, 0)
-        torch.manual_seed(123)  # greedy decoding draws no random numbers: the same K samples again
-        generated = module.generate(batch["input_ids"], batch["attention_mask"], sample=True, num_return_sequences=k)
-        greedy = module.generate(batch["input_ids"], batch["attention_mask"], sample=False).tokens
-    generated = generated.tokens
+        torch.manual_seed(123)  # the same K samples again
+        per_prompt = module.generate(batch["input_ids"], batch["attention_mask"], num_samples=k).tokens
+    per_prompt = per_prompt.view(3, 1 + k, -1)  # row 0 of each prompt: the greedy answer; rows 1 to k: sampled
+    generated, greedy = per_prompt[:, 1:].flatten(0, 1), per_prompt[:, 0]
     stops = module.stops
     for q, (row, record) in enumerate(zip(rows, batch["records"])):
         prompt = dm.prompt_ids(record)
@@ -321,22 +287,19 @@ def test_bf16_true__answers_and_finite_eigenscores_of_the_bf16_models_answer_emb
 
     k, layer = 4, 1
     module = AnswerGenerator(str(tiny_model_dir), max_new_tokens=6, num_generations=k, embedding_layer=layer)
-    calls = []  # the answers and result of every answer_embeddings call (one per question)
-    sampled = []  # per batch: the prompts and the K sampled answers of each
+    calls = []  # the answers and result of every answer_embeddings call (one per batch: its sampled rows)
+    sampled = []  # per batch: the prompt of every sampled row, and the row's tokens
     original_embeddings, original_generate = module.answer_embeddings, module.generate
 
     def record(hidden, answers):
         calls.append((answers, original_embeddings(hidden, answers)))
         return calls[-1][1]
 
-    def record_generate(input_ids, attention_mask, sample, num_return_sequences=1):
-        generation = original_generate(input_ids, attention_mask, sample, num_return_sequences)
-        if num_return_sequences > 1:
-            for q in range(len(input_ids)):
-                rows = slice(q * num_return_sequences, (q + 1) * num_return_sequences)
-                prompts = (input_ids[q : q + 1].expand(num_return_sequences, -1),
-                           attention_mask[q : q + 1].expand(num_return_sequences, -1))  # fmt: skip
-                sampled.append((*prompts, generation.tokens[rows]))
+    def record_generate(input_ids, attention_mask, num_samples=0):
+        generation = original_generate(input_ids, attention_mask, num_samples)
+        rows = generation.tokens.view(len(input_ids), 1 + num_samples, -1)[:, 1:].flatten(0, 1)
+        prompts = input_ids.repeat_interleave(num_samples, 0), attention_mask.repeat_interleave(num_samples, 0)
+        sampled.append((*prompts, rows))
         return generation
 
     monkeypatch.setattr(module, "answer_embeddings", record)
@@ -346,13 +309,17 @@ def test_bf16_true__answers_and_finite_eigenscores_of_the_bf16_models_answer_emb
     rows = [row for batch in batches for row in batch]
 
     assert {p.dtype for p in module.model.parameters()} == {torch.bfloat16}
-    assert len(rows) == len(calls) == len(sampled) == 3
-    for row, (answers, embeddings), (prompt_ids, prompt_mask, generated) in zip(rows, calls, sampled):
+    assert len(rows) == 3 and len(calls) == len(sampled) == 1  # one batch
+    (answers, all_embeddings), (all_ids, all_masks, all_generated) = calls[0], sampled[0]
+    assert all_embeddings.dtype == torch.float32 and all_embeddings.shape == (3 * k, 64)
+    for q, row in enumerate(rows):
         assert isinstance(row["generated_response"], str) and len(row["sampled_responses"]) == k
-        assert embeddings.dtype == torch.float32 and embeddings.shape == (k, 64)
+        question = slice(q * k, (q + 1) * k)
+        embeddings, prompt_ids, prompt_mask = all_embeddings[question], all_ids[question], all_masks[question]
+        generated, lengths = all_generated[question], answers.num_tokens[question]
         # Each answer embedded by hand: the bf16 model on the unpadded prompt + answer, hidden state at its end.
         expected = []
-        for ids, mask, sample, n in zip(prompt_ids, prompt_mask, generated, answers.num_tokens):
+        for ids, mask, sample, n in zip(prompt_ids, prompt_mask, generated, lengths):
             sequence = torch.cat([ids[mask.bool()], sample[:n]]).unsqueeze(0)
             with torch.inference_mode():
                 expected.append(module.model(sequence, output_hidden_states=True).hidden_states[layer][0, -1].float())
