@@ -127,15 +127,13 @@ def decode(
     mask = attention_mask.repeat_interleave(copies, 0)
     position = mask.sum(-1, keepdim=True) - 1  # left padding: the last prompt token's position
     step_input = input_ids[:, -1:].repeat_interleave(copies, 0)
-    groups = {}  # rows of each distinct sampler
-    for j, sampler in enumerate(samplers):
-        groups.setdefault(sampler, []).append(j)
-    groups = {s: (torch.arange(prompts, device=device)[:, None] * copies + torch.tensor(js, device=device)).flatten()
-              for s, js in groups.items()}  # fmt: skip
+    kinds = list(dict.fromkeys(samplers))  # the distinct samplers; kind[r]: which one row r uses
+    kind = torch.tensor([kinds.index(sampler) for sampler in samplers], device=device).repeat(prompts)
     cache_name = _cache_argument(type(model).forward)
     eos, newline, text_before_newline, blank = stops
     seen_text = torch.zeros(rows, dtype=torch.bool, device=device)
     stopped = torch.zeros_like(seen_text)
+    live = torch.arange(rows, device=device)  # the row of each line of the running batch
     tokens, logprobs, energies, hidden = [], [], [], []
     for step in range(max_new_tokens + 1):
         out = model(
@@ -144,23 +142,34 @@ def decode(
         )  # fmt: skip
         cache = _output_cache(out)
         if hidden_layer is not None:
-            hidden.append(out.hidden_states[hidden_layer][:, -1].float())
+            state = out.hidden_states[hidden_layer][:, -1].float()
+            hidden.append(state.new_zeros(rows, state.shape[-1]).index_copy_(0, live, state))
         if step == max_new_tokens:  # only the last token's hidden state was missing
             break
         logits = out.logits[:, -1]
-        chosen = torch.empty(rows, dtype=torch.long, device=device)
-        for sampler, group in groups.items():
-            chosen[group] = choose_tokens(logits[group], sampler)
-        chosen = torch.where(stopped, pad_token_id, chosen)
+        chosen = torch.empty(len(live), dtype=torch.long, device=device)
+        for index, sampler in enumerate(kinds):
+            group = (kind[live] == index).nonzero().squeeze(1)
+            if len(group):
+                chosen[group] = choose_tokens(logits[group], sampler)
+        chosen = torch.where(stopped[live], pad_token_id, chosen)
         logprob, energy = step_scores(logits, chosen, energy_temperature)
-        tokens.append(chosen), logprobs.append(logprob), energies.append(energy)
+        tokens.append(torch.full((rows,), pad_token_id, device=device).index_copy_(0, live, chosen))
+        logprobs.append(logprob.new_zeros(rows).index_copy_(0, live, logprob))
+        energies.append(energy.new_zeros(rows).index_copy_(0, live, energy))
         # answer_lines.first_stop, one token at a time: EOS, or a newline once the answer has visible text.
-        stopped |= eos[chosen] | (newline[chosen] & (seen_text | text_before_newline[chosen]))
-        seen_text |= ~blank[chosen]
+        ended = eos[chosen] | (newline[chosen] & (seen_text[live] | text_before_newline[chosen]))
+        seen_text[live] |= ~blank[chosen]
+        stopped[live] |= ended
         if bool(stopped.all()) or (hidden_layer is None and step == max_new_tokens - 1):
             break
         step_input, position = chosen[:, None], position + 1
-        mask = torch.cat([mask, mask.new_ones(rows, 1)], 1)
+        mask = torch.cat([mask, mask.new_ones(len(live), 1)], 1)
+        running = ~stopped[live]
+        if running.sum() <= len(live) * 7 // 8:  # an eighth of the batch has ended: stop computing those rows
+            keep = running.nonzero().squeeze(1)
+            live, step_input, position, mask = live[keep], step_input[keep], position[keep], mask[keep]
+            cache.batch_select_indices(keep)
     return Generation(
         torch.stack(tokens, 1),
         torch.stack(logprobs, 1),

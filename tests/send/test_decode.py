@@ -43,22 +43,34 @@ def test_candidates__greedy_sampler_is_refused():
         candidates(torch.zeros(1, 5), Sampler())
 
 
-def test_decode__greedy_rows_equal_generate_and_sampled_tokens_are_candidates(tiny_model_dir, truthfulqa_file):
+@pytest.mark.parametrize("frequent_stops", [False, True], ids=["answer-lines", "rows-end-at-different-steps"])
+def test_decode__greedy_rows_equal_generate_and_sampled_tokens_are_candidates(
+    tiny_model_dir, truthfulqa_file, frequent_stops
+):
     module = make_generator(tiny_model_dir, max_new_tokens=6)
     model, tok = module.model, module.tokenizer
+    stops = module.stops
+    if frequent_stops:  # a quarter of the vocabulary ends a row: rows end at different steps and leave the batch
+        stops = stops._replace(eos=torch.arange(len(stops.eos)) % 4 == 1)
     dm = make_data(tiny_model_dir, truthfulqa_file, num_samples=3)
     dm.setup("predict")
     batch = next(iter(dm.predict_dataloader()))
     ids, mask = batch["input_ids"], batch["attention_mask"]
     assert mask.min() == 0, "the test needs prompts of different lengths (left padding)"
     sampler = Sampler(0.8, 0.9, 3)
+    batch_rows = []  # rows of every decoding step's forward
+    handle = model.register_forward_pre_hook(lambda _, args, kwargs: batch_rows.append(len(kwargs["input_ids"])),
+                                             with_kwargs=True)  # fmt: skip
     with torch.inference_mode():
         torch.manual_seed(0)
-        out = decode(model, ids, mask, [Sampler(), sampler, sampler], 6, module.stops, tok.pad_token_id, 1.0, 1)
+        out = decode(model, ids, mask, [Sampler(), sampler, sampler], 6, stops, tok.pad_token_id, 1.0, 1)
+        handle.remove()
         reference = model.generate(
             input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id
         )[:, ids.shape[1] :]
-    stop, stopped = first_stop(out.tokens, module.stops)
+    stop, stopped = first_stop(out.tokens, stops)
+    if frequent_stops:
+        assert 0 < stopped.sum() < 9 and min(batch_rows) < 9, "no row left the running batch"
     steps = out.tokens.shape[1]
     assert out.logprob.shape == out.energy.shape == (9, steps) and out.hidden.shape[:2] in {(9, steps), (9, steps + 1)}
     for q in range(3):
