@@ -8,6 +8,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from neurolight.lightning_modules.sae.architectures.base import Architecture, ResampleReset
+from neurolight.lightning_modules.sae.architectures.sparse_encoder import gather_pre_acts_at
 from neurolight.lightning_modules.sae.architectures.topk import TopK, row_topk
 
 
@@ -49,6 +50,12 @@ class BatchTopK(TopK):
     def activation(self, sae, pre_acts: Tensor, update: bool) -> Tensor:
         if not sae.training:
             return row_topk(pre_acts, self.k)  # no threshold estimated yet
+        values, indices = self.batch_topk(sae, pre_acts, update)
+        return torch.zeros_like(pre_acts).flatten().scatter(0, indices, values).view_as(pre_acts)
+
+    def batch_topk(self, sae, pre_acts: Tensor, update: bool) -> tuple[Tensor, Tensor]:
+        """The k * batch largest of relu(pre_acts) over the whole batch: their values and flat indices into
+        (batch, d_sae); with ``update``, the threshold's moving average takes in the smallest positive one."""
         flat = F.relu(pre_acts).flatten()
         values, indices = flat.topk(self.k * pre_acts.shape[0], sorted=False)
         if update:
@@ -60,10 +67,25 @@ class BatchTopK(TopK):
                 m = self.threshold_momentum
                 ema = torch.where(threshold < 0, batch_min, m * threshold + (1 - m) * batch_min)
                 threshold.copy_(torch.where(batch_min.isfinite(), ema, threshold))
-        return torch.zeros_like(flat).scatter(0, indices, values).view_as(pre_acts)
+        return values, indices
 
-    # Dense decoding, not TopK's gather: a token may hold up to k * batch latents.
-    encode_decode = Architecture.encode_decode
+    def encode_decode(self, sae, x: Tensor, pre_acts: Tensor, update: bool) -> tuple[Tensor, Tensor]:
+        if not sae.training:  # the threshold (or per-token TopK before one exists): dense
+            return Architecture.encode_decode(self, sae, x, pre_acts, update)
+        # k * batch entries of d_sae * batch are nonzero, as in TopK (whose encode_decode says why this pays):
+        # the encoder's backward touches only those (sparse_encoder), and each token decodes its own entries, any
+        # number of them, as one bag of decoder rows.
+        _, indices = self.batch_topk(sae, pre_acts.detach(), update)
+        rows, cols = indices.div(sae.d_sae, rounding_mode="floor"), indices % sae.d_sae
+        values = F.relu(gather_pre_acts_at(sae, x, pre_acts, rows, cols))
+        latents = torch.zeros_like(pre_acts).index_put((rows, cols), values)
+        order = rows.argsort()
+        counts = torch.zeros_like(rows[: len(x)]).index_add_(0, rows, torch.ones_like(rows))  # no host sync
+        x_hat = F.embedding_bag(
+            cols[order], sae.W_dec, counts.cumsum(0) - counts, mode="sum",
+            per_sample_weights=values[order].to(sae.W_dec.dtype),
+        )  # fmt: skip
+        return latents, x_hat + sae.b_dec
 
     def resample_resets(self) -> list[ResampleReset]:
         # The estimate describes the activations before resampling; the next training batch estimates it afresh.
