@@ -67,11 +67,11 @@ demo-interpret: $(STAMP)
 # the table compares their scores and how well each hallucination detector works under each correctness label.
 DEMO_PREDICTIONS := $(foreach arm,_base _plain,$(DEMO_DIR)/send/predictions_smollm2-135m_fanoutqa$(arm).json) \
 	$(DEMO_DIR)/send/predictions_smollm2-135m_fanoutqa.json
-# SEND_QUESTIONS: test questions each model answers. SmolLM2 answers ~7% of FanOutQA's correctly, so an AUROC (10
-# correct answers under a label) needs all 181 test questions: `make demo-send SEND_QUESTIONS=200`, about twice the
-# time (README, What the demo can and cannot show). Answers are generated in bfloat16: half the time on a CPU with
+# SEND_QUESTIONS: test questions each model answers; the default, more than FanOutQA's 181 test questions, takes them
+# all. SmolLM2 answers ~7% of them correctly, so an AUROC (10 correct answers under a label) needs all of them
+# (README, What the demo can and cannot show). Answers are generated in bfloat16: half the time on a CPU with
 # AVX512-BF16 or AMX (SEND_PRECISION=32-true for float32).
-SEND_QUESTIONS ?= 64
+SEND_QUESTIONS ?= 200
 SEND_PRECISION ?= bf16-true
 demo-send: $(STAMP)
 	$(BIN)/neurolight-send-grid --models smollm2-135m --datasets fanoutqa --output_dir $(DEMO_DIR)/send \
