@@ -5,6 +5,7 @@ setting changed at a time; the explained variance on the last 128 contexts (benc
 CPU"). Appends a JSON line per run to WORK/loop.jsonl.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/sae_loop.py --side nl --k 16 --d-sae 2304 [--dec-mult 3] [--lr 2.83e-3]
+        [--dec-init-norm 0.1]
 """
 
 import argparse
@@ -40,6 +41,7 @@ p.add_argument("--sl-dec-norm", type=float, default=0.1)
 p.add_argument("--tag", default="")
 p.add_argument("--dec-mult", type=float, default=1.0)
 p.add_argument("--enc-mult", type=float, default=1.0)
+p.add_argument("--dec-init-norm", type=float, default=None, help="nl: TopK(decoder_init_norm=...), free decoder rows")
 args = p.parse_args()
 torch.set_num_threads(1)
 
@@ -68,6 +70,8 @@ if args.side == "nl":
         kw["auxk_coefficient"] = args.auxk
     if args.enc_scale is not None:
         kw["encoder_init_scale"] = args.enc_scale
+    if args.dec_init_norm is not None:
+        kw["decoder_init_norm"] = args.dec_init_norm
     sae = SparseAutoencoder(576, args.d_sae, TopK(**kw))
     scale = 1.0 if args.no_norm else math.sqrt(576) / float(train[:65536].norm(dim=-1).mean())
     groups = [
@@ -92,13 +96,15 @@ if args.side == "nl":
         dead = since >= args.dead_tokens
         out = sae(x, dead_mask=dead)
         out.loss.backward()
-        sae.remove_parallel_decoder_grad_()
+        if sae.normalize_decoder:
+            sae.remove_parallel_decoder_grad_()
         if args.clip:
             torch.nn.utils.clip_grad_norm_(sae.parameters(), args.clip)
         opt.step()
         sched.step()
         opt.zero_grad()
-        sae.normalize_decoder_()
+        if sae.normalize_decoder:
+            sae.normalize_decoder_()
         fired = (out.latents > 0).sum(0)
         since += len(x)
         since.masked_fill_(fired > 0, 0)

@@ -26,10 +26,12 @@ from torch.nn import functional as F
 
 from neurolight.lightning_modules.sae.architectures import (
     Architecture,
+    architecture_config,
     build_architecture,
     remove_parallel_component,
     unit_norm_rows,
 )
+from neurolight.lightning_modules.sae.architectures.base import UNIT_NORM_EPS
 from neurolight.lightning_modules.sae.metadata import SaeMetadata
 
 
@@ -122,14 +124,57 @@ class SparseAutoencoder(nn.Module):
         """Whether decoder rows are kept at unit norm (the architecture's decoder constraint)."""
         return self.architecture.normalize_decoder
 
+    @property
+    def free_decoder_norms(self) -> bool:
+        """Whether decoder rows are free and the latents selected on and scaled by their norms (the architecture's
+        ``decoder_init_norm``; docs/sae.md, Free decoder norms)."""
+        return getattr(self.architecture, "decoder_init_norm", None) is not None
+
+    def encoder_weights(self) -> tuple[Tensor, Tensor]:
+        """``(W_enc, b_enc)`` as the forward uses them: the parameters, or with free decoder norms n (d_sae,) the
+        parameters times n (SAELens multiplies the pre-activations by n: the same product), differentiable in W_dec."""
+        if not self.free_decoder_norms:
+            return self.W_enc, self.b_enc
+        norms = self.W_dec.norm(dim=1)
+        return self.W_enc * norms.unsqueeze(1), self.b_enc * norms
+
+    def decoder_weight(self) -> Tensor:
+        """``W_dec`` (d_sae, d_in) as the forward uses it: the parameter, or with free decoder norms its rows divided
+        by their norms (SAELens divides the latents by them: the same product)."""
+        if not self.free_decoder_norms:
+            return self.W_dec
+        return self.W_dec / self.W_dec.norm(dim=1, keepdim=True).clamp_min(UNIT_NORM_EPS)
+
+    def with_unit_decoder(self) -> SparseAutoencoder:
+        """This SAE with free decoder norms folded into the weights (``encoder_weights``, ``decoder_weight``) and the
+        architecture's ``decoder_init_norm`` None: the same reconstruction and latents from unit-norm rows, which is
+        what SAELens's and sparsify's formats hold. Itself where the rows are already constrained."""
+        if not self.free_decoder_norms:
+            return self
+        config = architecture_config(self.architecture)
+        config["init_args"] = {**config["init_args"], "decoder_init_norm": None}
+        folded = SparseAutoencoder(self.d_in, self.d_sae, config).to(self.W_dec)
+        with torch.no_grad():
+            W_enc, b_enc = self.encoder_weights()
+            state = {**self.state_dict(), "W_enc": W_enc, "b_enc": b_enc, "W_dec": self.decoder_weight()}
+            folded.load_state_dict(state)
+        folded.metadata = self.metadata
+        return folded.train(self.training)
+
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Unit-norm random decoder rows, encoder tied to them (times the architecture's ``tied_encoder_scale``), zero
-        biases (draws the decoder from torch's global RNG)."""
+        """Unit-norm random decoder rows (at ``decoder_init_norm`` where the architecture frees them), encoder tied to
+        them (times the architecture's ``tied_encoder_scale``), zero biases (draws the decoder from torch's global
+        RNG)."""
         nn.init.kaiming_uniform_(self.W_dec)
         self.normalize_decoder_()
+        scale = self.architecture.tied_encoder_scale(self)
+        if self.free_decoder_norms:
+            # SAELens's decoder_init_norm: Adam's per-element step turns a row of norm 0.1 ~10x further than a unit one;
+            # the encoder, tied to the short rows, starts as short (SAELens's init at scale 1).
+            self.W_dec.mul_(self.architecture.decoder_init_norm)
         # Tied init (Anthropic, April 2024 update; Gao et al. 2024, section 2.4) starts every latent live.
-        self.W_enc.copy_(self.W_dec * self.architecture.tied_encoder_scale(self))
+        self.W_enc.copy_(self.W_dec * scale)
         self.b_enc.zero_()
         self.b_dec.zero_()
 
@@ -137,7 +182,8 @@ class SparseAutoencoder(nn.Module):
         return f"d_in={self.d_in}, d_sae={self.d_sae}, architecture={self.architecture!r}"
 
     def _pre_acts(self, x: Tensor) -> Tensor:
-        return (x - self.b_dec) @ self.W_enc.T + self.b_enc
+        W_enc, b_enc = self.encoder_weights()
+        return (x - self.b_dec) @ W_enc.T + b_enc
 
     def activate(self, pre_acts: Tensor, update: bool = False) -> Tensor:
         """Latents (batch, d_sae) of pre_acts: the architecture's training rule, or at inference its threshold
@@ -156,11 +202,13 @@ class SparseAutoencoder(nn.Module):
 
     def decode(self, latents: Tensor) -> Tensor:
         """Reconstruction (..., d_in) of latents (..., d_sae)."""
-        return latents @ self.W_dec + self.b_dec
+        return latents @ self.decoder_weight() + self.b_dec
 
     def decode_sparse(self, indices: Tensor, values: Tensor) -> Tensor:
         """sum_j values[:, j] * W_dec[indices[:, j]], (batch, d_in), without b_dec; indices/values (batch, n)."""
-        return F.embedding_bag(indices, self.W_dec, per_sample_weights=values.to(self.W_dec.dtype), mode="sum")
+        return F.embedding_bag(
+            indices, self.decoder_weight(), per_sample_weights=values.to(self.W_dec.dtype), mode="sum"
+        )
 
     def forward(self, x: Tensor, dead_mask: Tensor | None = None) -> SaeOutput:
         """Encode, decode and score x (batch, d_in). ``dead_mask`` (d_sae,) bool marks the latents the auxiliary

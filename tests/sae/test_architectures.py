@@ -100,7 +100,13 @@ def test_module__records_the_architecture_as_a_mapping_and_loads_it_back(tmp_pat
     module = SparseAutoencoderModule(16, 32, TopK(k=4))
     assert module.hparams.architecture == {
         "class_path": "neurolight.lightning_modules.TopK",
-        "init_args": {"k": 4, "auxk_coefficient": 1 / 32, "k_aux": None, "encoder_init_scale": None},
+        "init_args": {
+            "k": 4,
+            "auxk_coefficient": 1 / 32,
+            "k_aux": None,
+            "encoder_init_scale": None,
+            "decoder_init_norm": None,
+        },
     }
     restored = SparseAutoencoderModule(**init_args_from_checkpoint(dict(module.hparams)))
     assert restored.sae.architecture == TopK(k=4)

@@ -11,7 +11,7 @@ import torch
 
 from neurolight.callbacks import DeadLatentResampler
 from neurolight.datamodules.llm import zero
-from neurolight.lightning_modules import BatchTopK, JumpReLU
+from neurolight.lightning_modules import BatchTopK, JumpReLU, TopK
 from tests.helpers.sae import build_tiny_corpus, make_datamodule, make_module, make_trainer
 
 # DeepSpeed's ZeRO collectives call torch.distributed functions that torch has renamed.
@@ -91,6 +91,19 @@ def test_resampler__resets_the_batchtopk_threshold_which_the_next_batch_estimate
     recorder = fit(tmp_path, corpus, tiny_model_dir, BatchTopK(k=8), "threshold")
     assert recorder.records[9]["value"] > 0 and recorder.records[10]["value"] == -1
     assert recorder.module.sae.threshold > 0  # estimated again by the steps after the resampling
+
+
+def test_resampler__free_decoder_norms_stay_free_and_revived_rows_take_the_live_rows_mean_norm(
+    tmp_path, corpus, tiny_model_dir
+):
+    recorder = fit(tmp_path, corpus, tiny_model_dir, TopK(k=8, decoder_init_norm=0.1), "W_dec")
+    before, after = recorder.records[9]["value"], recorder.records[10]["value"]
+    live = torch.ones(256, dtype=torch.bool)
+    live[KILLED] = False
+    norms = after.norm(dim=1)
+    assert (before.norm(dim=1) - 1).abs().min() > 0.1  # trained from 0.1, never renormalised to 1
+    torch.testing.assert_close(norms[KILLED], norms[live].mean().expand(len(KILLED)))
+    assert not torch.allclose(before[KILLED], after[KILLED])
 
 
 def test_zero3__resampling_a_jumprelu_sae_matches_the_single_device_run(

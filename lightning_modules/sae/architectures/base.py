@@ -76,6 +76,9 @@ class Architecture(ABC):
     normalize_decoder: bool = True
     """The decoder constraint: rows of W_dec kept at unit norm (gradient projected before each step, rows
     renormalised after it)."""
+    decoder_init_norm: float | None = None
+    """None: the decoder constraint above. A norm: decoder rows are free, start at this norm, and the latents are
+    selected on and scaled by them, as SAELens's ``rescale_acts_by_decoder_norm`` (docs/sae.md, Free decoder norms)."""
 
     # ------------------------------------------------------------------------------------------------ settings
     @classmethod

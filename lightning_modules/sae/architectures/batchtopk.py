@@ -23,6 +23,7 @@ class BatchTopK(TopK):
         k_aux: int | None = None,
         threshold_momentum: float = 0.99,
         encoder_init_scale: float | None = None,
+        decoder_init_norm: float | None = None,
     ) -> None:
         """
         Args:
@@ -34,8 +35,10 @@ class BatchTopK(TopK):
                 threshold used at inference.
             encoder_init_scale: The encoder starts as this multiple of the unit-norm decoder; None: the
                 least-squares multiple, as for TopK (docs/sae.md, Initialisation). 1.0: W_enc = W_dec.
+            decoder_init_norm: None: unit-norm decoder rows; a norm: free rows started there, as for TopK
+                (docs/sae.md, Free decoder norms).
         """
-        super().__init__(k, auxk_coefficient, k_aux, encoder_init_scale)
+        super().__init__(k, auxk_coefficient, k_aux, encoder_init_scale, decoder_init_norm)
         if not 0 <= threshold_momentum <= 1:
             raise ValueError(f"threshold_momentum={threshold_momentum} must be in [0, 1]")
         self.threshold_momentum = threshold_momentum
@@ -82,7 +85,7 @@ class BatchTopK(TopK):
         order = rows.argsort()
         counts = torch.zeros_like(rows[: len(x)]).index_add_(0, rows, torch.ones_like(rows))  # no host sync
         x_hat = F.embedding_bag(
-            cols[order], sae.W_dec, counts.cumsum(0) - counts, mode="sum",
+            cols[order], sae.decoder_weight(), counts.cumsum(0) - counts, mode="sum",
             per_sample_weights=values[order].to(sae.W_dec.dtype),
         )  # fmt: skip
         return latents, x_hat + sae.b_dec

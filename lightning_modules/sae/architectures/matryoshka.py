@@ -24,6 +24,7 @@ class MatryoshkaBatchTopK(BatchTopK):
         k_aux: int | None = None,
         threshold_momentum: float = 0.99,
         encoder_init_scale: float | None = None,
+        decoder_init_norm: float | None = None,
     ) -> None:
         """
         Args:
@@ -36,8 +37,10 @@ class MatryoshkaBatchTopK(BatchTopK):
                 threshold used at inference.
             encoder_init_scale: The encoder starts as this multiple of the unit-norm decoder; None: the
                 least-squares multiple, as for TopK (docs/sae.md, Initialisation). 1.0: W_enc = W_dec.
+            decoder_init_norm: None: unit-norm decoder rows; a norm: free rows started there, as for TopK
+                (docs/sae.md, Free decoder norms).
         """
-        super().__init__(k, auxk_coefficient, k_aux, threshold_momentum, encoder_init_scale)
+        super().__init__(k, auxk_coefficient, k_aux, threshold_momentum, encoder_init_scale, decoder_init_norm)
         if group_sizes is not None and (not group_sizes or min(group_sizes) < 1):
             raise ValueError(f"group_sizes={group_sizes} must be a non-empty list of positive sizes")
         self.group_sizes = None if group_sizes is None else list(group_sizes)
@@ -61,9 +64,9 @@ class MatryoshkaBatchTopK(BatchTopK):
         """(groups,) squared error, summed over d_in and averaged over the batch, of the reconstruction from the
         first 1, 2, ... groups' latents alone (+ b_dec); the last is ``mse``, the whole dictionary's."""
         ends = list(accumulate(self.sizes(sae.d_sae)))
-        x_hat, start, losses = sae.b_dec, 0, []
+        x_hat, start, losses, decoder = sae.b_dec, 0, [], sae.decoder_weight()
         for end in ends[:-1]:
-            x_hat = x_hat + latents[:, start:end] @ sae.W_dec[start:end]
+            x_hat = x_hat + latents[:, start:end] @ decoder[start:end]
             losses.append((x - x_hat).pow(2).sum(-1).mean())
             start = end
         return torch.stack([*losses, mse])

@@ -37,7 +37,8 @@ def gather_pre_acts(sae: SparseAutoencoder, x: Tensor, pre_acts: Tensor, indices
     ``sae.W_enc`` and ``sae.b_enc`` at the cost of the m gathered entries per row instead of all d_sae.
 
     ``pre_acts`` (batch, d_sae) must be ``sae``'s pre-activations of ``x`` (batch, d_in), computed in the same
-    autocast state; its own gradient, if any, is bypassed, not used."""
+    autocast state; its own gradient, if any, is bypassed, not used. With free decoder norms the encoder is
+    ``sae.encoder_weights()``, the norms folded in, and the gradient reaches the norms through it."""
     rows = torch.arange(len(indices), device=indices.device).unsqueeze(1).expand_as(indices)
     return gather_pre_acts_at(sae, x, pre_acts, rows.reshape(-1), indices.reshape(-1)).view(indices.shape)
 
@@ -48,7 +49,8 @@ def gather_pre_acts_at(sae: SparseAutoencoder, x: Tensor, pre_acts: Tensor, rows
     device = x.device.type
     autocast = torch.is_autocast_enabled(device)
     dtype = torch.get_autocast_dtype(device) if autocast else torch.result_type(x, sae.W_enc)
-    return _PreActsAt.apply(pre_acts.detach(), rows, cols, x, sae.b_dec, sae.W_enc, sae.b_enc, dtype)
+    W_enc, b_enc = sae.encoder_weights()
+    return _PreActsAt.apply(pre_acts.detach(), rows, cols, x, sae.b_dec, W_enc, b_enc, dtype)
 
 
 class _PreActsAt(torch.autograd.Function):

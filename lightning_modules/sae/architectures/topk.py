@@ -48,6 +48,7 @@ class TopK(Architecture):
         auxk_coefficient: float = 1 / 32,
         k_aux: int | None = None,
         encoder_init_scale: float | None = None,
+        decoder_init_norm: float | None = None,
     ) -> None:
         """
         Args:
@@ -60,6 +61,9 @@ class TopK(Architecture):
                 None: the multiple that best reconstructs random unit-norm inputs at initialisation (least squares;
                 0.81 at k = 16 and 0.46 at k = 128 for d_in = 576, d_sae = 4608), so that a large k does not start
                 from reconstructions longer than their inputs (docs/sae.md, Initialisation). 1.0: W_enc = W_dec.
+            decoder_init_norm: None: decoder rows kept at unit norm. A norm (SAELens: 0.1): rows free, started at
+                this norm, latents selected on and scaled by the row norms (SAELens's rescale_acts_by_decoder_norm),
+                so that Adam turns small rows faster (docs/sae.md, Free decoder norms).
         """
         if k < 1:
             raise ValueError(f"k={k} must be at least 1")
@@ -71,6 +75,10 @@ class TopK(Architecture):
             )
         self.k, self.auxk_coefficient, self.k_aux = k, auxk_coefficient, k_aux
         self.encoder_init_scale = encoder_init_scale
+        if decoder_init_norm is not None and not decoder_init_norm > 0:
+            raise ValueError(f"decoder_init_norm={decoder_init_norm} must be positive, or None for unit-norm rows")
+        self.decoder_init_norm = decoder_init_norm
+        self.normalize_decoder = decoder_init_norm is None
 
     def check(self, d_in: int, d_sae: int) -> None:
         if self.k > d_sae:

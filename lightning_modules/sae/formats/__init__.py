@@ -74,6 +74,9 @@ def save_sae(
     if format not in FORMATS:
         raise ValueError(f"unknown SAE format '{format}'; choose one of {', '.join(FORMATS)}")
     fmt = FORMATS[format]
+    if format != "neurolight":
+        # Other formats hold unit-norm rows; free decoder norms fold into the weights (docs/sae.md, Free decoder norms).
+        sae = sae.with_unit_decoder()
     reason = fmt.cannot_hold(sae)
     if reason is not None:
         able = [name for name, other in FORMATS.items() if other.cannot_hold(sae) is None]

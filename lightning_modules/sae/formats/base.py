@@ -55,6 +55,11 @@ def fold_input_scale_(sae: SparseAutoencoder, scale: float) -> None:
     unchanged (SAELens folds its ``expected_average_only_in`` factor the same way)."""
     if scale == 1.0:
         return
+    if sae.free_decoder_norms:
+        raise ValueError(
+            "an SAE with free decoder norms keeps unit-norm decoder directions and cannot take an input scale; fold "
+            "its norms first: sae = sae.with_unit_decoder() (docs/sae.md, Free decoder norms)"
+        )
     sae.W_enc.mul_(scale)
     sae.W_dec.div_(scale)
     sae.b_dec.div_(scale)

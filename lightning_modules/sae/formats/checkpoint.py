@@ -143,6 +143,8 @@ class CheckpointFormat(SaeFormat):
         if scale != scale:  # NaN: estimated at the first training step, which this checkpoint never reached
             raise ValueError(f"{path} was saved before its first training step (no normalisation scalar yet); {_FIX}")
         sae.metadata = checkpoint_metadata(checkpoint, args)
+        if scale != 1.0:  # rows of norm 1 / scale in raw space: free decoder norms cannot hold them
+            sae = sae.with_unit_decoder()
         fold_input_scale_(sae, scale)
         return sae
 
