@@ -129,11 +129,18 @@ def decode(
     step_input = input_ids[:, -1:].repeat_interleave(copies, 0)
     kinds = list(dict.fromkeys(samplers))  # the distinct samplers; kind[r]: which one row r uses
     kind = torch.tensor([kinds.index(sampler) for sampler in samplers], device=device).repeat(prompts)
+
+    def groups_of(live: Tensor) -> list[tuple[Sampler, Tensor]]:
+        # Each sampler's lines of the running batch; they change only when rows leave it.
+        groups = [(sampler, (kind[live] == index).nonzero().squeeze(1)) for index, sampler in enumerate(kinds)]
+        return [(sampler, lines) for sampler, lines in groups if len(lines)]
+
     cache_name = _cache_argument(type(model).forward)
     eos, newline, text_before_newline, blank = stops
     seen_text = torch.zeros(rows, dtype=torch.bool, device=device)
     stopped = torch.zeros_like(seen_text)
     live = torch.arange(rows, device=device)  # the row of each line of the running batch
+    groups = groups_of(live)
     tokens, logprobs, energies, hidden = [], [], [], []
     for step in range(max_new_tokens + 1):
         out = model(
@@ -148,10 +155,8 @@ def decode(
             break
         logits = out.logits[:, -1]
         chosen = torch.empty(len(live), dtype=torch.long, device=device)
-        for index, sampler in enumerate(kinds):
-            group = (kind[live] == index).nonzero().squeeze(1)
-            if len(group):
-                chosen[group] = choose_tokens(logits[group], sampler)
+        for sampler, lines in groups:
+            chosen[lines] = choose_tokens(logits[lines], sampler)
         chosen = torch.where(stopped[live], pad_token_id, chosen)
         logprob, energy = step_scores(logits, chosen, energy_temperature)
         tokens.append(torch.full((rows,), pad_token_id, device=device).index_copy_(0, live, chosen))
@@ -170,6 +175,7 @@ def decode(
             keep = running.nonzero().squeeze(1)
             live, step_input, position, mask = live[keep], step_input[keep], position[keep], mask[keep]
             cache.batch_select_indices(keep)
+            groups = groups_of(live)
     return Generation(
         torch.stack(tokens, 1),
         torch.stack(logprobs, 1),
