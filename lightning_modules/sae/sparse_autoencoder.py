@@ -204,10 +204,11 @@ class SparseAutoencoder(nn.Module):
         """Reconstruction (..., d_in) of latents (..., d_sae)."""
         return latents @ self.decoder_weight() + self.b_dec
 
-    def decode_sparse(self, indices: Tensor, values: Tensor) -> Tensor:
-        """sum_j values[:, j] * W_dec[indices[:, j]], (batch, d_in), without b_dec; indices/values (batch, n)."""
+    def decode_sparse(self, indices: Tensor, values: Tensor, offsets: Tensor | None = None) -> Tensor:
+        """sum_j values[:, j] * W_dec[indices[:, j]], (batch, d_in), without b_dec; indices/values (batch, n). With
+        ``offsets`` (batch,), indices/values are 1-D and token b's entries start at ``offsets[b]`` (any number)."""
         return F.embedding_bag(
-            indices, self.decoder_weight(), per_sample_weights=values.to(self.W_dec.dtype), mode="sum"
+            indices, self.decoder_weight(), offsets, per_sample_weights=values.to(self.W_dec.dtype), mode="sum"
         )
 
     def forward(self, x: Tensor, dead_mask: Tensor | None = None) -> SaeOutput:

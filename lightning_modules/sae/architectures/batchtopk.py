@@ -84,11 +84,7 @@ class BatchTopK(TopK):
         latents = torch.zeros_like(pre_acts).index_put((rows, cols), values)
         order = rows.argsort()
         counts = torch.zeros_like(rows[: len(x)]).index_add_(0, rows, torch.ones_like(rows))  # no host sync
-        x_hat = F.embedding_bag(
-            cols[order], sae.decoder_weight(), counts.cumsum(0) - counts, mode="sum",
-            per_sample_weights=values[order].to(sae.W_dec.dtype),
-        )  # fmt: skip
-        return latents, x_hat + sae.b_dec
+        return latents, sae.decode_sparse(cols[order], values[order], offsets=counts.cumsum(0) - counts) + sae.b_dec
 
     def resample_resets(self) -> list[ResampleReset]:
         # The estimate describes the activations before resampling; the next training batch estimates it afresh.
