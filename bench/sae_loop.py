@@ -33,6 +33,7 @@ p.add_argument("--dead-tokens", type=int, default=50000)
 p.add_argument("--auxk", type=float, default=None)
 p.add_argument("--aux-weight", default="none", help="nl: none | input (x var_x), sl: ignored")
 p.add_argument("--no-norm", action="store_true")
+p.add_argument("--sl-norm", action="store_true", help="sl: inputs scaled as neurolight's (E||x|| = sqrt(d_in))")
 p.add_argument("--enc-scale", type=float, default=None)
 p.add_argument("--clip", type=float, default=0.0)
 p.add_argument("--seed", type=int, default=0)
@@ -130,13 +131,14 @@ else:
         aux_loss_coefficient=1.0 if args.auxk is None else args.auxk,
     )
     sae = TopKTrainingSAE(cfg)
+    scale = math.sqrt(576) / float(train[:65536].norm(dim=-1).mean()) if args.sl_norm else 1.0
     opt = torch.optim.Adam(sae.parameters(), lr=args.lr, betas=(0.9, 0.999))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_warmup(args.warmup))
     passes = torch.zeros(args.d_sae)
     window = max(1, args.dead_tokens // args.batch - 1)
     it = batches()
     for step in range(steps):
-        x = next(it)
+        x = next(it) * scale
         dead = passes > window
         out = sae.training_forward_pass(
             TrainStepInput(
@@ -156,7 +158,7 @@ else:
     ev = ExplainedVariance()
     with torch.no_grad():
         for chunk in held.split(4096):
-            ev.update(chunk, sae.decode(sae.encode(chunk)))
+            ev.update(chunk, sae.decode(sae.encode(chunk * scale)) / scale)
 norms = sae.W_dec.detach().norm(dim=1)
 res = {
     **vars(args),

@@ -20,7 +20,6 @@ an exception).
 from __future__ import annotations
 
 import difflib
-import inspect
 import warnings
 from collections.abc import Callable
 from typing import NamedTuple
@@ -28,6 +27,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from neurolight.datamodules.llm.models import cache_argument
 
 HOOK_POINTS: dict[str, str] = {
     "resid_pre": "model.layers.{}",
@@ -243,14 +244,12 @@ class HookedLLM:
 
         inputs_embeds = torch.empty(*input_ids.shape, 0, device=input_ids.device, dtype=self.model.dtype)
         position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
-        # transformers renamed the cache argument (past_key_values up to 5.17, cache since); both mean "none" here.
-        no_cache = {"cache": None} if "cache" in inspect.signature(create_causal_mask).parameters else {}
         return create_causal_mask(
             config=self.model.config,
             inputs_embeds=inputs_embeds,
             attention_mask=None,
             position_ids=position_ids,
-            **(no_cache or {"past_key_values": None}),
+            **{cache_argument(create_causal_mask): None},  # no cache, under either name
         )
 
     def _forward_to_site(self, input_ids: Tensor, causal_mask) -> Tensor:

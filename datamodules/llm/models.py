@@ -9,6 +9,7 @@ takes under a second, against ~15 s for dequantising the GGUF each time).
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import json
 import os
 import shutil
@@ -174,3 +175,9 @@ def native_bfloat16(device: str | torch.device) -> bool:
     if device.type == "cpu":
         return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     return False
+
+
+def cache_argument(function) -> str:
+    """The name of the KV-cache argument of a transformers model's ``forward`` or mask helper: transformers renamed it
+    (``past_key_values`` up to 5.17, ``cache`` since), and the GPU image still has 5.17."""
+    return "cache" if "cache" in inspect.signature(function).parameters else "past_key_values"

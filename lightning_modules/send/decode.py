@@ -13,12 +13,12 @@ sampled answers need two calls, so two passes over the weights per step. docs/se
 
 from __future__ import annotations
 
-import inspect
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from neurolight.datamodules.llm.models import cache_argument
 from neurolight.lightning_modules.send.answer_lines import StopTokens
 from neurolight.lightning_modules.send.detection_scores import step_scores
 
@@ -81,12 +81,8 @@ class Generation(NamedTuple):
     ``max_new_tokens`` (one forward more, so its last token has a state), else ``steps``."""
 
 
-def _cache_argument(forward) -> str:
-    # transformers renamed the cache argument and output (past_key_values up to 5.17, cache since).
-    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
-
-
 def _output_cache(output):
+    # The output's attribute was renamed with the argument (datamodules.llm.models.cache_argument).
     cache = getattr(output, "cache", None)
     return cache if cache is not None else output.past_key_values
 
@@ -135,7 +131,7 @@ def decode(
         groups = [(sampler, (kind[live] == index).nonzero().squeeze(1)) for index, sampler in enumerate(kinds)]
         return [(sampler, lines) for sampler, lines in groups if len(lines)]
 
-    cache_name = _cache_argument(type(model).forward)
+    cache_name = cache_argument(type(model).forward)
     eos, newline, text_before_newline, blank = stops
     seen_text = torch.zeros(rows, dtype=torch.bool, device=device)
     stopped = torch.zeros_like(seen_text)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from neurolight.datamodules.llm.models import MODELS, load_causal_lm, load_tokenizer, resolve_model
+from neurolight.datamodules.llm.models import MODELS, cache_argument, load_causal_lm, load_tokenizer, resolve_model
 
 
 def test_resolve_model__names_ids_and_dirs(tiny_model_dir):
@@ -42,3 +42,12 @@ def test_resolve_model__org_name_is_a_hub_id_unless_org_is_a_local_folder(tmp_pa
     (tmp_path / "runs").mkdir()
     with pytest.raises(FileNotFoundError, match="'runs/model' does not exist"):
         resolve_model("runs/model")
+
+
+def test_cache_argument__either_name_transformers_gave_it(tiny_model):
+    def up_to_5_17(input_ids=None, past_key_values=None, use_cache=None): ...
+
+    def current(input_ids=None, cache=None, use_cache=None): ...
+
+    assert (cache_argument(up_to_5_17), cache_argument(current)) == ("past_key_values", "cache")
+    assert cache_argument(type(tiny_model).forward) in ("cache", "past_key_values")
