@@ -234,7 +234,11 @@ def run_neurolight(args, recipe: dict) -> dict:
         trainer.save_checkpoint(args.output)
     batch_sae = int(data["batch_size_autoencoder"])
     result = side_result("neurolight", steps, batch_sae, marks, t_setup, clock, positions, args.device)
-    return {**result, "settings": settings}
+    # Which forward ran: a truncated forward that fails its probe falls back to the hooked one with a warning only,
+    # which a GPU run's figures once hid (bench/README.md, On a lent GPU machine).
+    forwards = {("truncated" if h.truncated else "hooked") + (" compiled" if h.compiled else "")
+                for h in datamodule.hooked_llms.values()}  # fmt: skip
+    return {**result, "settings": {**settings, "llm_forward": "/".join(sorted(forwards))}}
 
 
 # ------------------------------------------------------------------------------------------------ SAELens

@@ -259,7 +259,9 @@ def manual_auxk(sae: SparseAutoencoder, x: torch.Tensor, out: SaeOutput, dead: t
     codes = torch.zeros_like(pre).scatter(-1, indices, values.clamp_min(0))
     residual = x.double() - out.x_hat.detach().double()
     error = ((residual - codes @ sae.W_dec.detach().double()) ** 2).sum(-1).mean()
-    return error / ((residual - residual.mean(0)) ** 2).sum(-1).mean()
+    # Weighed against the unnormalised main loss as Gao et al.'s code weighs it against the variance-normalised one.
+    input_variance = ((x.double() - x.double().mean(0)) ** 2).sum(-1).mean()
+    return input_variance * error / ((residual - residual.mean(0)) ** 2).sum(-1).mean()
 
 
 @pytest.mark.parametrize("architecture", ["topk", "batchtopk"])

@@ -55,7 +55,8 @@ class TopK(Architecture):
             k: Latents kept active per token; lower it for a lower L0. Gao et al. 2024 train most of their SAEs
                 at k = 32.
             auxk_coefficient: Weight of the AuxK loss, which lets dead latents model the reconstruction's residual
-                (Gao et al. 2024, appendix A.2: 1/32).
+                (Gao et al. 2024, appendix A.2: 1/32), relative to the reconstruction loss divided by the batch's
+                input variance, as in their code (docs/sae.md, TopK).
             k_aux: Dead latents the AuxK loss uses per token; default d_in / 2 (Gao et al. 2024, appendix A.2).
             encoder_init_scale: The encoder starts as this multiple of the unit-norm decoder (tied initialisation).
                 None: the multiple that best reconstructs random unit-norm inputs at initialisation (least squares;
@@ -122,4 +123,7 @@ class TopK(Architecture):
         variance = (residual - residual.mean(0)).pow(2).sum(-1).mean()
         has_variance = variance > 0
         normalised = error / torch.where(has_variance, variance, torch.ones_like(variance))
-        return self.auxk_coefficient * torch.where(has_variance, normalised, zero)
+        # Gao et al.'s code divides the main loss by the input's variance and this one does not: times that variance,
+        # AuxK keeps the weight against the main loss that alpha = 1/32 has there (docs/sae.md, TopK).
+        input_variance = (x - x.mean(0)).pow(2).sum(-1).mean().detach()
+        return self.auxk_coefficient * input_variance * torch.where(has_variance, normalised, zero)
