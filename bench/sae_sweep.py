@@ -47,6 +47,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -275,13 +276,19 @@ def main(argv: list[str] | None = None) -> None:
             return options
 
         results, fallbacks = sae_runs.run_all(str(Path(__file__).resolve()), args, extra_options)
+        for setting in args.settings:  # before the evaluation: a failing evaluation keeps the throughput figures
+            summarize(results[setting], args, setting, fallbacks)
         before = sae_runs.load_line()
-        report = quality(args, recipe, outputs)
+        try:
+            report = quality(args, recipe, outputs)
+        except BaseException:
+            # The trained SAEs cost the whole run; keep them for a second try at the evaluation.
+            kept = shutil.copytree(workdir, tempfile.mkdtemp(prefix="sae_sweep_kept_"), dirs_exist_ok=True)
+            print(f"[bench] the evaluation failed; the trained SAEs are kept in {kept}", flush=True)
+            raise
         print(f"[bench] quality evaluated, {before} -> {sae_runs.load_line()}")
         if args.json:
             Path(args.json).write_text(json.dumps({"runs": results, "fallbacks": fallbacks, "quality": report}))
-        for setting in args.settings:
-            summarize(results[setting], args, setting, fallbacks)
         print_quality(report, recipe)
         print(
             "\nagg tokens/s: tokens per SAE x SAEs / training wall time (first buffer fill and compilation included, "
