@@ -1,9 +1,12 @@
-"""CPU process groups (gloo) for tests: a free loopback port, and a function run on each rank of a group."""
+"""CPU process groups (gloo) for tests: a free loopback port, a function run on each rank of a group, and the one
+exit of a spawned rank that a finished run may let through."""
 
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
@@ -31,3 +34,16 @@ def _in_group(rank: int, worker: Callable, world_size: int, rendezvous: str, arg
         worker(rank, *args)
     finally:
         torch.distributed.destroy_process_group()
+
+
+@contextmanager
+def spawned_ranks_may_abort_at_exit(*outputs: Path) -> Iterator[None]:
+    """Runs a ``ddp_spawn`` fit or predict, letting through one failure only: a spawned rank killed by SIGABRT at
+    process exit ("terminate called without an active exception", seen once in ~15 suite runs, in C++ teardown after
+    the work was done) when every one of ``outputs`` exists, files that only a finished run writes (a rank's record
+    written at the end of training, an answers file written after gathering). Any other failure is raised."""
+    try:
+        yield
+    except torch.multiprocessing.ProcessExitedException as error:
+        if error.signal_name != "SIGABRT" or not all(Path(output).exists() for output in outputs):
+            raise
