@@ -36,6 +36,7 @@ from typing import NamedTuple
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
+from neurolight.datamodules.files import atomic_path
 from neurolight.lightning_modules.send.detection_eval import METHODS, Settings, class_counts, detection_table
 from neurolight.lightning_modules.send.qa_metrics import exact_match, rouge_l, token_f1, truthfulqa_margin
 
@@ -215,9 +216,9 @@ class QAPredictionWriter(BasePredictionWriter):
         }
         path = self.output_path(trainer, pl_module)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(document, indent=2, ensure_ascii=False, allow_nan=False, default=_plain))
-        tmp.replace(path)
+        text = json.dumps(document, indent=2, ensure_ascii=False, allow_nan=False, default=_plain)
+        with atomic_path(path, "answers file") as temporary:
+            temporary.write_text(text)
         self.written, self.summary = path, summary
         print(f"\nwrote {len(results)} answers to {path}: {_format_summary(summary)}")
         return path
