@@ -43,6 +43,8 @@ class SweepMember:
     """The SAE architecture and its settings, as for ``SparseAutoencoderModule``."""
     learning_rate: float | None = None
     """Adam learning rate; default: the sweep's."""
+    decoder_lr_multiplier: float | None = None
+    """The decoder weight's learning rate as a multiple of its learning rate; default: the sweep's."""
     lr_warmup_steps: int | None = None
     """Linear learning-rate warm-up steps; default: the sweep's."""
     site: str | None = None
@@ -57,6 +59,7 @@ class SparseAutoencoderSweep(pl.LightningModule):
         act_vec_size: int | None,
         saes: list[SweepMember],
         learning_rate: float = 2e-4,
+        decoder_lr_multiplier: float = 1.0,
         adam_betas: tuple[float, float] = (0.9, 0.999),
         lr_warmup_steps: int = 0,
         dead_tokens_threshold: int = 10_000_000,
@@ -74,6 +77,8 @@ class SparseAutoencoderSweep(pl.LightningModule):
             saes: The members: each a name, a number of latents, an architecture and optionally its own learning
                 rate and warm-up.
             learning_rate: Adam learning rate of the members that set none.
+            decoder_lr_multiplier: The decoder weight's learning rate as a multiple of the member's learning rate,
+                for the members that set none (1: the same; docs/sae.md, Decoder learning rate).
             adam_betas: Adam betas.
             lr_warmup_steps: Linear learning-rate warm-up steps of the members that set none (0: none).
             dead_tokens_threshold: A latent is dead when it has not fired for this many tokens.
@@ -119,19 +124,28 @@ class SparseAutoencoderSweep(pl.LightningModule):
             norm_estimation_batches=norm_estimation_batches,
         )
         with _own_hyperparameters():
-            self.units = self._build_units(act_vec_size, members, learning_rate, lr_warmup_steps, shared)
+            defaults = dict(
+                learning_rate=learning_rate,
+                decoder_lr_multiplier=decoder_lr_multiplier,
+                lr_warmup_steps=lr_warmup_steps,
+            )
+            self.units = self._build_units(act_vec_size, members, defaults, shared)
         self._owners: dict[str, int] | None = None  # member name -> owner rank, while spread over DDP ranks
 
     @staticmethod
-    def _build_units(act_vec_size, members, learning_rate, lr_warmup_steps, shared) -> nn.ModuleDict:
+    def _build_units(act_vec_size, members, defaults: dict, shared) -> nn.ModuleDict:
+        """One SparseAutoencoderModule per member; ``defaults`` (learning rate, decoder multiplier, warm-up) fill in
+        the settings a member leaves None."""
         return nn.ModuleDict(
             {
                 member.name: SparseAutoencoderModule(
                     act_vec_size if member.act_vec_size is None else member.act_vec_size,
                     member.dict_vec_size,
                     member.architecture,
-                    learning_rate=learning_rate if member.learning_rate is None else member.learning_rate,
-                    lr_warmup_steps=lr_warmup_steps if member.lr_warmup_steps is None else member.lr_warmup_steps,
+                    **{
+                        key: value if getattr(member, key) is None else getattr(member, key)
+                        for key, value in defaults.items()
+                    },
                     site=member.site,
                     **shared,
                 )
@@ -176,8 +190,9 @@ class SparseAutoencoderSweep(pl.LightningModule):
     def configure_optimizers(self):
         groups, warmups = [], []
         for unit in self.units.values():
-            groups.append({"params": list(unit.parameters()), "lr": unit.hparams.learning_rate})
-            warmups.append(unit.hparams.lr_warmup_steps)
+            unit_groups = unit.parameter_groups()
+            groups += unit_groups
+            warmups += [unit.hparams.lr_warmup_steps] * len(unit_groups)
         optimizer = adam(groups, betas=self.hparams.adam_betas)
         if not any(warmups):
             return optimizer
@@ -205,6 +220,7 @@ def member_config(member: SweepMember) -> dict:
         "dict_vec_size": member.dict_vec_size,
         "architecture": architecture_config(member.architecture),
         "learning_rate": member.learning_rate,
+        "decoder_lr_multiplier": member.decoder_lr_multiplier,
         "lr_warmup_steps": member.lr_warmup_steps,
         "site": member.site,
         "act_vec_size": member.act_vec_size,

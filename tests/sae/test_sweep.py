@@ -26,7 +26,9 @@ from tests.helpers.sae import synthetic_sparse_data
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 MEMBERS = [
     SweepMember("topk_k4", 64, TopK(k=4, k_aux=8), learning_rate=3e-3),
-    SweepMember("relu", 96, ReLU(l1_coefficient=1e-3), learning_rate=1e-3, lr_warmup_steps=5),
+    SweepMember(
+        "relu", 96, ReLU(l1_coefficient=1e-3), learning_rate=1e-3, lr_warmup_steps=5, decoder_lr_multiplier=2.0
+    ),
     SweepMember("batchtopk_k6", 64, BatchTopK(k=6, k_aux=8)),
 ]
 SHARED = dict(learning_rate=2e-3, dead_tokens_threshold=512, metrics_every_n_steps=5, max_l0_fraction=None)
@@ -58,7 +60,7 @@ def separate_modules() -> dict[str, SparseAutoencoderModule]:
     return {
         m.name: SparseAutoencoderModule(
             32, m.dict_vec_size, m.architecture, learning_rate=m.learning_rate or SHARED["learning_rate"],
-            lr_warmup_steps=m.lr_warmup_steps or 0,
+            lr_warmup_steps=m.lr_warmup_steps or 0, decoder_lr_multiplier=m.decoder_lr_multiplier or 1.0,
             **{k: v for k, v in SHARED.items() if k != "learning_rate"},
         )
         for m in MEMBERS
@@ -113,6 +115,30 @@ def test_sweep__one_member_loads_like_a_single_sae(tmp_path):
     assert member.metadata.activation_scale == pytest.approx(float(unit.activation_scale))
     with pytest.raises(ValueError, match=r"a sweep of 3 SAEs and no name was given; name one of: topk_k4, relu"):
         SparseAutoencoder.from_pretrained(tmp_path / "checkpoints" / "last.ckpt")
+
+
+def test_decoder_lr_multiplier__scales_the_decoder_weights_first_adam_step_only(tmp_path):
+    """Adam's first step is lr * g / (|g| + eps) per entry, so with an unconstrained decoder (JumpReLU) and the same
+    batch, a multiplier m moves the decoder weight m times as far and every other parameter as far as without."""
+    from neurolight.lightning_modules import JumpReLU
+
+    def one_step(multiplier: float) -> tuple[dict, dict]:
+        torch.manual_seed(0)
+        module = SparseAutoencoderModule(32, 64, JumpReLU(l0_coefficient=0.1, init_threshold=0.1),
+                                         decoder_lr_multiplier=multiplier, **SHARED)  # fmt: skip
+        before = {key: value.clone() for key, value in module.sae.named_parameters()}
+        trainer(tmp_path / str(multiplier), 1).fit(module, loader())
+        return before, dict(module.sae.named_parameters())
+
+    before, plain = one_step(1.0)
+    same_init, tripled = one_step(3.0)
+    for name, value in before.items():
+        torch.testing.assert_close(same_init[name], value)
+        step, step_3 = plain[name].detach() - value, tripled[name].detach() - value
+        assert step.abs().max() > 0, name
+        torch.testing.assert_close(step_3, step * (3.0 if name == "W_dec" else 1.0), atol=1e-7, rtol=1e-4)
+    with pytest.raises(ValueError, match=r"decoder_lr_multiplier must be > 0, got 0"):
+        SparseAutoencoderModule(32, 64, decoder_lr_multiplier=0)
 
 
 def test_sweep__bad_members_are_refused_in_one_line():
