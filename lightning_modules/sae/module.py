@@ -29,7 +29,7 @@ from neurolight.lightning_modules.sae.architectures import (
     unit_norm_rows_,
 )
 from neurolight.lightning_modules.sae.metrics import ExplainedVariance, explained_variance
-from neurolight.lightning_modules.sae.optim import adam, linear_warmup
+from neurolight.lightning_modules.sae.optim import adam, linear_warmup, parameter_groups
 from neurolight.lightning_modules.sae.sparse_autoencoder import SaeOutput, SparseAutoencoder
 
 # Hyperparameters that checkpoints written before architectures were objects hold beside ``architecture`` (a name).
@@ -385,15 +385,9 @@ class SparseAutoencoderModule(pl.LightningModule):
 
     # ------------------------------------------------------------------------------------------ optimiser
     def parameter_groups(self) -> list[dict]:
-        """This SAE's Adam parameter groups: all its parameters at ``learning_rate``, or, with a
-        ``decoder_lr_multiplier`` other than 1, the decoder weight in a second group at that multiple. One group where
-        the multiplier is 1 keeps the optimizer state of checkpoints written before the setting existed loadable."""
-        lr, multiplier = self.hparams.learning_rate, self.hparams.get("decoder_lr_multiplier", 1.0)
-        if multiplier == 1:
-            return [{"params": list(self.parameters()), "lr": lr}]
-        decoder = self.sae.W_dec
-        rest = [parameter for parameter in self.parameters() if parameter is not decoder]
-        return [{"params": rest, "lr": lr}, {"params": [decoder], "lr": lr * multiplier}]
+        """This SAE's Adam parameter groups (``optim.parameter_groups``)."""
+        multiplier = self.hparams.get("decoder_lr_multiplier", 1.0)
+        return parameter_groups(self.parameters(), self.sae.W_dec, self.hparams.learning_rate, multiplier)
 
     def configure_optimizers(self):
         optimizer = adam(self.parameter_groups(), betas=self.hparams.adam_betas)

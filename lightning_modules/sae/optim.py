@@ -23,3 +23,14 @@ def linear_warmup(steps: int):
     if not steps:
         return lambda step: 1.0
     return lambda step: min(1.0, (step + 1) / steps)
+
+
+def parameter_groups(parameters, decoder: torch.nn.Parameter, lr: float, decoder_lr_multiplier: float) -> list[dict]:
+    """Adam parameter groups of one SAE: all its ``parameters`` at ``lr``, or, with a ``decoder_lr_multiplier`` other
+    than 1, the ``decoder`` weight in a second group at that multiple (docs/sae.md, Decoder learning rate). One group
+    where the multiplier is 1 keeps the optimizer state of checkpoints written before the setting existed loadable."""
+    parameters = list(parameters)
+    if decoder_lr_multiplier == 1:
+        return [{"params": parameters, "lr": lr}]
+    rest = [parameter for parameter in parameters if parameter is not decoder]
+    return [{"params": rest, "lr": lr}, {"params": [decoder], "lr": lr * decoder_lr_multiplier}]
