@@ -31,7 +31,12 @@ p.add_argument("--lr", type=float, default=1e-3)
 p.add_argument("--warmup", type=int, default=20)
 p.add_argument("--dead-tokens", type=int, default=50000)
 p.add_argument("--auxk", type=float, default=None)
-p.add_argument("--aux-weight", default="none", help="nl: none | input (x var_x), sl: ignored")
+p.add_argument(
+    "--aux-weight",
+    default="none",
+    help="nl: none (the module's AuxK, which carries x var_x since session 16) | input (x var_x once more: "
+    "session 16's record of the change, made before the module had it); sl: ignored",
+)
 p.add_argument("--no-norm", action="store_true")
 p.add_argument("--sl-norm", action="store_true", help="sl: inputs scaled as neurolight's (E||x|| = sqrt(d_in))")
 p.add_argument("--enc-scale", type=float, default=None)
