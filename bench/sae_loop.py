@@ -5,7 +5,7 @@ setting changed at a time; the explained variance on the last 128 contexts (benc
 CPU"). Appends a JSON line per run to WORK/loop.jsonl.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/sae_loop.py --side nl --k 16 --d-sae 2304 [--dec-mult 3] [--lr 2.83e-3]
-        [--dec-init-norm 0.1]
+        [--dec-init-norm 0.1] [--arch batchtopk]
 """
 
 import argparse
@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from neurolight.lightning_modules import TopK
+from neurolight.lightning_modules import BatchTopK, MatryoshkaBatchTopK, TopK
 from neurolight.lightning_modules.sae.metrics import ExplainedVariance
 from neurolight.lightning_modules.sae.optim import adam, linear_warmup
 from neurolight.lightning_modules.sae.sparse_autoencoder import SparseAutoencoder
@@ -47,6 +47,7 @@ p.add_argument("--sl-dec-norm", type=float, default=0.1)
 p.add_argument("--tag", default="")
 p.add_argument("--dec-mult", type=float, default=1.0)
 p.add_argument("--enc-mult", type=float, default=1.0)
+p.add_argument("--arch", default="topk", choices=["topk", "batchtopk", "matryoshka"], help="nl: the architecture")
 p.add_argument("--dec-init-norm", type=float, default=None, help="nl: TopK(decoder_init_norm=...), free decoder rows")
 args = p.parse_args()
 torch.set_num_threads(1)
@@ -78,7 +79,8 @@ if args.side == "nl":
         kw["encoder_init_scale"] = args.enc_scale
     if args.dec_init_norm is not None:
         kw["decoder_init_norm"] = args.dec_init_norm
-    sae = SparseAutoencoder(576, args.d_sae, TopK(**kw))
+    architecture = {"topk": TopK, "batchtopk": BatchTopK, "matryoshka": MatryoshkaBatchTopK}[args.arch]
+    sae = SparseAutoencoder(576, args.d_sae, architecture(**kw))
     scale = 1.0 if args.no_norm else math.sqrt(576) / float(train[:65536].norm(dim=-1).mean())
     groups = [
         {"params": [sae.W_dec], "lr": args.lr * args.dec_mult},
