@@ -1,19 +1,23 @@
-"""Reading several sites of a frozen language model in one forward pass (the activation cache's harvest).
+"""Reading several sites of a frozen language model in one forward pass (the activation cache's harvest, and the
+activation data module's ``sites``).
 
 Each site is a ``HookPoint`` of ``neurolight.datamodules.llm.hooked`` (``resolve_hook_point``): a forward hook on the
 module's output, or a pre-hook on its input. The forward stops, by ``StopForward``, as soon as every site has been
 read, so no layer after the deepest site runs. A single site read this way is bit-identical to
-``HookedLLM.harvest`` (which checks its truncated forward against this hooked one).
+``HookedLLM.harvest`` (which checks its truncated forward against this hooked one). ``SitesReader`` reads the same
+sites through the truncated forward, compiled where asked, after the same check.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
-from neurolight.datamodules.llm.hooked import HookPoint, StopForward, module_input
+from neurolight.datamodules.llm.hooked import HookPoint, StopForward, module_input, truncation_blocker
+from neurolight.datamodules.llm.truncated import causal_mask, compiled, forward_to_sites
 
 
 @torch.no_grad()
@@ -51,3 +55,61 @@ def capture_sites(model: nn.Module, sites: Sequence[HookPoint], input_ids: Tenso
     if missing:
         raise RuntimeError(f"hook points {', '.join(missing)} were not reached by the forward pass")
     return [captured[index] for index in range(len(sites))]
+
+
+class SitesReader:
+    """The activations of several sites (``(layer_type, layer_id)`` with their ``hook_points``) from one forward
+    pass: the truncated forward (``truncated.forward_to_sites``; ``torch.compile``d where ``compile``, as
+    ``HookedLLM`` compiles its one site) where every site allows it and it reproduces ``capture_sites`` on a probe
+    input, else ``capture_sites`` itself (with a warning naming why)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        sites: Sequence[tuple[str, int]],
+        hook_points: Sequence[HookPoint],
+        compile: bool = False,
+        compile_mode: str | None = None,
+    ) -> None:
+        self.model, self.sites, self.hook_points = model, list(sites), list(hook_points)
+        self.device = next(model.parameters()).device
+        blockers = (truncation_blocker(model, *site, hook) for site, hook in zip(self.sites, self.hook_points))
+        blocker = next((reason for reason in blockers if reason is not None), None) or self._check()
+        if blocker is not None:
+            warnings.warn(
+                f"reading the sites through the hooked full forward ({blocker}): slower, same activations", stacklevel=2
+            )
+        self.truncated = blocker is None
+        self.compiled = compile and self.truncated
+        self._fn = compiled(self._forward, self.device, compile_mode) if self.compiled else self._forward
+
+    def _forward(self, input_ids: Tensor, mask) -> list[Tensor]:
+        return forward_to_sites(self.model, self.sites, input_ids, mask)
+
+    @torch.no_grad()
+    def _check(self) -> str | None:
+        """None if the truncated forward reproduces the hooked one on a probe input, else what differs."""
+        ids = torch.randint(self.model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+        ids = ids.to(self.device)
+        try:
+            fast = self._forward(ids, causal_mask(self.model, ids))
+        except Exception as error:  # an unexpected layer signature: the hooked forward still works
+            return f"truncated forward failed: {error!r}"
+        reference = capture_sites(self.model, self.hook_points, ids)
+        for hook, a, b in zip(self.hook_points, fast, reference):
+            if a.shape != b.shape or not torch.allclose(a, b, rtol=1e-5, atol=1e-6):
+                return f"truncated forward differs from the hooked one at {hook.name} on a probe input"
+        return None
+
+    @torch.no_grad()
+    def read(self, input_ids: Tensor) -> list[Tensor]:
+        """The activations of the sites for ``input_ids`` (batch, seq), each (batch, seq, width), in order."""
+        input_ids = input_ids.to(self.device)
+        if not self.truncated:
+            return capture_sites(self.model, self.hook_points, input_ids)
+        if not self.compiled:
+            return self._fn(input_ids, causal_mask(self.model, input_ids))
+        with torch.inference_mode():  # what inductor's freezing compiles for
+            acts = self._fn(input_ids, causal_mask(self.model, input_ids))
+        # CUDA-graph replays reuse their output memory; the copies are also ordinary tensors (HookedLLM.harvest).
+        return [act.clone() for act in acts]

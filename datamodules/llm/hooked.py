@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from neurolight.datamodules.llm.models import cache_argument
+from neurolight.datamodules.llm.truncated import causal_mask, compiled, forward_to_sites
 
 HOOK_POINTS: dict[str, str] = {
     "resid_pre": "model.layers.{}",
@@ -130,8 +130,9 @@ def _replace_input(args: tuple, kwargs: dict, replace: Callable[[Tensor], Tensor
     return args, {**kwargs, key: replace(kwargs[key])}
 
 
-def _truncation_blocker(model: nn.Module, layer_type: str, layer_id: int, hook_point: HookPoint) -> str | None:
-    """Why ``HookedLLM._forward_to_site`` cannot stand in for the hooked forward of this model (None: it can)."""
+def truncation_blocker(model: nn.Module, layer_type: str, layer_id: int, hook_point: HookPoint) -> str | None:
+    """Why the truncated forward (``truncated.forward_to_sites``) cannot stand in for the hooked forward of this
+    model at this site (None: it can)."""
     if hook_point.name != HOOK_POINTS[layer_type].format(layer_id):
         return f"custom hook point '{hook_point.name}'"
     inner = getattr(model, "model", None)
@@ -191,7 +192,7 @@ class HookedLLM:
         self.layer_id = layer_id
         self.hook_point = resolve_hook_point(model, layer_type, layer_id, hook_points)
         self.truncated = False
-        blocker = _truncation_blocker(model, layer_type, layer_id, self.hook_point)
+        blocker = truncation_blocker(model, layer_type, layer_id, self.hook_point)
         if blocker is None:
             blocker = self._check_truncation()
         if blocker is not None:
@@ -201,14 +202,7 @@ class HookedLLM:
         self.truncated = blocker is None
         self._site_fn = self._forward_to_site
         if compile and self.truncated:
-            options = None
-            if compile_mode is None and self.device.type == "cuda":
-                compile_mode = "reduce-overhead"
-            elif compile_mode is None and self.device.type == "cpu":
-                # Inductor's freezing turns the frozen weights into constants, folds what it can and prepacks the
-                # matrices for oneDNN (bf16 on AMX / AVX512-BF16); it needs inference mode (see harvest).
-                options = {"freezing": True}
-            self._site_fn = torch.compile(self._forward_to_site, dynamic=False, mode=compile_mode, options=options)
+            self._site_fn = compiled(self._forward_to_site, self.device, compile_mode)
         self.compiled = compile and self.truncated
         self.d_in = self._probe_width()
 
@@ -239,41 +233,11 @@ class HookedLLM:
         return None
 
     def _causal_mask(self, input_ids: Tensor):
-        """The mask LlamaModel.forward builds for unpadded input (None under SDPA: it uses is_causal)."""
-        from transformers.masking_utils import create_causal_mask
+        return causal_mask(self.model, input_ids)
 
-        inputs_embeds = torch.empty(*input_ids.shape, 0, device=input_ids.device, dtype=self.model.dtype)
-        position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
-        return create_causal_mask(
-            config=self.model.config,
-            inputs_embeds=inputs_embeds,
-            attention_mask=None,
-            position_ids=position_ids,
-            **{cache_argument(create_causal_mask): None},  # no cache, under either name
-        )
-
-    def _forward_to_site(self, input_ids: Tensor, causal_mask) -> Tensor:
+    def _forward_to_site(self, input_ids: Tensor, mask) -> Tensor:
         """LlamaModel.forward (no cache, no padding) up to the site, without its per-call wrappers."""
-        inner, layer_id = self.model.model, self.layer_id
-        hidden = inner.embed_tokens(input_ids)
-        position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
-        position_embeddings = inner.rotary_emb(hidden, position_ids=position_ids)
-        context = {"attention_mask": causal_mask, "position_embeddings": position_embeddings}
-        for layer in inner.layers[:layer_id]:
-            hidden = layer(hidden, position_ids=position_ids, **context)
-        if self.layer_type == "resid_pre":
-            return hidden
-        layer = inner.layers[layer_id]
-        if self.layer_type == "resid_post":
-            return _first(layer(hidden, position_ids=position_ids, **context))
-        attn = layer.self_attn(layer.input_layernorm(hidden), position_ids=position_ids, **context)[0]
-        if self.layer_type == "attn_sublayer":
-            return attn
-        normed = layer.post_attention_layernorm(hidden + attn)
-        if self.layer_type == "mlp_sublayer":
-            return layer.mlp(normed)
-        mlp = layer.mlp
-        return mlp.act_fn(mlp.gate_proj(normed)) * mlp.up_proj(normed)
+        return forward_to_sites(self.model, [(self.layer_type, self.layer_id)], input_ids, mask)[0]
 
     @torch.no_grad()
     def harvest(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:

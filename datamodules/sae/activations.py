@@ -17,7 +17,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
-from neurolight.datamodules.llm.capture import capture_sites
+from neurolight.datamodules.llm.capture import SitesReader
 from neurolight.datamodules.llm.hooked import HOOK_POINTS, HookedLLM
 from neurolight.datamodules.sae.activation_buffer import ActivationBuffer
 from neurolight.datamodules.sae.activation_cache import check_site_names, parse_site, site_name
@@ -82,7 +82,7 @@ class ActivationDataModule(pl.LightningDataModule):
                 better and costs ``num_batches_preload * batch_size_autoencoder * d_in`` values of memory.
             device_llm: Device of the LLM, e.g. ``cuda:1``; default: the trainer's device for this rank.
             llm_dtype: ``float32``, ``bfloat16`` or ``float16`` weights for the LLM.
-            compile_llm: ``torch.compile`` the LLM forward up to the hooked layer (``dynamic=False``: the shapes are
+            compile_llm: ``torch.compile`` the LLM forward up to the (deepest) site (``dynamic=False``: the shapes are
                 fixed): on CUDA with CUDA graphs (the small forward is launch-bound there), on CPU with inductor's
                 ``freezing`` (weights folded and prepacked for oneDNN, run in inference mode; use it with
                 ``llm_dtype: bfloat16`` on a CPU with AMX or AVX512-BF16). The first training and the first
@@ -106,8 +106,8 @@ class ActivationDataModule(pl.LightningDataModule):
             seed: Seed of corpus order and buffer mixing.
             sites: Several sites to read in each forward pass instead of ``layer_type`` / ``layer_id``, named as
                 ``neurolight-harvest`` names them (``[layers.15.mlp_sublayer, layers.10.resid_post]``); batches are
-                then ``{site: activations}`` and each SAE names the site it reads (``SweepMember.site``). The forward
-                is the hooked one, stopped after the deepest site (``compile_llm`` applies to one site only).
+                then ``{site: activations}`` and each SAE names the site it reads (``SweepMember.site``). One forward
+                reads them all, stopped after the deepest site (truncated, and compiled with ``compile_llm``).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -120,15 +120,11 @@ class ActivationDataModule(pl.LightningDataModule):
         }
         if sites is not None:
             check_site_names(sites)
-            if compile_llm:
-                raise ValueError(
-                    "compile_llm compiles the forward up to one site; with several sites set compile_llm: false "
-                    "(or train each site from an activation cache: neurolight-harvest)"
-                )
             # The checkpoint then records no single site of the data module: each SAE records its own.
             self.hparams.update(layer_id=None, layer_type=None)
         self.hooked_llm: HookedLLM | None = None
         self.hooked_llms: dict[str, HookedLLM] = {}  # by site
+        self.sites_reader: SitesReader | None = None  # the one forward of several sites
         self.buffer: ActivationBuffer | None = None
         self.corpus: TokenizedCorpus | None = None
         self._pass, self._position = 0, 0  # corpus pass and position within this rank's order
@@ -161,9 +157,14 @@ class ActivationDataModule(pl.LightningDataModule):
         self.corpus.validate(model.get_input_embeddings().num_embeddings)
         for site in self.site_names:
             layer_type, layer_id = parse_site(site)
-            hooked = HookedLLM(model, layer_type, layer_id, self.hook_points, hp.compile_llm, hp.llm_compile_mode)
+            compile_site = hp.compile_llm and not hp.sites  # several sites: compiled once, all together, below
+            hooked = HookedLLM(model, layer_type, layer_id, self.hook_points, compile_site, hp.llm_compile_mode)
             self.hooked_llms[site] = hooked
         self.hooked_llm = next(iter(self.hooked_llms.values())) if not hp.sites else None
+        if hp.sites:
+            sites = [(hooked.layer_type, hooked.layer_id) for hooked in self.hooked_llms.values()]
+            hooks = [hooked.hook_point for hooked in self.hooked_llms.values()]
+            self.sites_reader = SitesReader(model, sites, hooks, hp.compile_llm, hp.llm_compile_mode)
         self.buffer = ActivationBuffer(
             capacity=hp.num_batches_preload * hp.batch_size_autoencoder,
             batch_size=hp.batch_size_autoencoder,
@@ -236,9 +237,7 @@ class ActivationDataModule(pl.LightningDataModule):
         if self.hooked_llm is not None:
             acts = self.hooked_llm.harvest(contexts)
         else:
-            hooked = list(self.hooked_llms.values())
-            model = hooked[0].model
-            acts = torch.cat(capture_sites(model, [h.hook_point for h in hooked], contexts.to(hooked[0].device)), -1)
+            acts = torch.cat(self.sites_reader.read(contexts), -1)
         if self.hparams.exclude_first_position:
             acts = acts[:, 1:]
         return acts.reshape(-1, acts.shape[-1])

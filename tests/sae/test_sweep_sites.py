@@ -102,6 +102,27 @@ def test_several_sites_from_the_llm__one_forward_serves_each_sites_rows_of_the_s
     assert together.mean_activation_norm(ATTN) == pytest.approx(alone[ATTN].mean_activation_norm(), rel=1e-5)
 
 
+def test_several_sites_with_compile_llm__one_compiled_forward_serves_the_same_rows(
+    cache_corpus, tiny_model_dir, monkeypatch
+):
+    compiles = []
+
+    def fake_compile(fn, **kwargs):  # records the call; tests/llm/test_sites_reader.py runs inductor itself
+        compiles.append(fn)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    compiled = make_datamodule(cache_corpus, tiny_model_dir, sites=TINY_SITES, compile_llm=True)
+    compiled.setup("fit")
+    assert len(compiles) == 1 and compiled.sites_reader.compiled  # the sites' one forward, not one per site
+    plain = make_datamodule(cache_corpus, tiny_model_dir, sites=TINY_SITES)
+    plain.setup("fit")
+    for _ in range(8):
+        batch, expected = compiled._next_train_batch(), plain._next_train_batch()
+        for site in TINY_SITES:
+            assert torch.equal(batch[site], expected[site]), site
+
+
 def test_sweep_over_sites_from_the_llm__validation_splices_each_member_at_its_site(
     tmp_path, cache_corpus, tiny_model_dir, monkeypatch
 ):
@@ -149,8 +170,6 @@ def test_sites__bad_settings_are_refused_in_one_line(tmp_path, tiny_cache, cache
         cached(tiny_cache, sites=TINY_SITES, layer_id=1)
     with pytest.raises(ValueError, match=r"holds no site layers.0.resid_post .*; choose among those, or harvest"):
         cached(tiny_cache, sites=[MLP, "layers.0.resid_post"]).setup("fit")
-    with pytest.raises(ValueError, match=r"with several sites set compile_llm: false"):
-        ActivationDataModule(str(cache_corpus), sites=TINY_SITES, compile_llm=True)
     with pytest.raises(ValueError, match=r"sites names layers.0.attn_sublayer more than once"):
         ActivationDataModule(str(cache_corpus), sites=[ATTN, ATTN])
 

@@ -1,0 +1,100 @@
+"""The truncated forward: a Llama-style model's own modules called in its forward's order, up to the deepest site read.
+
+``LlamaModel.forward`` without a cache or padding, stopped after the last site it is asked for and without the
+per-call wrappers of the model's forward; several sites of one pass are read on the way (docs/sae.md, Sites). Where
+a layer holds a sublayer site, the layer is run part by part (attention, residual add, norm, MLP, residual add),
+as its forward runs them, so every site's value is bit-identical to a hooked full forward; the callers check that
+on a probe input before trusting it (``HookedLLM``, ``capture.SitesReader``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from neurolight.datamodules.llm.models import cache_argument
+
+_SUBLAYER_SITES = frozenset({"attn_sublayer", "mlp_sublayer", "mlp_activations"})
+
+
+def causal_mask(model: nn.Module, input_ids: Tensor):
+    """The mask LlamaModel.forward builds for unpadded input (None under SDPA: it uses is_causal)."""
+    from transformers.masking_utils import create_causal_mask
+
+    inputs_embeds = torch.empty(*input_ids.shape, 0, device=input_ids.device, dtype=model.dtype)
+    position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+    return create_causal_mask(
+        config=model.config,
+        inputs_embeds=inputs_embeds,
+        attention_mask=None,
+        position_ids=position_ids,
+        **{cache_argument(create_causal_mask): None},  # no cache, under either name
+    )
+
+
+def forward_to_sites(model: nn.Module, sites: Sequence[tuple[str, int]], input_ids: Tensor, mask) -> list[Tensor]:
+    """The activations of ``sites`` (``(layer_type, layer_id)`` pairs) for ``input_ids`` (batch, seq), in the order
+    given; nothing after the deepest site runs. ``mask``: ``causal_mask(model, input_ids)``."""
+    inner = model.model
+    wanted: dict[int, set[str]] = {}
+    for layer_type, layer_id in sites:
+        wanted.setdefault(layer_id, set()).add(layer_type)
+    read: dict[tuple[str, int], Tensor] = {}
+    hidden = inner.embed_tokens(input_ids)
+    position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+    context = {
+        "attention_mask": mask,
+        "position_embeddings": inner.rotary_emb(hidden, position_ids=position_ids),
+        "position_ids": position_ids,
+    }
+    last = max(wanted)
+    for layer_id, layer in enumerate(inner.layers[: last + 1]):
+        here = wanted.get(layer_id, set())
+        if "resid_pre" in here:
+            read[("resid_pre", layer_id)] = hidden
+        if layer_id == last and here <= {"resid_pre"}:
+            break
+        if not here & _SUBLAYER_SITES:
+            hidden = layer(hidden, **context)
+            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+        else:
+            hidden = _layer_by_parts(layer, hidden, context, here, layer_id, read, stop=layer_id == last)
+        if "resid_post" in here:
+            read[("resid_post", layer_id)] = hidden
+    return [read[site] for site in sites]
+
+
+def _layer_by_parts(layer: nn.Module, hidden: Tensor, context: dict, here: set, layer_id: int, read: dict, stop: bool):
+    """One decoder layer run as its forward runs it, recording its sublayer sites; None where ``stop`` (the deepest
+    layer) and nothing after its last site is needed."""
+    attn = layer.self_attn(layer.input_layernorm(hidden), **context)[0]
+    read[("attn_sublayer", layer_id)] = attn
+    if stop and here <= {"resid_pre", "attn_sublayer"}:
+        return None
+    hidden = hidden + attn
+    normed = layer.post_attention_layernorm(hidden)
+    if "mlp_activations" in here:
+        mlp = layer.mlp
+        activations = mlp.act_fn(mlp.gate_proj(normed)) * mlp.up_proj(normed)
+        read[("mlp_activations", layer_id)] = activations
+        if stop and "mlp_sublayer" not in here and "resid_post" not in here:
+            return None
+        out = mlp.down_proj(activations)
+    else:
+        out = layer.mlp(normed)
+    read[("mlp_sublayer", layer_id)] = out
+    return hidden + out
+
+
+def compiled(fn: Callable, device: torch.device, compile_mode: str | None) -> Callable:
+    """``torch.compile(fn)`` for fixed shapes: by default CUDA graphs (``reduce-overhead``) on CUDA, and on CPU
+    inductor's ``freezing`` (the frozen weights folded and prepacked for oneDNN: bf16 on AMX / AVX512-BF16; it
+    compiles for inference mode, so call it under ``torch.inference_mode()``)."""
+    options = None
+    if compile_mode is None and device.type == "cuda":
+        compile_mode = "reduce-overhead"
+    elif compile_mode is None and device.type == "cpu":
+        options = {"freezing": True}
+    return torch.compile(fn, dynamic=False, mode=compile_mode, options=options)
