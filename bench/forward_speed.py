@@ -1,13 +1,16 @@
 """How fast the truncated LLM forward of SAE training runs, against the machine's own bf16 matrix-product speed.
 
     .venv/bin/python bench/forward_speed.py [--model smollm2-135m] [--layer 15] [--batch 16] [--tokens 64]
-        [--threads 2] [--repeats 20] [--device cpu|cuda]
+        [--threads 2] [--repeats 20] [--device cpu|cuda] [--sites layers.5.resid_post,layers.15.mlp_sublayer]
 
 Measured in one run, in this order: a bf16 matrix product of the model's own linear shapes (the ceiling), then the
 forward up to the site (``HookedLLM.harvest``, mlp_sublayer of ``--layer``) eager in float32, eager in bfloat16, and
 compiled in bfloat16 (``compile_llm``: inductor with ``freezing`` on CPU, CUDA graphs on CUDA). Prints ms per
 forward, achieved TFLOP/s (2 x multiply-adds of the linear layers plus the attention products) and that as a
-fraction of the matmul ceiling, with the machine's load. Not a test.
+fraction of the matmul ceiling, with the machine's load. With ``--sites``, the one forward that reads several sites
+(a sweep over sites) in bfloat16 instead: the hooked forward stopped after the deepest site (``capture_sites``, what
+``ActivationDataModule(sites)`` ran before the truncated one), the truncated forward (``SitesReader``) and that
+compiled (``compile_llm``); the FLOPs are those up to the deepest layer's MLP. Not a test.
 """
 
 from __future__ import annotations
@@ -56,6 +59,19 @@ def matmul_ceiling(model, tokens: int, repeats: int, device: str) -> float:
     return flops / seconds / 1e12
 
 
+def reader(args, model, compiled: bool | None):
+    """What reads ``--sites`` in one forward: the hooked forward (``compiled`` None) or ``SitesReader``."""
+    from neurolight.datamodules.llm.capture import SitesReader, capture_sites
+    from neurolight.datamodules.llm.hooked import resolve_hook_point
+    from neurolight.datamodules.sae.activation_cache import parse_site
+
+    sites = [parse_site(site) for site in args.sites.split(",")]
+    hooks = [resolve_hook_point(model, *site) for site in sites]
+    if compiled is None:
+        return lambda ids: capture_sites(model, hooks, ids)
+    return SitesReader(model, sites, hooks, compile=compiled).read
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -65,6 +81,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--sites", default=None, help="comma-separated sites read in one forward (bfloat16 only)")
     parser.add_argument(
         "--random-weights", action="store_true", help="build --model (a directory with config.json) with random weights"
     )
@@ -97,21 +114,29 @@ def main() -> None:
     flops = linear_flops(model32, args.layer, tokens, args.tokens)
     ceiling = matmul_ceiling(model32, tokens, args.repeats, args.device)
     print(f"bf16 matmul of the model's linear shapes, {tokens} rows: {ceiling:.3f} TFLOP/s (the ceiling)")
-    runs = [("eager float32", model32, False)]
     model16 = load(torch.bfloat16)
-    runs += [("eager bfloat16", model16, False), ("compiled bfloat16", model16, True)]
+    runs = [("eager float32", model32, False), ("eager bfloat16", model16, False), ("compiled bfloat16", model16, True)]
+    if args.sites:
+        runs = [("hooked bfloat16", model16, None), ("truncated bfloat16", model16, False), runs[2]]
+        from neurolight.datamodules.sae.activation_cache import parse_site
+
+        deepest = max(parse_site(site)[1] for site in args.sites.split(","))
+        flops = linear_flops(model32, deepest, tokens, args.tokens)
     baseline = None
     for name, model, compiled in runs:
-        hooked = HookedLLM(model, "mlp_sublayer", args.layer, compile=compiled)
+        if args.sites:
+            read = reader(args, model, compiled)
+        else:
+            read = HookedLLM(model, "mlp_sublayer", args.layer, compile=compiled).harvest
         start = time.perf_counter()
-        hooked.harvest(ids)
+        read(ids)
         first = time.perf_counter() - start
-        seconds = time_it(lambda hooked=hooked: hooked.harvest(ids), args.repeats, args.device)
+        seconds = time_it(lambda read=read: read(ids), args.repeats, args.device)
         baseline = baseline or seconds
         achieved = flops / seconds / 1e12
         print(
             f"{name:18s} {1000 * seconds:8.1f} ms/forward  {tokens / seconds:9.0f} tokens/s  {achieved:.3f} TFLOP/s "
-            f"= {achieved / ceiling:5.1%} of the matmul ceiling  {baseline / seconds:4.2f}x eager float32  "
+            f"= {achieved / ceiling:5.1%} of the matmul ceiling  {baseline / seconds:4.2f}x {runs[0][0]}  "
             f"(first call {first:.1f} s)"
         )
     print(f"load at the end {os.getloadavg()}")
