@@ -218,7 +218,7 @@ class QAPredictionWriter(BasePredictionWriter):
         path.parent.mkdir(parents=True, exist_ok=True)
         text = json.dumps(document, indent=2, ensure_ascii=False, allow_nan=False, default=_plain)
         with atomic_path(path, "answers file") as temporary:
-            temporary.write_text(text)
+            temporary.write_text(text, encoding="utf-8")
         self.written, self.summary = path, summary
         print(f"\nwrote {len(results)} answers to {path}: {_format_summary(summary)}")
         return path

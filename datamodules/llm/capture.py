@@ -71,7 +71,7 @@ class SitesReader:
         compile: bool = False,
         compile_mode: str | None = None,
     ) -> None:
-        self.model, self.sites, self.hook_points = model, list(sites), list(hook_points)
+        self.model, self.sites, self.hook_points = model.eval().requires_grad_(False), list(sites), list(hook_points)
         self.device = next(model.parameters()).device
         blockers = (truncation_blocker(model, *site, hook) for site, hook in zip(self.sites, self.hook_points))
         blocker = next((reason for reason in blockers if reason is not None), None) or self._check()

@@ -135,7 +135,7 @@ class ActivationDataModule(pl.LightningDataModule):
 
     # ----------------------------------------------------------------------------------------------- setup
     def setup(self, stage: str) -> None:
-        if self.hooked_llm is not None:
+        if self.hooked_llms:  # set up already (with several sites hooked_llm stays None)
             return
         from neurolight.datamodules.llm.models import dtype_from_name, load_causal_lm
 

@@ -115,6 +115,8 @@ def test_several_sites_with_compile_llm__one_compiled_forward_serves_the_same_ro
     compiled = make_datamodule(cache_corpus, tiny_model_dir, sites=TINY_SITES, compile_llm=True)
     compiled.setup("fit")
     assert len(compiles) == 1 and compiled.sites_reader.compiled  # the sites' one forward, not one per site
+    compiled.setup("validate")  # set up already: no second model, buffer or compilation
+    assert len(compiles) == 1
     plain = make_datamodule(cache_corpus, tiny_model_dir, sites=TINY_SITES)
     plain.setup("fit")
     for _ in range(8):

@@ -98,7 +98,13 @@ def checkpoint_metadata(checkpoint: dict, init_args: dict) -> SaeMetadata:
         hook_name = {**HOOK_POINTS, **overrides}.get(layer_type, "").format(layer_id) or None
     training = {
         key: init_args[key]
-        for key in ("learning_rate", "lr_warmup_steps", "dead_tokens_threshold", "normalize_dataset")
+        for key in (
+            "learning_rate",
+            "decoder_lr_multiplier",
+            "lr_warmup_steps",
+            "dead_tokens_threshold",
+            "normalize_dataset",
+        )
         if key in init_args
     }
     return SaeMetadata(
