@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from neurolight.datamodules.llm.hooked import HookPoint, StopForward, module_input, truncation_blocker
-from neurolight.datamodules.llm.truncated import causal_mask, compiled, forward_to_sites
+from neurolight.datamodules.llm.truncated import compiled, forward_to_sites, probe_mismatch, run
 
 
 @torch.no_grad()
@@ -74,7 +74,9 @@ class SitesReader:
         self.model, self.sites, self.hook_points = model.eval().requires_grad_(False), list(sites), list(hook_points)
         self.device = next(model.parameters()).device
         blockers = (truncation_blocker(model, *site, hook) for site, hook in zip(self.sites, self.hook_points))
-        blocker = next((reason for reason in blockers if reason is not None), None) or self._check()
+        blocker = next((reason for reason in blockers if reason is not None), None)
+        if blocker is None:
+            blocker = probe_mismatch(model, self.sites, lambda ids: capture_sites(model, self.hook_points, ids))
         if blocker is not None:
             warnings.warn(
                 f"reading the sites through the hooked full forward ({blocker}): slower, same activations", stacklevel=2
@@ -87,29 +89,9 @@ class SitesReader:
         return forward_to_sites(self.model, self.sites, input_ids, mask)
 
     @torch.no_grad()
-    def _check(self) -> str | None:
-        """None if the truncated forward reproduces the hooked one on a probe input, else what differs."""
-        ids = torch.randint(self.model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
-        ids = ids.to(self.device)
-        try:
-            fast = self._forward(ids, causal_mask(self.model, ids))
-        except Exception as error:  # an unexpected layer signature: the hooked forward still works
-            return f"truncated forward failed: {error!r}"
-        reference = capture_sites(self.model, self.hook_points, ids)
-        for hook, a, b in zip(self.hook_points, fast, reference):
-            if a.shape != b.shape or not torch.allclose(a, b, rtol=1e-5, atol=1e-6):
-                return f"truncated forward differs from the hooked one at {hook.name} on a probe input"
-        return None
-
-    @torch.no_grad()
     def read(self, input_ids: Tensor) -> list[Tensor]:
         """The activations of the sites for ``input_ids`` (batch, seq), each (batch, seq, width), in order."""
         input_ids = input_ids.to(self.device)
         if not self.truncated:
             return capture_sites(self.model, self.hook_points, input_ids)
-        if not self.compiled:
-            return self._fn(input_ids, causal_mask(self.model, input_ids))
-        with torch.inference_mode():  # what inductor's freezing compiles for
-            acts = self._fn(input_ids, causal_mask(self.model, input_ids))
-        # CUDA-graph replays reuse their output memory; the copies are also ordinary tensors (HookedLLM.harvest).
-        return [act.clone() for act in acts]
+        return run(self._fn, self.model, input_ids, self.compiled)

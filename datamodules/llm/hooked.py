@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from neurolight.datamodules.llm.truncated import causal_mask, compiled, forward_to_sites
+from neurolight.datamodules.llm.truncated import causal_mask, compiled, forward_to_sites, probe_mismatch, run
 
 HOOK_POINTS: dict[str, str] = {
     "resid_pre": "model.layers.{}",
@@ -218,19 +218,10 @@ class HookedLLM:
             return self._forward_to_site(ids, self._causal_mask(ids)).shape[-1]
         return self._harvest_hooked(ids, None).shape[-1]
 
-    @torch.no_grad()
     def _check_truncation(self) -> str | None:
         """None if the truncated forward reproduces the hooked one on a probe input, else what differs."""
-        ids = torch.randint(self.model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
-        ids = ids.to(self.device)
-        try:
-            fast = self._forward_to_site(ids, self._causal_mask(ids))
-        except Exception as error:  # an unexpected layer signature: the hooked forward still works
-            return f"truncated forward failed: {error!r}"
-        reference = self._harvest_hooked(ids, None)
-        if fast.shape != reference.shape or not torch.allclose(fast, reference, rtol=1e-5, atol=1e-6):
-            return "truncated forward differs from the hooked one on a probe input"
-        return None
+        site = (self.layer_type, self.layer_id)
+        return probe_mismatch(self.model, [site], lambda ids: [self._harvest_hooked(ids, None)])
 
     def _causal_mask(self, input_ids: Tensor):
         return causal_mask(self.model, input_ids)
@@ -245,13 +236,7 @@ class HookedLLM:
         input_ids = input_ids.to(self.device)
         if not self.truncated or attention_mask is not None:
             return self._harvest_hooked(input_ids, attention_mask)
-        if not self.compiled:
-            return self._site_fn(input_ids, self._causal_mask(input_ids))
-        with torch.inference_mode():  # what inductor's freezing compiles for; no autograd bookkeeping either
-            acts = self._site_fn(input_ids, self._causal_mask(input_ids))
-        # A CUDA-graph replay reuses its output memory: the buffer may still hold the previous output's rows. The
-        # copy, made outside inference mode, is also an ordinary tensor that later code may write into.
-        return acts.clone()
+        return run(self._site_fn, self.model, input_ids, self.compiled)
 
     def _harvest_hooked(self, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
         captured: list[Tensor] = []

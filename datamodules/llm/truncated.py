@@ -85,7 +85,39 @@ def _layer_by_parts(layer: nn.Module, hidden: Tensor, context: dict, here: set, 
     else:
         out = layer.mlp(normed)
     read[("mlp_sublayer", layer_id)] = out
-    return hidden + out
+    return None if stop and "resid_post" not in here else hidden + out
+
+
+@torch.no_grad()
+def probe_mismatch(
+    model: nn.Module, sites: Sequence[tuple[str, int]], hooked: Callable[[Tensor], list[Tensor]]
+) -> str | None:
+    """None if ``forward_to_sites`` reproduces ``hooked`` (the hooked forward's activations of ``sites`` for given
+    input ids) on a probe input, else what differs: the check ``HookedLLM`` and ``capture.SitesReader`` run before
+    trusting the truncated forward."""
+    ids = torch.randint(model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(next(model.parameters()).device)
+    try:
+        fast = forward_to_sites(model, sites, ids, causal_mask(model, ids))
+    except Exception as error:  # an unexpected layer signature: the hooked forward still works
+        return f"truncated forward failed: {error!r}"
+    for (layer_type, layer_id), a, b in zip(sites, fast, hooked(ids)):
+        if a.shape != b.shape or not torch.allclose(a, b, rtol=1e-5, atol=1e-6):
+            return f"truncated forward differs from the hooked one at layers.{layer_id}.{layer_type} on a probe input"
+    return None
+
+
+@torch.no_grad()
+def run(fn: Callable, model: nn.Module, input_ids: Tensor, is_compiled: bool):
+    """``fn(input_ids, causal_mask)``: a truncated forward, or its ``compiled`` version (then in inference mode, what
+    inductor's freezing compiles for, and its outputs copied: a CUDA-graph replay reuses its output memory, so the
+    buffer may still hold the previous output's rows, and the copies, made outside inference mode, are ordinary
+    tensors later code may write into)."""
+    if not is_compiled:
+        return fn(input_ids, causal_mask(model, input_ids))
+    with torch.inference_mode():
+        out = fn(input_ids, causal_mask(model, input_ids))
+    return [tensor.clone() for tensor in out] if isinstance(out, list) else out.clone()
 
 
 def compiled(fn: Callable, device: torch.device, compile_mode: str | None) -> Callable:
