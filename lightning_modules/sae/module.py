@@ -386,8 +386,8 @@ class SparseAutoencoderModule(pl.LightningModule):
     # ------------------------------------------------------------------------------------------ optimiser
     def parameter_groups(self) -> list[dict]:
         """This SAE's Adam parameter groups (``optim.parameter_groups``)."""
-        multiplier = self.hparams.get("decoder_lr_multiplier", 1.0)
-        return parameter_groups(self.parameters(), self.sae.W_dec, self.hparams.learning_rate, multiplier)
+        hp = self.hparams
+        return parameter_groups(self.parameters(), self.sae.W_dec, hp.learning_rate, hp.decoder_lr_multiplier)
 
     def configure_optimizers(self):
         optimizer = adam(self.parameter_groups(), betas=self.hparams.adam_betas)
