@@ -15,7 +15,13 @@ inside) to the end of the last step, so tokens/s = steps x 512 / that time. With
 (LLM, cache, cache, LLM, ...) and the medians are compared. The 1-, 5- and 15-minute load averages
 (``os.getloadavg``) are printed before and after every side: on a shared machine the ratio is only as good as the
 load was even. ``--threads 1`` gives steadier figures on a loaded CPU (see bench/README.md). Options: ``--cache DIR``
-(an existing cache of the site: no harvest), ``--workdir DIR``, ``--json FILE``.
+(an existing cache of the site: no harvest), ``--workdir DIR``, ``--json FILE``, ``--llm-dtype bfloat16`` (the
+harvest's LLM weights).
+
+``--compare-harvest`` times the harvest alone instead (on ``--device``, e.g. cuda; ``--model`` replaces the recipe's
+LLM, e.g. a random-weight one saved by ``bench/gpu_kit.sh``), eager against ``compile_llm`` (inductor's freezing on
+CPU, CUDA graphs on CUDA), alternating per ``--repeats``, timed after the first shard (which holds the model's probes
+and the compilation), and prints the relative difference of the two caches' rows.
 """
 
 from __future__ import annotations
@@ -89,20 +95,56 @@ def run_cache(args, recipe: dict, steps: int) -> dict:
     return fit(recipe, datamodule, steps, args.workdir)
 
 
-def harvest(args, recipe: dict, cache_steps: int) -> dict:
+def harvest(args, recipe: dict, cache_steps: int, compile_llm: bool = False, output: str | None = None) -> dict:
     from neurolight.datamodules.sae.harvest import harvest_activations
 
     data = recipe["data"]
     rows_per_context = int(data["num_tokens"]) - 1
     contexts = math.ceil(cache_steps * int(data["batch_size_autoencoder"]) / rows_per_context) + data["val_contexts"]
+    shards: list[float] = []  # when each shard was written: the compiled side's first shard holds the compilation
+    per_shard = int(data["batch_size_llm"]) * 4
     before, start = load(), time.perf_counter()
     harvest_activations(
-        args.cache, dataset_path=args.corpus, model_name=data["model_name"],
+        output or args.cache, dataset_path=args.corpus, model_name=data["model_name"],
         sites=[f"layers.{data['layer_id']}.{data['layer_type']}"], num_contexts=contexts,
         num_tokens=int(data["num_tokens"]), batch_size=int(data["batch_size_llm"]), overwrite=True,
+        llm_dtype=args.llm_dtype, compile_llm=compile_llm, device=args.device, contexts_per_shard=per_shard,
+        on_shard=lambda done, total: shards.append(time.perf_counter()),
     )  # fmt: skip
     seconds = time.perf_counter() - start
-    return {"tokens": contexts * rows_per_context, "seconds": seconds, "load_before": before, "load_after": load()}
+    # Timed from the end of the first shard: model loading, probes and the compilation are left out of both sides.
+    steady = (contexts - per_shard) * rows_per_context / (shards[-1] - shards[1]) if len(shards) > 2 else None
+    return {"tokens": contexts * rows_per_context, "seconds": seconds, "first_shard_s": shards[1] - start,
+            "steady_tokens_per_s": steady, "load_before": before, "load_after": load()}  # fmt: skip
+
+
+def compare_harvest(args, recipe: dict, cache_steps: int) -> dict:
+    """Eager against compiled harvests of the same contexts, alternating; then their rows compared."""
+    import numpy as np
+
+    from neurolight.datamodules.sae.activation_cache import ActivationCache
+
+    runs: dict[str, list] = {"eager": [], "compiled": []}
+    for i in range(args.repeats):
+        for side in ("eager", "compiled") if i % 2 == 0 else ("compiled", "eager"):
+            out = str(Path(args.workdir) / f"cache-{side}")
+            run = harvest(args, recipe, cache_steps, compile_llm=side == "compiled", output=out)
+            runs[side].append(run)
+            print(f"harvest {side:8s}: {run['tokens']} tokens in {run['seconds']:.1f} s (first shard "
+                  f"{run['first_shard_s']:.1f} s), steady {run['steady_tokens_per_s']:.0f} tokens/s "
+                  f"(load {run['load_before']} -> {run['load_after']})", flush=True)  # fmt: skip
+    rates = {side: statistics.median(r["steady_tokens_per_s"] for r in runs[side]) for side in runs}
+    caches = [ActivationCache(Path(args.workdir) / f"cache-{side}") for side in runs]
+    site = caches[0].sites[0]
+    rows = []
+    for cache in caches:
+        cache.open(site)
+        rows.append(np.asarray(cache.read(site, 0, cache.num_rows), dtype=np.float32))
+    error = float(np.linalg.norm(rows[0] - rows[1]) / np.linalg.norm(rows[0]))
+    print(f"compiled / eager harvest: {rates['compiled'] / rates['eager']:.2f}x tokens/s (medians of {args.repeats}, "
+          f"after the first shard); rows' relative difference {error:.2e} ({args.llm_dtype}); "
+          f"load {load()}")  # fmt: skip
+    return {"runs": runs, "ratio": rates["compiled"] / rates["eager"], "relative_difference": error}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -114,6 +156,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=1, help="runs per side, alternating LLM cache cache LLM ...")
     parser.add_argument("--corpus", default=None, help="tokenized corpus (default: the recipe's, else built)")
     parser.add_argument("--cache", default=None, help="an existing cache of the site (default: harvested)")
+    parser.add_argument("--llm-dtype", default="float32", help="the harvest's LLM weights: float32 or bfloat16")
+    parser.add_argument("--compare-harvest", action="store_true", help="time eager against compiled harvests only")
+    parser.add_argument("--device", default="cpu", help="the harvest's device (the fits run on CPU)")
+    parser.add_argument("--model", default=None, help="LLM instead of the recipe's (a name or a directory)")
+    parser.add_argument("--batch-llm", type=int, default=None, help="contexts per forward (default: the recipe's)")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
@@ -126,10 +173,19 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     args.workdir = args.workdir or tempfile.mkdtemp(prefix="cache-throughput-")
     recipe = load_recipe(args.config)
+    if args.model:
+        recipe["data"]["model_name"] = args.model
+    if args.batch_llm:
+        recipe["data"]["batch_size_llm"] = args.batch_llm
     batch = int(recipe["data"]["batch_size_autoencoder"])
     steps, cache_steps = math.ceil(args.tokens / batch), math.ceil(args.cache_tokens / batch)
     print(f"[bench] load {load()} (1/5/15 min), {os.cpu_count()} cores, {torch.get_num_threads()} torch threads")
     args.corpus = prepare_corpus(recipe, args.corpus, resolve_model(recipe["data"]["model_name"]), Path(args.workdir))
+    if args.compare_harvest:
+        results = compare_harvest(args, recipe, cache_steps)
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=1))
+        return
     results: dict = {"harvest": None, "llm": [], "cache": []}
     if args.cache is None:
         args.cache = str(Path(args.workdir) / "cache")

@@ -154,7 +154,7 @@ check() {
     export PYTHONPATH=$SITE PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/gpu_kit_out}
     mkdir -p "$OUT"
     local model=$KIT/smollm2-config name steps=("$@")
-    ((${#steps[@]})) || steps=(tests eigenscore sae sae-bf16 sae-compile sae-fastest sweep forward send-deepspeed)
+    ((${#steps[@]})) || steps=(tests eigenscore sae sae-bf16 sae-compile sae-fastest sweep forward harvest send-deepspeed)
     for name in "${steps[@]}"; do
         case $name in
         # The fast tests, as CI runs them, less the browser tests (no Chromium there), the Elasticsearch store
@@ -205,6 +205,14 @@ check() {
         forward)
             step 07_forward 300 python3 bench/forward_speed.py --device cuda --model "$model" --random-weights \
                 --batch 64 --tokens 128 --repeats 50
+            ;;
+        # neurolight-harvest eager against compile_llm (CUDA graphs; a shard's last batch padded to the batch size, so
+        # one graph), bf16 LLM, 64 contexts a forward, on random weights; the first shard (compilation) timed apart.
+        harvest)
+            random_smollm2 "$model" /tmp/smollm2-random
+            step 13_harvest 300 python3 bench/cache_throughput.py --compare-harvest --device cuda \
+                --model /tmp/smollm2-random --llm-dtype bfloat16 --batch-llm 64 --cache-tokens 262144 --repeats 2 \
+                --json "$OUT/13_harvest.json"
             ;;
         # The SEND demo recipe under the DeepSpeed overlay (ZeRO-2, bf16-mixed) on random weights of SmolLM2's
         # shapes, since the real ones (a 94 MB GGUF) do not travel: whether it runs, and its epoch time.

@@ -1,5 +1,5 @@
-"""Activations for ``bench/sae_loop.py``: the output of ``model.layers.15.mlp`` of SmolLM2-135M on every context
-(position 0 left out), float32, saved as WORK/acts.pt (contexts, 63, 576).
+"""Activations for ``bench/sae_loop.py``: the output of ``model.layers.15.mlp`` of SmolLM2-135M (or ``--site``, e.g.
+``layers.8.resid_post``) on every context (position 0 left out), float32, saved as WORK/acts.pt (contexts, 63, 576).
 
 By default the model has random weights and the corpus is the pydoc one, exactly as ``sae_sweep.py --random-weights``
 builds them. ``--real --corpus DIR`` takes the converted SmolLM2-135M-Instruct and a tokenized corpus of 64-token
@@ -25,6 +25,7 @@ p = argparse.ArgumentParser()
 p.add_argument("work", nargs="?", default="/tmp/sae_loop")
 p.add_argument("--real", action="store_true", help="the converted SmolLM2-135M-Instruct, not random weights")
 p.add_argument("--corpus", default=None, help="a tokenized corpus of 64-token contexts (default: the pydoc one)")
+p.add_argument("--site", default="layers.15.mlp_sublayer", help="layers.<layer_id>.<layer_type>")
 args = p.parse_args()
 torch.set_num_threads(1)
 work = Path(args.work)
@@ -37,7 +38,8 @@ from neurolight.datamodules.llm.models import load_causal_lm  # noqa: E402
 from neurolight.datamodules.sae.tokenized_corpus import TokenizedCorpus  # noqa: E402
 
 corpus = TokenizedCorpus(corpus_dir)
-hooked = HookedLLM(load_causal_lm(model, dtype=torch.float32, device="cpu"), "mlp_sublayer", 15)
+_, layer_id, layer_type = args.site.split(".")
+hooked = HookedLLM(load_causal_lm(model, dtype=torch.float32, device="cpu"), layer_type, int(layer_id))
 ids = torch.as_tensor(corpus.batch(list(range(len(corpus))))[:, :64])
 if args.corpus:
     ids = ids[torch.randperm(len(ids), generator=torch.Generator().manual_seed(0))]

@@ -83,6 +83,26 @@ def test_harvest__interrupted_then_rerun_writes_the_uninterrupted_files(
     assert files(tmp_path / "cache") == files(tiny_cache)
 
 
+def test_harvest__compiled_forward_gets_full_batches_and_writes_the_eager_files(
+    tmp_path, tiny_cache, cache_corpus, tiny_model_dir, monkeypatch
+):
+    shapes = []
+
+    def fake_compile(fn, **kwargs):  # records the calls' shapes; inductor itself runs in tests/llm/test_sites_reader
+        def recorded(input_ids, mask):
+            shapes.append(tuple(input_ids.shape))
+            return fn(input_ids, mask)
+
+        return recorded
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    harvest_tiny(tmp_path / "cache", cache_corpus, tiny_model_dir, compile_llm=True)
+    # 192 contexts, shards of 40, batches of 16: the third batch of shards 0-3 (8 contexts) is padded to 16; shard 4
+    # holds 32 contexts, two full batches.
+    assert shapes == [(16, 16)] * (4 * 3 + 2)
+    assert files(tmp_path / "cache") == files(tiny_cache)
+
+
 def test_damaged_shards__named_with_the_fix_and_a_rerun_rewrites_only_them(
     tmp_path, tiny_cache, cache_corpus, tiny_model_dir
 ):
