@@ -21,6 +21,7 @@ from neurolight.datamodules.llm.capture import SitesReader
 from neurolight.datamodules.llm.hooked import HOOK_POINTS, HookedLLM
 from neurolight.datamodules.sae.activation_buffer import ActivationBuffer
 from neurolight.datamodules.sae.activation_cache import check_site_names, parse_site, site_name
+from neurolight.datamodules.sae.held_out import HeldOutBatches, held_out_batches
 from neurolight.datamodules.sae.tokenized_corpus import TokenizedCorpus
 
 
@@ -269,9 +270,10 @@ class ActivationDataModule(pl.LightningDataModule):
         return DataLoader(_Stream(), batch_size=None, num_workers=0)
 
     def val_dataloader(self) -> DataLoader:
-        # Map-style: under DDP Lightning's DistributedSampler splits these contexts across ranks.
+        # Map-style: under DDP Lightning's DistributedSampler splits these batches across ranks (held_out.py).
         contexts = self.corpus.batch(range(self.num_train_contexts, len(self.corpus)))[:, : self.hparams.num_tokens]
-        return DataLoader(contexts, batch_size=self.hparams.val_batch_size, shuffle=False)
+        ranges = held_out_batches(len(contexts), self.hparams.val_batch_size, self._rank()[1], "contexts")
+        return DataLoader(HeldOutBatches(contexts, ranges), batch_size=None, shuffle=False)
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
         if self.trainer is not None and self.trainer.training:

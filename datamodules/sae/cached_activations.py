@@ -31,6 +31,7 @@ from neurolight.datamodules.sae.activation_cache import (
     site_name,
     to_tensor,
 )
+from neurolight.datamodules.sae.held_out import held_out_batches
 
 
 def pass_blocks(seed: int, epoch: int, num_blocks: int, rank: int, world: int) -> np.ndarray:
@@ -56,15 +57,17 @@ class _TrainStream(IterableDataset):
 
 
 class _ValidationRows(Dataset):
-    def __init__(self, datamodule: CachedActivationDataModule, start: int, stop: int, batch_rows: int) -> None:
-        self.datamodule, self.start, self.stop, self.batch_rows = datamodule, start, stop, batch_rows
+    """The held-out rows from ``start``, in the batches of ``held_out.held_out_batches``."""
+
+    def __init__(self, datamodule: CachedActivationDataModule, start: int, ranges: list[tuple[int, int]]) -> None:
+        self.datamodule, self.start, self.ranges = datamodule, start, ranges
 
     def __len__(self) -> int:
-        return -(-(self.stop - self.start) // self.batch_rows)
+        return len(self.ranges)
 
     def __getitem__(self, index: int) -> Tensor | dict[str, Tensor]:
-        start = self.start + index * self.batch_rows
-        cache, stop = self.datamodule.cache, min(start + self.batch_rows, self.stop)
+        start, stop = (self.start + at for at in self.ranges[index])
+        cache = self.datamodule.cache
         return self.datamodule.as_batch({site: cache.read(site, start, stop) for site in self.datamodule.sites})
 
 
@@ -271,8 +274,10 @@ class CachedActivationDataModule(pl.LightningDataModule):
         return DataLoader(_TrainStream(self), batch_size=None, num_workers=0)
 
     def val_dataloader(self) -> DataLoader:
-        # Map-style: under DDP Lightning's DistributedSampler splits the held-out batches across ranks.
-        rows = _ValidationRows(self, self.train_rows, self.cache.num_rows, self.hparams.val_batch_size)
+        # Map-style: under DDP Lightning's DistributedSampler splits these batches across ranks (held_out.py).
+        ranges = held_out_batches(self.cache.num_rows - self.train_rows, self.hparams.val_batch_size, self._rank()[1],
+                                  "rows")  # fmt: skip
+        rows = _ValidationRows(self, self.train_rows, ranges)
         return DataLoader(rows, batch_size=None, shuffle=False)
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
