@@ -53,7 +53,8 @@ def build_samples(target: Path, contexts: int, latents: int, device: str, seed: 
     from neurolight.datamodules.llm.hooked import HookedLLM
     from neurolight.datamodules.llm.models import load_causal_lm
     from neurolight.datamodules.sae.tokenized_corpus import TokenizedCorpus
-    from neurolight.lightning_modules.sae.module import SparseAutoencoderModule, init_args_from_checkpoint
+    from neurolight.lightning_modules.sae.checkpoint_args import init_args_from_checkpoint
+    from neurolight.lightning_modules.sae.module import SparseAutoencoderModule
 
     checkpoint = torch.load(DEMO_SAE, map_location="cpu", weights_only=False)
     sae_args = init_args_from_checkpoint(checkpoint["hyper_parameters"])

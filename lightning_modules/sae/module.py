@@ -28,12 +28,11 @@ from neurolight.lightning_modules.sae.architectures import (
     remove_parallel_component_,
     unit_norm_rows_,
 )
+from neurolight.lightning_modules.sae.checkpoint_args import resume_decoder_lr_multiplier
 from neurolight.lightning_modules.sae.metrics import ExplainedVariance, explained_variance
 from neurolight.lightning_modules.sae.optim import adam, linear_warmup, parameter_groups
 from neurolight.lightning_modules.sae.sparse_autoencoder import SaeOutput, SparseAutoencoder
 
-# Hyperparameters that checkpoints written before architectures were objects hold beside ``architecture`` (a name).
-_LEGACY_SETTINGS = ("k", "l1_coefficient", "auxk_coefficient", "k_aux")
 _DEFAULT_ARCHITECTURE = ReLU()
 # What ``training_metrics`` may return; the last two are logged with the metrics window's dead and dense fractions.
 TRAINING_METRICS = (
@@ -389,30 +388,12 @@ class SparseAutoencoderModule(pl.LightningModule):
         hp = self.hparams
         return parameter_groups(self.parameters(), self.sae.W_dec, hp.learning_rate, hp.decoder_lr_multiplier)
 
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        resume_decoder_lr_multiplier({"": self}, checkpoint, self._trainer)  # None in load_from_checkpoint
+
     def configure_optimizers(self):
         optimizer = adam(self.parameter_groups(), betas=self.hparams.adam_betas)
         if not self.hparams.lr_warmup_steps:
             return optimizer
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup(self.hparams.lr_warmup_steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-
-def init_args_from_checkpoint(hyperparameters: dict) -> dict:
-    """The ``SparseAutoencoderModule`` init arguments of a checkpoint's hyperparameters (Lightning's private ``_``
-    keys left out). A checkpoint written before architectures were objects names its architecture (``"topk"``)
-    with the settings beside it (``k``, ``l1_coefficient`` ...); those are moved into the architecture, JumpReLU's
-    ``l1_coefficient`` becoming its ``l0_coefficient`` and its bandwidth and initial threshold the 1e-3 it was
-    trained with."""
-    args = {key: value for key, value in hyperparameters.items() if not key.startswith("_")}
-    name = args.get("architecture", "relu")
-    if not isinstance(name, str):
-        return args
-    settings = {key: args.pop(key) for key in _LEGACY_SETTINGS if key in args}
-    if name == "relu":
-        settings = {"l1_coefficient": settings.get("l1_coefficient", 1e-3)}
-    elif name == "jumprelu":
-        settings = {"l0_coefficient": settings.get("l1_coefficient", 1e-3), "bandwidth": 1e-3, "init_threshold": 1e-3}
-    else:
-        settings.pop("l1_coefficient", None)
-    args["architecture"] = {"class_path": name, "init_args": settings}
-    return args

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from neurolight.lightning_modules.sae.architectures import Architecture, TopK, build_architecture
+from neurolight.lightning_modules.sae.checkpoint_args import resume_decoder_lr_multiplier
 from neurolight.lightning_modules.sae.module import SparseAutoencoderModule
 from neurolight.lightning_modules.sae.optim import adam, linear_warmup
 from neurolight.lightning_modules.sae.sweep_ranks import gather_batch, plan_owners, spread_training_step
@@ -186,6 +187,11 @@ class SparseAutoencoderSweep(pl.LightningModule):
         shared = {}  # per site: the LLM's activations and reference logits on this batch, computed once
         for unit in self.units.values():
             unit.validation_step(batch, batch_idx, shared)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        resume_decoder_lr_multiplier(dict(self.units.items()), checkpoint, self._trainer)
+        for config in self.hparams["saes"]:  # what the next checkpoint records: the multiplier each member trains with
+            config["decoder_lr_multiplier"] = self.units[config["name"]].hparams.decoder_lr_multiplier
 
     def configure_optimizers(self):
         groups, warmups = [], []

@@ -27,7 +27,7 @@ from neurolight.lightning_modules.sae.architectures import (
     architecture_name,
     build_architecture,
 )
-from neurolight.lightning_modules.sae.module import init_args_from_checkpoint
+from neurolight.lightning_modules.sae.checkpoint_args import init_args_from_checkpoint
 from tests.helpers.sae import synthetic_sparse_data, train_sae
 
 EXAMPLES = [

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from neurolight.lightning_modules import BatchTopK, JumpReLU, ReLU, SparseAutoencoder, SparseAutoencoderModule, TopK
+from neurolight.lightning_modules.sae.checkpoint_args import init_args_from_checkpoint
 from neurolight.lightning_modules.sae.formats import fold_input_scale_
-from neurolight.lightning_modules.sae.module import init_args_from_checkpoint
 from tests.helpers.sae import build_sampler_sae
 
 sae_lens = pytest.importorskip("sae_lens")

@@ -11,7 +11,7 @@ import torch
 from torch.nn import functional as F
 
 from neurolight.lightning_modules import BatchTopK, MatryoshkaBatchTopK, SparseAutoencoder, SparseAutoencoderModule
-from neurolight.lightning_modules.sae.module import init_args_from_checkpoint
+from neurolight.lightning_modules.sae.checkpoint_args import init_args_from_checkpoint
 from tests.helpers.sae import build_tiny_corpus, make_datamodule, make_module, make_trainer, train_sae
 
 D_IN, GROUPS, K, BATCH = 16, [4, 12, 32], 6, 64

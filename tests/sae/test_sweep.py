@@ -141,6 +141,57 @@ def test_decoder_lr_multiplier__scales_the_decoder_weights_first_adam_step_only(
         SparseAutoencoderModule(32, 64, decoder_lr_multiplier=0)
 
 
+def test_decoder_lr_multiplier__a_resumed_fit_keeps_the_checkpoints_and_continues_exactly(tmp_path, tiny_cache):
+    """The optimizer state holds the groups its multiplier made (one at m = 1): a fit resumed under another multiplier
+    takes the checkpoint's, with a warning, and ends as the uninterrupted fit; so do a sweep's members. (From the
+    cache, whose stream resumes at the right row.)"""
+    from neurolight.datamodules import CachedActivationDataModule
+
+    def cached():
+        args = dict(layer_id=1, layer_type="mlp_activations", batch_size_autoencoder=64, shuffle_rows=512)
+        return CachedActivationDataModule(str(tiny_cache), block_rows=15, val_contexts=16, **args)
+
+    def single(multiplier: float) -> SparseAutoencoderModule:
+        torch.manual_seed(0)
+        return SparseAutoencoderModule(128, 192, TopK(k=4), decoder_lr_multiplier=multiplier, **SHARED)
+
+    def resume(straight, resumed, root: Path, warning: str) -> None:
+        trainer(root / "a", 12, every=4).fit(straight, cached())
+        with pytest.warns(UserWarning, match=warning):
+            trainer(root / "b", 12).fit(resumed, cached(), ckpt_path=root / "a/checkpoints/step_0000008.ckpt")
+        for key, value in straight.state_dict().items():
+            assert torch.equal(resumed.state_dict()[key], value), key
+
+    for saved, configured in [(1.0, 2.0), (3.0, 1.0), (2.0, 3.0)]:
+        resumed = single(configured)
+        warning = rf"decoder_lr_multiplier={configured} replaced by the checkpoint's {saved}"
+        resume(single(saved), resumed, tmp_path / f"single_{saved}_{configured}", warning)
+        assert resumed.hparams.decoder_lr_multiplier == saved
+
+    def members(multipliers: list[float | None], default: float) -> SparseAutoencoderSweep:
+        torch.manual_seed(0)
+        units = [SweepMember(f"k{k}", 192, TopK(k=k), decoder_lr_multiplier=m) for k, m in zip((4, 8), multipliers)]
+        return SparseAutoencoderSweep(128, units, **SHARED, decoder_lr_multiplier=default)
+
+    resumed = members([None, None], 3.0)  # saved: k4 at the sweep's 1, k8 at its own 2
+    resume(members([None, 2.0], 1.0), resumed, tmp_path / "sweep", r"k4: decoder_lr_multiplier=3.0 replaced by")
+    assert [unit.hparams.decoder_lr_multiplier for unit in resumed.units.values()] == [1.0, 2.0]
+    assert [member["decoder_lr_multiplier"] for member in resumed.hparams["saes"]] == [1.0, 2.0]
+
+
+def test_decoder_lr_multiplier__under_a_strategy_that_restores_after_setup_a_difference_is_an_error():
+    from types import SimpleNamespace
+
+    from neurolight.lightning_modules.sae.checkpoint_args import resume_decoder_lr_multiplier
+
+    module = SparseAutoencoderModule(32, 64, TopK(k=4), decoder_lr_multiplier=2.0)
+    deepspeed = SimpleNamespace(strategy=SimpleNamespace(restore_checkpoint_after_setup=True))
+    checkpoint = {"hyper_parameters": {"act_vec_size": 32}}  # written before the setting: trained at 1
+    with pytest.raises(ValueError, match=r"trained with decoder_lr_multiplier=1.0, the configuration sets 2.0; .* "
+                                         r"resume with decoder_lr_multiplier: 1.0"):  # fmt: skip
+        resume_decoder_lr_multiplier({"": module}, checkpoint, deepspeed)
+
+
 def test_sweep__bad_members_are_refused_in_one_line():
     with pytest.raises(ValueError, match=r"names relu more than once; give every SAE its own name"):
         SparseAutoencoderSweep(32, [MEMBERS[1], MEMBERS[1]])

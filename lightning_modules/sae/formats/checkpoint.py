@@ -131,7 +131,7 @@ class CheckpointFormat(SaeFormat):
 
     @classmethod
     def load(cls, path: Path, name: str | None = None):
-        from neurolight.lightning_modules.sae.module import init_args_from_checkpoint
+        from neurolight.lightning_modules.sae.checkpoint_args import init_args_from_checkpoint
         from neurolight.lightning_modules.sae.sparse_autoencoder import SparseAutoencoder
 
         checkpoint = load_sae_checkpoint(path)
