@@ -7,7 +7,11 @@ or ``python -m neurolight``. Imports run one way: ``datamodules`` (data, the fro
 ``callbacks`` <- ``cli``.
 """
 
-from neurolight import callbacks
+# Registers the process group's teardown at exit in every process that imports neurolight (a spawned DDP rank).
+from neurolight import (
+    _process_exit,  # noqa: F401
+    callbacks,
+)
 from neurolight._lazy import lazy_exports
 
 _PUBLIC = {

@@ -1,12 +1,9 @@
-"""CPU process groups (gloo) for tests: a free loopback port, a function run on each rank of a group, and the one
-exit of a spawned rank that a finished run may let through."""
+"""CPU process groups (gloo) for tests: a free loopback port and a function run on each rank of a group."""
 
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from pathlib import Path
+from collections.abc import Callable
 
 import torch
 
@@ -34,18 +31,3 @@ def _in_group(rank: int, worker: Callable, world_size: int, rendezvous: str, arg
         worker(rank, *args)
     finally:
         torch.distributed.destroy_process_group()
-
-
-@contextmanager
-def spawned_ranks_may_abort_at_exit(*outputs: Path | Callable[[], bool]) -> Iterator[None]:
-    """Runs a ``ddp_spawn`` fit or predict, letting through one failure only: a spawned rank killed by SIGABRT at
-    process exit ("terminate called without an active exception", seen in about one suite run in five, in C++
-    teardown after the work was done) when every one of ``outputs`` proves the run finished: a file only a finished
-    run writes (a rank's record written at the end of training, an answers file written after gathering), or a check
-    of what it stored. Any other failure is raised; the test's own assertions then check the outputs in full."""
-    try:
-        yield
-    except torch.multiprocessing.ProcessExitedException as error:
-        finished = all(output() if callable(output) else Path(output).exists() for output in outputs)
-        if error.signal_name != "SIGABRT" or not finished:
-            raise

@@ -15,7 +15,6 @@ import torch
 from neurolight.datamodules import CachedActivationDataModule
 from neurolight.lightning_modules import SparseAutoencoderModule, TopK
 from tests.helpers.cache import write_index_cache
-from tests.helpers.gloo import spawned_ranks_may_abort_at_exit
 
 CONTEXTS, ROWS_PER_CONTEXT, VAL_CONTEXTS = 26, 5, 2
 TRAIN_ROWS = (CONTEXTS - VAL_CONTEXTS) * ROWS_PER_CONTEXT  # 120: 12 blocks of 10; 3 ranks read 4 blocks each
@@ -131,8 +130,7 @@ def test_ddp__two_ranks_train_on_their_own_blocks_every_row_once_per_pass(cache,
         callbacks=[RecordRows(tmp_path)], enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
     )  # fmt: skip
-    with spawned_ranks_may_abort_at_exit(*(tmp_path / f"rank{rank}.pt" for rank in range(2))):
-        trainer.fit(SparseAutoencoderModule(4, 8, TopK(k=2), max_l0_fraction=None), data)
+    trainer.fit(SparseAutoencoderModule(4, 8, TopK(k=2), max_l0_fraction=None), data)
     trained = [torch.load(tmp_path / f"rank{rank}.pt").numpy() for rank in range(2)]
     for rank in range(2):  # 6 blocks of 10 rows each a pass, 2 passes in 15 steps of 8
         assert np.array_equal(trained[rank], rows(datamodule(cache, rank, 2), 15))

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler, TensorData
 from neurolight.callbacks import DeadLatentResampler, SaeCheckpoint
 from neurolight.lightning_modules import BatchTopK, ReLU, SparseAutoencoderSweep, SweepMember, TopK
 from neurolight.lightning_modules.sae.sweep_ranks import assign_members, gather_rows, plan_owners
-from tests.helpers.gloo import free_port, run_on_ranks, spawned_ranks_may_abort_at_exit
+from tests.helpers.gloo import free_port, run_on_ranks
 from tests.helpers.sae import synthetic_sparse_data
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -117,11 +117,9 @@ def runs(tmp_path_factory) -> dict[str, Path]:
         patch.setenv("MASTER_PORT", str(free_port()))
         patch.setenv("PL_GLOBAL_SEED", "0")  # the samplers' seed, whatever an earlier test seeded
         loader = DataLoader(TensorDataset(DATA), batch_size=BATCH)  # Lightning adds the DistributedSampler
-        with spawned_ranks_may_abort_at_exit(*(root / "straight" / f"rank{rank}.pt" for rank in range(2))):
-            trainer(root / "straight", 2).fit(sweep(), loader)
+        trainer(root / "straight", 2).fit(sweep(), loader)
         resume = root / "straight" / "checkpoints" / f"step_{CHECKPOINT_EVERY:07d}.ckpt"
-        with spawned_ranks_may_abort_at_exit(*(root / "resumed" / f"rank{rank}.pt" for rank in range(2))):
-            trainer(root / "resumed", 2).fit(sweep(), loader, ckpt_path=resume)
+        trainer(root / "resumed", 2).fit(sweep(), loader, ckpt_path=resume)
     # distribute_members in one process: the plain sweep
     reference = DataLoader(TensorDataset(DATA), batch_size=2 * BATCH, sampler=RanksInTurn())
     trainer(root / "reference", 1).fit(sweep(), reference)
@@ -223,8 +221,7 @@ def test_spread_sweep_over_sites__ends_as_one_process_with_both_ranks_rows(tmp_p
         patch.setenv("MASTER_ADDR", "127.0.0.1")
         patch.setenv("MASTER_PORT", str(free_port()))
         patch.setenv("PL_GLOBAL_SEED", "0")
-        with spawned_ranks_may_abort_at_exit(*(tmp_path / "spread" / f"rank{rank}.pt" for rank in range(2))):
-            trainer(tmp_path / "spread", 2).fit(members(), DataLoader(SiteRows(), batch_size=BATCH))
+        trainer(tmp_path / "spread", 2).fit(members(), DataLoader(SiteRows(), batch_size=BATCH))
     reference = DataLoader(SiteRows(), batch_size=2 * BATCH, sampler=RanksInTurn())
     trainer(tmp_path / "reference", 1).fit(members(), reference)
     rank0, rank1 = (torch.load(tmp_path / "spread" / f"rank{rank}.pt") for rank in range(2))

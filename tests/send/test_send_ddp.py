@@ -9,7 +9,6 @@ import lightning.pytorch as pl
 import torch
 
 from neurolight.callbacks import SensitiveNeuronDropout
-from tests.helpers.gloo import spawned_ranks_may_abort_at_exit
 from tests.helpers.send import D_MODEL, fit, make_datamodule, make_module
 
 
@@ -38,9 +37,8 @@ def test_ddp_bf16_true__ranks_drop_the_same_neurons_and_keep_bit_identical_weigh
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     send = SensitiveNeuronDropout(sensitivity_threshold=0.25, identify_every_n_epochs=1, drop_epochs=1)
     module = make_module(tiny_model_dir, tmp_path, learning_rate=1e-3)
-    with spawned_ranks_may_abort_at_exit(*(tmp_path / f"rank{r}.pt" for r in range(2))):
-        fit(module, make_datamodule(tiny_model_dir, records_path), tmp_path, [send, _RankRecord(send, tmp_path)],
-            max_epochs=3, devices=2, strategy="ddp_spawn", precision="bf16-true")  # fmt: skip
+    fit(module, make_datamodule(tiny_model_dir, records_path), tmp_path, [send, _RankRecord(send, tmp_path)],
+        max_epochs=3, devices=2, strategy="ddp_spawn", precision="bf16-true")  # fmt: skip
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     assert [r["optimizer"] for r in ranks] == ["StochasticRoundingAdamW"] * 2
     # Identified after epochs 0 and 2 (dropped through epoch 1), the same neurons on both ranks.
