@@ -15,7 +15,7 @@ table (docs/send.md, Evaluating hallucination detection)::
                    "labels": {label: {"rule", "hallucinated", "correct"}},
                    "detection": {method: {label: {"auroc", "ci_low", "ci_high", "pearson", "n_hallucinated",
                                                   "n_correct", "note"}}},
-                   "evaluation": {"min_class_size", "num_resamples", "level", "seed"}},
+                   "evaluation": {"min_class_size", "num_resamples", "level", "seed", "interval"}},
      "results": [{"question_id", "question", "reference_answer", "generated_response", "prompt", "answers",
                   "exact_match", "f1", "rouge_l", ["truthfulqa_closer_to_correct", "truthfulqa_margin"],
                   ["judge_p_yes"], "hallucinated": {label: bool}, "perplexity", "energy",
@@ -37,6 +37,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from neurolight.datamodules.files import atomic_path
+from neurolight.lightning_modules.send.auroc_interval import INTERVALS
 from neurolight.lightning_modules.send.detection_eval import METHODS, Settings, class_counts, detection_table
 from neurolight.lightning_modules.send.qa_metrics import exact_match, rouge_l, token_f1, truthfulqa_margin
 
@@ -99,7 +100,7 @@ def score_answer(row: dict, thresholds: Thresholds | None = None) -> dict:
 
 def aggregate(results: Sequence[dict], thresholds: Thresholds | None = None, settings: Settings | None = None) -> dict:
     """Means of the per-answer scores, the class counts of every label, and the detection table (``detection_eval``):
-    per method and label the AUROC with its bootstrap interval, or the reason there is none, and the Pearson r."""
+    per method and label the AUROC with its confidence interval, or the reason there is none, and the Pearson r."""
     thresholds, settings = thresholds or Thresholds(), settings or Settings()
     summary: dict = {"num_questions": len(results)}
     if not results:
@@ -142,6 +143,7 @@ class QAPredictionWriter(BasePredictionWriter):
         bootstrap_resamples: int = 1000,
         confidence_level: float = 0.95,
         bootstrap_seed: int = 0,
+        confidence_interval: str = "logit_delong",
     ) -> None:
         """
         Args:
@@ -152,14 +154,27 @@ class QAPredictionWriter(BasePredictionWriter):
             hallucination_rouge_l: An answer with ROUGE-L below this is hallucinated under the ``rouge_l`` label.
             min_class_size: Fewest hallucinated and fewest correct answers a label needs for an AUROC; below it the
                 table says "not enough correct answers (n = 2, ...)" instead of a number.
-            bootstrap_resamples: Stratified bootstrap resamples of each AUROC's confidence interval.
-            confidence_level: Level of the interval (0.95: the 2.5% and 97.5% percentiles).
+            bootstrap_resamples: Stratified bootstrap resamples of each AUROC's confidence interval (the bootstrap
+                methods of ``confidence_interval``).
+            confidence_level: Level of the interval (0.95: a 95% interval).
             bootstrap_seed: Seed of the bootstrap, so that a file's intervals are reproducible.
+            confidence_interval: How each AUROC's interval is computed: ``logit_delong`` (DeLong's variance on the
+                logit scale, no resampling), ``bca`` (bias-corrected and accelerated bootstrap; the two covered the
+                true AUROC best in simulation), ``percentile`` (bootstrap; narrow for high AUROCs and small
+                classes) or ``delong`` (symmetric, pROC's default; narrower still). docs/send.md, Evaluating
+                hallucination detection, gives the coverage of each.
         """
         super().__init__(write_interval="batch")
         self.output_file = output_file
         self.thresholds = Thresholds(hallucination_f1, hallucination_rouge_l)
-        self.settings = Settings(min_class_size, bootstrap_resamples, confidence_level, bootstrap_seed)
+        self.settings = Settings(
+            min_class_size, bootstrap_resamples, confidence_level, bootstrap_seed, confidence_interval
+        )
+        if confidence_interval not in INTERVALS:
+            raise ValueError(
+                f"confidence_interval={confidence_interval!r} is not an interval method; choose one of "
+                f"{', '.join(INTERVALS)}"
+            )
         if min_class_size < 1:
             raise ValueError(f"min_class_size={min_class_size} must be at least 1")
         if bootstrap_resamples < 1 or not 0 < confidence_level < 1:

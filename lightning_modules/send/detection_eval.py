@@ -1,7 +1,7 @@
 """Hallucination detection evaluated as INSIDE does (Chen et al., ICLR 2024, section 4.1 and Table 1): per detection
 method and per correctness label, the AUROC of the method's score for telling hallucinated answers from correct
-ones, with a bootstrap confidence interval and the class counts, and the Pearson correlation of the score with the
-continuous correctness score. Plain numpy; docs/send.md, Evaluating hallucination detection.
+ones, with a confidence interval (``auroc_interval.INTERVALS``) and the class counts, and the Pearson correlation of
+the score with the continuous correctness score. Plain numpy; docs/send.md, Evaluating hallucination detection.
 
 Every method's score is oriented so that HIGHER means MORE LIKELY HALLUCINATED (``Method.sign``), and the
 positive class of every AUROC is "hallucinated".
@@ -13,6 +13,8 @@ from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 import numpy as np
+
+from neurolight.lightning_modules.send.auroc_interval import INTERVALS, pairwise_wins
 
 
 class Method(NamedTuple):
@@ -61,44 +63,29 @@ LABELS: dict[str, Label] = {
 def auroc(scores: Sequence[float], hallucinated: Sequence[bool]) -> float:
     """P(score of a hallucinated answer > score of a correct one), ties counting 1/2 (Mann-Whitney U / (m n)):
     the area under the ROC curve with hallucinated as the positive class. Needs both classes."""
-    wins = _pairwise_wins(np.asarray(scores, dtype=np.float64), np.asarray(hallucinated, dtype=bool))
+    wins = pairwise_wins(np.asarray(scores, dtype=np.float64), np.asarray(hallucinated, dtype=bool))
     return float(wins.mean())
 
 
-def _pairwise_wins(scores: np.ndarray, positive: np.ndarray) -> np.ndarray:
-    """(m, n) float64: 1 where positive i outscores negative j, 1/2 for a tie, 0 otherwise."""
-    if positive.all() or not positive.any():
-        raise ValueError(f"AUROC needs both classes; all {len(positive)} labels are {bool(positive[0])}")
-    pos, neg = scores[positive][:, None], scores[~positive][None, :]
-    return (pos > neg) + 0.5 * (pos == neg)
-
-
-def bootstrap_auroc_interval(
+def auroc_interval(
     scores: Sequence[float],
     hallucinated: Sequence[bool],
-    num_resamples: int = 1000,
+    method: str = "logit_delong",
     level: float = 0.95,
+    num_resamples: int = 1000,
     seed: int = 0,
 ) -> tuple[float, float]:
-    """Percentile interval of the AUROC over ``num_resamples`` stratified bootstrap resamples (the hallucinated and
-    the correct answers each resampled with replacement, keeping both counts, as pROC's ``ci.auc`` does).
-
-    A resample is a vector of counts c_p over the m hallucinated and c_n over the n correct answers, and its AUROC
-    is c_p^T W c_n / (m n) with W the pairwise-win matrix: every resample is exact, with no re-sorting.
-    """
+    """The ``level`` confidence interval of the AUROC by ``method``, a key of ``auroc_interval.INTERVALS``
+    (``num_resamples`` and ``seed`` serve the bootstrap methods). A point where the classes are perfectly
+    separated (AUROC 0 or 1): no method can vary there."""
+    if method not in INTERVALS:
+        raise ValueError(f"unknown interval method {method!r}; choose one of {', '.join(INTERVALS)}")
     if not 0 < level < 1:
         raise ValueError(f"level={level} must lie strictly between 0 and 1 (0.95 = a 95% interval)")
     if num_resamples < 1:
         raise ValueError(f"num_resamples={num_resamples} must be at least 1")
-    wins = _pairwise_wins(np.asarray(scores, dtype=np.float64), np.asarray(hallucinated, dtype=bool))
-    m, n = wins.shape
-    rng = np.random.default_rng(seed)
-    counts_p = rng.multinomial(m, np.full(m, 1 / m), size=num_resamples).astype(np.float64)
-    counts_n = rng.multinomial(n, np.full(n, 1 / n), size=num_resamples).astype(np.float64)
-    values = ((counts_p @ wins) * counts_n).sum(1) / (m * n)
-    tail = (1 - level) / 2
-    low, high = np.quantile(values, [tail, 1 - tail])
-    return float(low), float(high)
+    wins = pairwise_wins(np.asarray(scores, dtype=np.float64), np.asarray(hallucinated, dtype=bool))
+    return INTERVALS[method].compute(wins, level, num_resamples, seed)
 
 
 def roc_curve(scores: Sequence[float], hallucinated: Sequence[bool]) -> tuple[np.ndarray, np.ndarray]:
@@ -126,11 +113,14 @@ class Settings(NamedTuple):
     min_class_size: int = 10
     """Fewest hallucinated and fewest correct answers a label needs before an AUROC is reported."""
     num_resamples: int = 1000
-    """Bootstrap resamples of the confidence interval."""
+    """Bootstrap resamples of the confidence interval (bootstrap methods)."""
     level: float = 0.95
     """Confidence level of the interval."""
     seed: int = 0
     """Seed of the bootstrap."""
+    interval: str = "logit_delong"
+    """How the interval is computed: a key of ``auroc_interval.INTERVALS``; the default and ``bca`` covered the
+    true AUROC best in simulation (docs/send.md, Evaluating hallucination detection)."""
 
 
 def method_scores(row: Mapping, method: str) -> float | None:
@@ -156,11 +146,16 @@ def shortfall(counts: Mapping[str, int], min_class_size: int) -> str | None:
     return None
 
 
+SEPARATED = "perfect separation: no interval (every resample and every variance estimate is a point)"
+"""The note of a cell whose AUROC is 0 or 1: an interval there would be a point that cannot cover the truth."""
+
+
 def evaluate(rows: Sequence[Mapping], method: str, label: str, settings: Settings | None = None) -> dict:
-    """One cell of the table: ``auroc``, ``ci_low``, ``ci_high`` (None with a ``note`` where a class has fewer than
-    ``min_class_size`` answers), ``pearson`` (of minus the oriented score, a confidence, with the label's
-    continuous correctness score: a useful detector has a positive r, as in INSIDE's Table 1), and the class counts
-    over the answers that have both the method's score and the label (``settings``: default ``Settings()``)."""
+    """One cell of the table: ``auroc``, ``ci_low``, ``ci_high`` (all None with a ``note`` where a class has fewer
+    than ``min_class_size`` answers; the interval None with the note ``SEPARATED`` where the AUROC is 0 or 1),
+    ``pearson`` (of minus the oriented score, a confidence, with the label's continuous correctness score: a useful
+    detector has a positive r, as in INSIDE's Table 1), and the class counts over the answers that have both the
+    method's score and the label (``settings``: default ``Settings()``)."""
     settings = settings or Settings()
     sign, score_field = METHODS[method].sign, LABELS[label].score_field
     usable = [
@@ -180,9 +175,12 @@ def evaluate(rows: Sequence[Mapping], method: str, label: str, settings: Setting
     if cell["note"] is None:
         flags = [row["hallucinated"][label] for row in usable]
         cell["auroc"] = auroc(scores, flags)
-        cell["ci_low"], cell["ci_high"] = bootstrap_auroc_interval(
-            scores, flags, settings.num_resamples, settings.level, settings.seed
-        )
+        if cell["auroc"] in (0.0, 1.0):
+            cell["note"] = SEPARATED
+        else:
+            cell["ci_low"], cell["ci_high"] = auroc_interval(
+                scores, flags, settings.interval, settings.level, settings.num_resamples, settings.seed
+            )
     return cell
 
 

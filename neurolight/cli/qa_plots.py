@@ -39,7 +39,8 @@ def plot_roc_curves(rows: Sequence[dict], target: Path, title: str, settings: Se
             usable = [row for row in rows if method_scores(row, method) is not None and label in row["hallucinated"]]
             scores = [METHODS[method].sign * method_scores(row, method) for row in usable]
             fpr, tpr = roc_curve(scores, [row["hallucinated"][label] for row in usable])
-            name = f"{METHODS[method].title} {cell['auroc']:.2f} [{cell['ci_low']:.2f}, {cell['ci_high']:.2f}]"
+            interval = "separated" if cell["ci_low"] is None else f"{cell['ci_low']:.2f}, {cell['ci_high']:.2f}"
+            name = f"{METHODS[method].title} {cell['auroc']:.2f} [{interval}]"
             ax.plot(fpr, tpr, lw=1.5, label=name)  # straight segments: a run of tied scores is a diagonal
         some = next(iter(table.values()))[label]
         if some["auroc"] is None:

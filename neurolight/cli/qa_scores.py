@@ -14,7 +14,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from neurolight.callbacks.send.qa_prediction_writer import Thresholds, score_answer
-from neurolight.lightning_modules.send.detection_eval import LABELS, METHODS, Settings, class_counts, detection_table
+from neurolight.lightning_modules.send.auroc_interval import INTERVALS
+from neurolight.lightning_modules.send.detection_eval import (
+    LABELS,
+    METHODS,
+    SEPARATED,
+    Settings,
+    class_counts,
+    detection_table,
+)
 
 
 def load_predictions(path: str | Path) -> dict:
@@ -89,12 +97,19 @@ def comparison_table(paths: Sequence[str | Path], settings: Settings | None = No
         for name, table in tables.items()
         for cells in table.values()
         for label, cell in cells.items()
-        if cell["note"]
+        if cell["note"] and cell["auroc"] is None
+    }
+    separated = {
+        f"{name}, {METHODS[method].title}, {LABELS[label].title}"
+        for name, table in tables.items()
+        for method, cells in table.items()
+        for label, cell in cells.items()
+        if cell["auroc"] is not None and cell["ci_low"] is None
     }
     text = [
         _table(summary),
         "",
-        f"Hallucination detection AUROC [{settings.level:.0%} bootstrap CI, {settings.num_resamples} resamples]; "
+        f"Hallucination detection AUROC [{settings.level:.0%} CI: {interval_title(settings)}]; "
         "positive class = hallucinated, 0.5 = chance:",
         _table(auroc_rows),
         "",
@@ -104,6 +119,9 @@ def comparison_table(paths: Sequence[str | Path], settings: Settings | None = No
     if refused:
         text += ["", f"n/a: no AUROC where a class has fewer than {settings.min_class_size} answers:"]
         text += [f"  {note}" for note in sorted(refused)]
+    if separated:
+        text += ["", f"[separated]: {SEPARATED}:"]
+        text += [f"  {cell}" for cell in sorted(separated)]
     return "\n".join(text + (["", *notes] if notes else []))
 
 
@@ -117,7 +135,15 @@ def _auroc_cell(cell: dict | None) -> str:
         return "-"
     if cell["auroc"] is None:
         return _short_reason(cell)
+    if cell["ci_low"] is None:
+        return f"{cell['auroc']:.3f} [separated]"
     return f"{cell['auroc']:.3f} [{cell['ci_low']:.2f}, {cell['ci_high']:.2f}]"
+
+
+def interval_title(settings: Settings) -> str:
+    """How the intervals were computed, for a table caption."""
+    method = INTERVALS[settings.interval]
+    return f"{method.title}, {settings.num_resamples} resamples" if method.resampled else method.title
 
 
 def _missing(name: str, rows: list[dict], table: dict) -> list[str]:
@@ -146,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             "(neurolight predict --config configs/send/generate.yaml), e.g. of the base, plain fine-tuned and SEND\n"
             "models: per file its exact match, token F1 and ROUGE-L; then, per detection method (EigenScore,\n"
             "efficient EigenScore, perplexity, LN-entropy, lexical similarity, energy) and correctness label (F1,\n"
-            "exact match, ROUGE-L, TruthfulQA, judge), the AUROC for detecting hallucinated answers with a bootstrap\n"
+            "exact match, ROUGE-L, TruthfulQA, judge), the AUROC for detecting hallucinated answers with a\n"
             "confidence interval and the class counts, and the Pearson correlation. Where a label has fewer than\n"
             "--min_class_size correct or hallucinated answers it says so instead of giving an AUROC."
         ),
@@ -169,6 +195,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--seed", type=int, default=defaults.seed, help="bootstrap seed (default: %(default)s)")
     parser.add_argument(
+        "--interval",
+        choices=list(INTERVALS),
+        default=defaults.interval,
+        help="how each AUROC's confidence interval is computed; docs/send.md gives the coverage of each "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
         "--plot",
         action="store_true",
         help="also write the ROC curves of every method under every label, one PNG per file, beside it (FILE_roc.png)",
@@ -179,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error(f"prediction file(s) not found: {', '.join(missing)}")
     if args.min_class_size < 1 or args.bootstrap_resamples < 1:
         parser.error("--min_class_size and --bootstrap_resamples must be at least 1")
-    settings = Settings(args.min_class_size, args.bootstrap_resamples, defaults.level, args.seed)
+    settings = Settings(args.min_class_size, args.bootstrap_resamples, defaults.level, args.seed, args.interval)
     try:
         print(comparison_table(args.predictions, settings))
         if args.plot:

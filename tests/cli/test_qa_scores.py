@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from neurolight.cli.qa_scores import comparison_table, main
-from neurolight.lightning_modules.send.detection_eval import auroc
+from neurolight.lightning_modules.send.detection_eval import SEPARATED, auroc
 
 
 def _answer(i: int, correct: bool, rng, old: bool = False) -> dict:
@@ -81,7 +81,8 @@ def test_help__describes_the_comparison_table_and_exits_0(flag, capsys):
     assert printed.startswith("usage: neurolight-qa-scores [-h] [--min_class_size MIN_CLASS_SIZE]")
     assert "PREDICTIONS.json [PREDICTIONS.json ...]" in printed
     assert "Print the scores of one or more prediction JSON files" in printed
-    assert "the AUROC for detecting hallucinated answers with a bootstrap confidence interval" in printed
+    assert "the AUROC for detecting hallucinated answers with a confidence interval" in printed
+    assert "--interval {logit_delong,bca,percentile,delong}" in printed
 
 
 def test_main__prints_the_table_of_the_files_given(before_after, capsys):
@@ -121,3 +122,31 @@ def test_main__a_file_that_is_no_prediction_file_is_named_with_the_reason(text, 
     assert exit_info.value.code == 2
     error = capsys.readouterr().err
     assert f"error: {path} {reason}" in error and "QAPredictionWriter" in error
+
+
+def test_main__interval_names_its_method_in_the_caption_and_changes_the_intervals(before_after, capsys):
+    main([str(before_after[1])])
+    default = capsys.readouterr().out
+    assert "Hallucination detection AUROC [95% CI: DeLong, logit scale]" in default
+    main([str(before_after[1]), "--interval", "bca", "--bootstrap_resamples", "300"])
+    bca = capsys.readouterr().out
+    assert "Hallucination detection AUROC [95% CI: BCa bootstrap, 300 resamples]" in bca
+    row = [line for line in default.splitlines() if line.startswith("after.json") and "  EigenScore  " in line]
+    bca_row = [line for line in bca.splitlines() if line.startswith("after.json") and "  EigenScore  " in line]
+    assert row[0].split()[2] == bca_row[0].split()[2] and row != bca_row  # same AUROC, another interval
+
+
+def test_comparison_table__a_perfectly_separated_label_shows_its_auroc_without_an_interval(tmp_path):
+    rows = [
+        {"generated_response": "x", "answers": ["x" if i < 12 else "y"], "reference_answer": "x",
+         "perplexity": float(i)}
+        for i in range(24)
+    ]  # fmt: skip
+    path = tmp_path / "separated.json"
+    path.write_text(json.dumps({"model_path": "m", "results": rows}))
+    text = comparison_table([path])
+    perplexity = next(line for line in text.splitlines() if "  perplexity  " in line)
+    assert perplexity.split()[2:4] == ["1.000", "[separated]"]
+    assert f"[separated]: {SEPARATED}:" in text and "separated.json, perplexity, F1" in text
+    main([str(path), "--plot"])  # the legend says so too
+    assert path.with_name("separated_roc.png").stat().st_size > 10_000

@@ -1,11 +1,12 @@
-"""Hallucination detection as INSIDE evaluates it: AUROC against scikit-learn, the bootstrap interval's coverage on
-simulated data, ROUGE-L against the rouge-score package and an independent LCS, the baselines against hand
-computations from known logits, the class counts and the refusal of too-small classes, the aggregate of a
-predictions file and the judge's P(Yes) on a tiny model with known logits."""
+"""Hallucination detection as INSIDE evaluates it: AUROC against scikit-learn, the confidence intervals against
+SciPy's bootstrap, DeLong's definition and their coverage on simulated data, ROUGE-L against the rouge-score package
+and an independent LCS, the baselines against hand computations from known logits, the class counts and the refusal
+of too-small classes, the aggregate of a predictions file and the judge's P(Yes) on a tiny model with known logits."""
 
 from __future__ import annotations
 
 import math
+from statistics import NormalDist
 
 import numpy as np
 import pytest
@@ -15,10 +16,12 @@ from sklearn.metrics import roc_auc_score
 from sklearn.metrics import roc_curve as sk_roc_curve
 
 from neurolight.callbacks.send.qa_prediction_writer import Thresholds, aggregate, score_answer
+from neurolight.lightning_modules.send.auroc_interval import INTERVALS, delong_variance, pairwise_wins
 from neurolight.lightning_modules.send.detection_eval import (
+    SEPARATED,
     Settings,
     auroc,
-    bootstrap_auroc_interval,
+    auroc_interval,
     evaluate,
     pearson,
     roc_curve,
@@ -55,23 +58,99 @@ def test_auroc__needs_both_classes():
         auroc([0.1, 0.2], [True, True])
 
 
-def test_bootstrap_interval__covers_the_true_auroc_at_the_nominal_rate():
-    # Hallucinated ~ N(1, 1), correct ~ N(0, 1): the true AUROC is Phi(1 / sqrt 2) = 0.7602.
-    true_auroc = 0.5 * (1 + math.erf(0.5))
-    rng = np.random.default_rng(0)
-    trials, covered = 300, 0
+def _coverage(method: str, size: int, true_auroc: float, trials: int) -> float:
+    """Share of ``trials`` data sets (``size`` hallucinated ~ N(delta, 1), ``size`` correct ~ N(0, 1)) whose
+    interval covers the true AUROC Phi(delta / sqrt 2); a perfectly separated data set (no interval) is redrawn."""
+    delta = math.sqrt(2) * NormalDist().inv_cdf(true_auroc)
+    rng, covered, labels = np.random.default_rng(0), 0, np.r_[np.ones(size, bool), np.zeros(size, bool)]
     for trial in range(trials):
-        scores = np.r_[rng.normal(1, 1, 40), rng.normal(0, 1, 40)]
-        labels = np.r_[np.ones(40, bool), np.zeros(40, bool)]
-        low, high = bootstrap_auroc_interval(scores, labels, num_resamples=1000, seed=trial)
+        scores = np.r_[rng.normal(delta, 1, size), rng.normal(0, 1, size)]
+        while auroc(scores, labels) == 1.0:
+            scores = np.r_[rng.normal(delta, 1, size), rng.normal(0, 1, size)]
+        low, high = auroc_interval(scores, labels, method, num_resamples=500, seed=trial)
         assert low <= auroc(scores, labels) <= high
         covered += low <= true_auroc <= high
-    assert 0.91 <= covered / trials <= 0.98  # 95% nominal; 300 trials have a standard error of 1.3 points
+    return covered / trials
 
 
-def test_bootstrap_interval__is_reproducible_with_its_seed():
+@pytest.mark.parametrize("method", list(INTERVALS))
+def test_intervals__cover_a_moderate_auroc_at_the_nominal_rate(method):
+    # 40 + 40 answers, true AUROC 0.760: every method is near 95% (300 trials: a standard error of 1.3 points).
+    assert 0.91 <= _coverage(method, 40, 0.5 * (1 + math.erf(0.5)), 300) <= 0.98
+
+
+def test_intervals__the_default_covers_a_high_auroc_with_small_classes_where_the_symmetric_ones_fall_short():
+    # 20 + 20 answers, true AUROC 0.90 (bench/auroc_interval_coverage.py, 1000 data sets: logit DeLong 0.956,
+    # BCa 0.959, percentile 0.929, DeLong 0.903).
+    coverage = {method: _coverage(method, 20, 0.9, 300) for method in INTERVALS}
+    assert Settings().interval == "logit_delong"
+    assert coverage["logit_delong"] >= 0.94 and coverage["bca"] >= 0.92  # here 0.950 and 0.930
+    assert coverage["delong"] < coverage["percentile"] < min(coverage["logit_delong"], coverage["bca"]) - 0.05
+
+
+def _auroc_statistic(hallucinated, correct, axis=-1):
+    """AUROC for SciPy's vectorized bootstrap: the last axis holds each class's answers."""
+    h, c = np.moveaxis(hallucinated, axis, -1)[..., :, None], np.moveaxis(correct, axis, -1)[..., None, :]
+    return ((h > c) + 0.5 * (h == c)).mean(axis=(-2, -1))
+
+
+@pytest.mark.parametrize(("method", "scipy_method"), [("bca", "BCa"), ("percentile", "percentile")])
+def test_bootstrap_intervals__match_scipy_bootstrap_of_the_two_classes(method, scipy_method):
+    scipy_stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(3)
+    hallucinated, correct = rng.normal(1.2, 1, 12), rng.normal(0, 1, 17)  # true AUROC 0.80; sample AUROC below
+    scores, labels = np.r_[hallucinated, correct], np.r_[np.ones(12, bool), np.zeros(17, bool)]
+    ours = auroc_interval(scores, labels, method, num_resamples=40_000, seed=0)
+    # SciPy resamples each sample independently (stratified) and takes BCa's acceleration from the jackknife,
+    # whose values for the AUROC are exactly the influence values auroc_interval uses.
+    theirs = scipy_stats.bootstrap(
+        (hallucinated, correct), _auroc_statistic, n_resamples=40_000, method=scipy_method, random_state=1
+    ).confidence_interval
+    assert ours == pytest.approx((theirs.low, theirs.high), abs=0.006)  # Monte Carlo error of 40k resamples
+
+
+def test_delong_variance__equals_its_definition_and_the_sampling_variance():
+    rng = np.random.default_rng(0)
+    h, c = rng.normal(1, 1, 7), rng.normal(0, 1, 9)
+    wins = pairwise_wins(np.r_[h, c], np.r_[np.ones(7, bool), np.zeros(9, bool)])
+    # DeLong et al. (1988): V10(x) = mean over correct y of psi(x, y), V01(y) = mean over hallucinated x.
+    psi = [[1.0 if x > y else 0.5 if x == y else 0.0 for y in c] for x in h]
+    theta = sum(map(sum, psi)) / 63
+    v10, v01 = [sum(row) / 9 for row in psi], [sum(psi[i][j] for i in range(7)) / 7 for j in range(9)]
+    s10 = sum((v - theta) ** 2 for v in v10) / 6
+    s01 = sum((v - theta) ** 2 for v in v01) / 8
+    assert delong_variance(wins) == pytest.approx(s10 / 7 + s01 / 9, rel=1e-12)
+    # Over 3000 data sets of 30 + 30 its mean is the AUROC's sampling variance (to Monte Carlo error).
+    labels = np.r_[np.ones(30, bool), np.zeros(30, bool)]
+    sets = [np.r_[rng.normal(1, 1, 30), rng.normal(0, 1, 30)] for _ in range(3000)]
+    values = [auroc(s, labels) for s in sets]
+    estimates = [delong_variance(pairwise_wins(s, labels)) for s in sets]
+    assert np.mean(estimates) == pytest.approx(np.var(values, ddof=1), rel=0.08)
+
+
+def test_logit_delong__is_delong_mapped_through_the_logit():
+    scores, labels = [0.1, 0.5, 0.3, 0.9, 0.7, 0.2, 0.8, 0.35], [0, 1, 0, 1, 1, 0, 0, 1]
+    theta = auroc(scores, labels)
+    se = math.sqrt(delong_variance(pairwise_wins(np.asarray(scores, float), np.asarray(labels, bool))))
+    low, high = auroc_interval(scores, labels, "logit_delong", level=0.9)
+    logit = lambda p: math.log(p / (1 - p))  # noqa: E731
+    half = NormalDist().inv_cdf(0.95) * se / (theta * (1 - theta))
+    assert (logit(low), logit(high)) == pytest.approx((logit(theta) - half, logit(theta) + half), rel=1e-12)
+    assert 0 < low < theta < high < 1
+
+
+def test_interval__is_reproducible_with_its_seed_and_rejects_an_unknown_method():
     scores, labels = [0.1, 0.5, 0.3, 0.9, 0.7, 0.2], [0, 1, 0, 1, 1, 0]
-    assert bootstrap_auroc_interval(scores, labels, seed=3) == bootstrap_auroc_interval(scores, labels, seed=3)
+    assert auroc_interval(scores, labels, "bca", seed=3) == auroc_interval(scores, labels, "bca", seed=3)
+    with pytest.raises(ValueError, match="unknown interval method 'wald'; choose one of logit_delong, bca"):
+        auroc_interval(scores, labels, "wald")
+
+
+def test_evaluate__perfect_separation_gives_the_auroc_without_an_interval():
+    rows = [{"perplexity": float(i), "hallucinated": {"f1": i >= 10}, "f1": float(i < 10)} for i in range(20)]
+    cell = evaluate(rows, "perplexity", "f1")
+    assert cell["auroc"] == 1.0 and cell["ci_low"] is None and cell["ci_high"] is None
+    assert cell["note"] == SEPARATED
 
 
 def test_pearson__equals_numpy_and_is_none_for_a_constant():
