@@ -54,7 +54,7 @@ class SparseAutoencoderModule(pl.LightningModule):
         dict_vec_size: int,
         architecture: Architecture = _DEFAULT_ARCHITECTURE,
         learning_rate: float = 2e-4,
-        decoder_lr_multiplier: float = 1.0,
+        decoder_lr_multiplier: float | None = None,
         adam_betas: tuple[float, float] = (0.9, 0.999),
         lr_warmup_steps: int = 0,
         dead_tokens_threshold: int = 10_000_000,
@@ -75,8 +75,10 @@ class SparseAutoencoderModule(pl.LightningModule):
                 lists the settings of one.
             learning_rate: Adam learning rate.
             decoder_lr_multiplier: The decoder weight's learning rate is ``learning_rate`` times this (1: the same
-                as every other parameter). Above 1 it speeds up the unit-norm decoder's direction steps; it helped
-                at 4096-token steps and was neutral at 512 (docs/sae.md, Decoder learning rate).
+                as every other parameter). Above 1 it speeds up the unit-norm decoder's direction steps. Default
+                (None): the architecture's, 2 for TopK, BatchTopK and Matryoshka with a unit-norm decoder, where it
+                raised the explained variance at 4096-token steps and was neutral at 512, else 1 (docs/sae.md,
+                Decoder learning rate). The checkpoint records the value trained with.
             adam_betas: Adam betas.
             lr_warmup_steps: Linear learning-rate warm-up steps (0: none).
             dead_tokens_threshold: A latent is dead when it has not fired for this many tokens (Gao et al.: 10M).
@@ -100,12 +102,15 @@ class SparseAutoencoderModule(pl.LightningModule):
         super().__init__()
         if norm_estimation_batches < 1:
             raise ValueError(f"norm_estimation_batches must be >= 1, got {norm_estimation_batches}")
-        if not decoder_lr_multiplier > 0:
+        if decoder_lr_multiplier is not None and not decoder_lr_multiplier > 0:
             raise ValueError(f"decoder_lr_multiplier must be > 0, got {decoder_lr_multiplier}")
-        # A checkpoint's hyperparameters hold the architecture as its {class_path, init_args} mapping.
         self.sae = SparseAutoencoder(act_vec_size, dict_vec_size, architecture)
+        # A checkpoint's hyperparameters hold the architecture as its {class_path, init_args} mapping, and the
+        # multiplier trained with, not None (LightningCLI saves the config's values, so it is set afterwards).
         architecture = architecture_config(self.sae.architecture)
         self.save_hyperparameters()
+        if decoder_lr_multiplier is None:
+            self.hparams.decoder_lr_multiplier = self.sae.architecture.default_decoder_lr_multiplier()
         self.register_buffer("activation_scale", torch.tensor(math.nan if normalize_dataset else 1.0))
         self.register_buffer("tokens_since_fired", torch.zeros(dict_vec_size, dtype=torch.long))
         self.register_buffer("window_fired", torch.zeros(dict_vec_size, dtype=torch.long))

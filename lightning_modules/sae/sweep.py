@@ -45,7 +45,8 @@ class SweepMember:
     learning_rate: float | None = None
     """Adam learning rate; default: the sweep's."""
     decoder_lr_multiplier: float | None = None
-    """The decoder weight's learning rate as a multiple of its learning rate; default: the sweep's."""
+    """The decoder weight's learning rate as a multiple of its learning rate; default: the sweep's, else its
+    architecture's."""
     lr_warmup_steps: int | None = None
     """Linear learning-rate warm-up steps; default: the sweep's."""
     site: str | None = None
@@ -60,7 +61,7 @@ class SparseAutoencoderSweep(pl.LightningModule):
         act_vec_size: int | None,
         saes: list[SweepMember],
         learning_rate: float = 2e-4,
-        decoder_lr_multiplier: float = 1.0,
+        decoder_lr_multiplier: float | None = None,
         adam_betas: tuple[float, float] = (0.9, 0.999),
         lr_warmup_steps: int = 0,
         dead_tokens_threshold: int = 10_000_000,
@@ -79,7 +80,8 @@ class SparseAutoencoderSweep(pl.LightningModule):
                 rate and warm-up.
             learning_rate: Adam learning rate of the members that set none.
             decoder_lr_multiplier: The decoder weight's learning rate as a multiple of the member's learning rate,
-                for the members that set none (1: the same; docs/sae.md, Decoder learning rate).
+                for the members that set none (1: the same). Default (None): each member's architecture's, as for
+                ``SparseAutoencoderModule`` (docs/sae.md, Decoder learning rate).
             adam_betas: Adam betas.
             lr_warmup_steps: Linear learning-rate warm-up steps of the members that set none (0: none).
             dead_tokens_threshold: A latent is dead when it has not fired for this many tokens.
@@ -131,6 +133,7 @@ class SparseAutoencoderSweep(pl.LightningModule):
                 lr_warmup_steps=lr_warmup_steps,
             )
             self.units = self._build_units(act_vec_size, members, defaults, shared)
+        self._record_decoder_lr_multipliers()
         self._owners: dict[str, int] | None = None  # member name -> owner rank, while spread over DDP ranks
 
     @staticmethod
@@ -190,7 +193,11 @@ class SparseAutoencoderSweep(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         resume_decoder_lr_multiplier(dict(self.units.items()), checkpoint, self._trainer)
-        for config in self.hparams["saes"]:  # what the next checkpoint records: the multiplier each member trains with
+        self._record_decoder_lr_multipliers()
+
+    def _record_decoder_lr_multipliers(self) -> None:
+        """What a checkpoint records for each member: the multiplier it trains with (resolved from the defaults)."""
+        for config in self.hparams["saes"]:
             config["decoder_lr_multiplier"] = self.units[config["name"]].hparams.decoder_lr_multiplier
 
     def configure_optimizers(self):

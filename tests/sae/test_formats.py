@@ -70,7 +70,7 @@ def test_checkpoint__raw_activations_give_the_modules_codes_and_reconstruction(t
     )
     assert meta.source_format == "neurolight-checkpoint" and meta.activation_scale == float(module.activation_scale)
     assert meta.training["learning_rate"] == module.hparams.learning_rate
-    assert meta.training["decoder_lr_multiplier"] == module.hparams.decoder_lr_multiplier == 1.0
+    assert meta.training["decoder_lr_multiplier"] == module.hparams.decoder_lr_multiplier == 2.0  # TopK's default
 
 
 @pytest.mark.parametrize("fmt", ["neurolight", "saelens", "sparsify"])

@@ -60,7 +60,7 @@ def separate_modules() -> dict[str, SparseAutoencoderModule]:
     return {
         m.name: SparseAutoencoderModule(
             32, m.dict_vec_size, m.architecture, learning_rate=m.learning_rate or SHARED["learning_rate"],
-            lr_warmup_steps=m.lr_warmup_steps or 0, decoder_lr_multiplier=m.decoder_lr_multiplier or 1.0,
+            lr_warmup_steps=m.lr_warmup_steps or 0, decoder_lr_multiplier=m.decoder_lr_multiplier,
             **{k: v for k, v in SHARED.items() if k != "learning_rate"},
         )
         for m in MEMBERS
@@ -177,6 +177,29 @@ def test_decoder_lr_multiplier__a_resumed_fit_keeps_the_checkpoints_and_continue
     resume(members([None, 2.0], 1.0), resumed, tmp_path / "sweep", r"k4: decoder_lr_multiplier=3.0 replaced by")
     assert [unit.hparams.decoder_lr_multiplier for unit in resumed.units.values()] == [1.0, 2.0]
     assert [member["decoder_lr_multiplier"] for member in resumed.hparams["saes"]] == [1.0, 2.0]
+
+
+def test_decoder_lr_multiplier__defaults_to_the_architectures_and_checkpoints_record_the_value(tmp_path):
+    """2 for the TopK family with a unit-norm decoder, 1 for free decoder rows and the L1 / JumpReLU SAEs; a sweep
+    member without one takes the sweep's, else its own architecture's; the hyperparameters hold the number."""
+    from neurolight.lightning_modules import JumpReLU, MatryoshkaBatchTopK
+
+    cases = [(TopK(k=4), 2.0), (BatchTopK(k=4), 2.0), (MatryoshkaBatchTopK(k=4, group_sizes=[16, 48]), 2.0),
+             (TopK(k=4, decoder_init_norm=0.1), 1.0), (ReLU(), 1.0), (JumpReLU(), 1.0)]  # fmt: skip
+    for architecture, expected in cases:
+        module = SparseAutoencoderModule(32, 64, architecture)
+        assert module.hparams.decoder_lr_multiplier == expected, architecture
+        assert len(module.parameter_groups()) == (1 if expected == 1 else 2)
+    units = [SweepMember("topk", 64, TopK(k=4)), SweepMember("relu", 64, ReLU()),
+             SweepMember("own", 64, ReLU(), decoder_lr_multiplier=3.0)]  # fmt: skip
+    by_architecture = SparseAutoencoderSweep(32, units)
+    assert [c["decoder_lr_multiplier"] for c in by_architecture.hparams["saes"]] == [2.0, 1.0, 3.0]
+    assert [u.hparams.decoder_lr_multiplier for u in by_architecture.units.values()] == [2.0, 1.0, 3.0]
+    swept = SparseAutoencoderSweep(32, units, decoder_lr_multiplier=1.5)
+    assert [c["decoder_lr_multiplier"] for c in swept.hparams["saes"]] == [1.5, 1.5, 3.0]
+    trainer(tmp_path, 2, every=1).fit(by_architecture, loader())
+    saved = torch.load(tmp_path / "checkpoints" / "step_0000002.ckpt", weights_only=False)["hyper_parameters"]
+    assert [c["decoder_lr_multiplier"] for c in saved["saes"]] == [2.0, 1.0, 3.0]
 
 
 def test_decoder_lr_multiplier__under_a_strategy_that_restores_after_setup_a_difference_is_an_error():

@@ -206,7 +206,9 @@ def test_sweep_over_sites_through_the_cli__members_keep_their_own_settings(tmp_p
     assert (units["mlp"].hparams.learning_rate, units["attn"].hparams.learning_rate) == (0.003, 0.001)
     assert (units["mlp"].hparams.dict_vec_size, units["attn"].hparams.site) == (192, ATTN)
     checkpoint = torch.load(next(tmp_path.rglob("last.ckpt")), weights_only=True)
-    assert [group["lr"] for group in checkpoint["optimizer_states"][0]["param_groups"]] == [0.003, 0.001]
+    # Per member: every parameter at its learning rate, the decoder at TopK's default multiple of it (2).
+    groups = checkpoint["optimizer_states"][0]["param_groups"]
+    assert [group["lr"] for group in groups] == pytest.approx([0.003, 0.006, 0.001, 0.002])
     attn = SparseAutoencoder.from_pretrained(next(tmp_path.rglob("last.ckpt")), name="attn")
     assert (attn.d_in, attn.metadata.layer_type, attn.metadata.layer_id) == (64, "attn_sublayer", 0)
 

@@ -100,6 +100,11 @@ class Architecture(ABC):
         """Raise a ValueError naming the setting when the settings do not fit an SAE of these sizes."""
         return None
 
+    def default_decoder_lr_multiplier(self) -> float:
+        """The decoder weight's learning rate as a multiple of the others' when the module sets none; 1 by default
+        (docs/sae.md, Decoder learning rate)."""
+        return 1.0
+
     # ---------------------------------------------------------------------------------------------------- init
     def tied_encoder_scale(self, sae: SparseAutoencoder) -> float:
         """The multiple of the unit-norm decoder that the encoder starts from (tied initialisation); 1 by default."""

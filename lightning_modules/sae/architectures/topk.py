@@ -85,6 +85,12 @@ class TopK(Architecture):
         if self.k > d_sae:
             raise ValueError(f"k={self.k} is out of range; it must be between 1 and d_sae={d_sae}")
 
+    def default_decoder_lr_multiplier(self) -> float:
+        # The unit-norm decoder's directions turn at most about lr * sqrt(d_in) a step; twice that matched or beat
+        # 1 in every measured TopK, BatchTopK and Matryoshka run on SmolLM2's layers 8 and 15 (docs/sae.md,
+        # Decoder learning rate). Free rows (decoder_init_norm) already turn faster when short: 1.
+        return 2.0 if self.normalize_decoder else 1.0
+
     def tied_encoder_scale(self, sae) -> float:
         # Gao et al. 2024's released code scales the tied encoder at init so that random unit-norm inputs give
         # reconstructions of unit mean norm; the least-squares scale, which also discounts the part of the
