@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -122,3 +123,25 @@ def kill9(process: subprocess.Popen) -> None:
 
 def _tail(log: Path, lines: int = 30) -> str:
     return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+
+
+def fit_killed_and_resumed(recipe_at: Callable[[Path], dict], job: str, tmp_path: Path, low: int, high: int):
+    """An SAE fit of ``recipe_at(folder)`` run uninterrupted (``tmp_path/reference``) and run again
+    (``tmp_path/killed``), killed with SIGKILL before a batch drawn in ``[low, high]`` for ``job``, then resumed with
+    the same command from its newest step checkpoint. Returns the two runs' ``last.ckpt`` contents (resumed,
+    reference) and what the failure message should name: the batch and the checkpoint resumed from."""
+    import torch
+
+    from neurolight.cli.main import main as neurolight
+
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    neurolight(["fit", "--config", str(write_recipe(tmp_path / "reference.yaml", recipe_at(reference)))])
+    config = write_recipe(tmp_path / "killed.yaml", recipe_at(killed))
+    stop = kill_batch(job, low, high)
+    folder = killed / "tiny" / "version_0" / "checkpoints"
+    kill_9_after_a_second_run_is_refused(["fit", "--config", str(config)], stop, tmp_path / "killed.log", folder)
+    newest = max(folder.glob("step_*.ckpt"))
+    neurolight(["fit", "--config", str(config), "--ckpt_path", str(newest)])
+    last = [torch.load(root / "tiny" / "version_0" / "checkpoints" / "last.ckpt", weights_only=False)
+            for root in (killed, reference)]  # fmt: skip
+    return last[0], last[1], f"killed before batch {stop}, resumed from {newest.name}"

@@ -6,10 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
-from neurolight.cli.main import main as neurolight
-from tests.helpers.kill9 import kill_9_after_a_second_run_is_refused, kill_batch, write_recipe
+from tests.helpers.kill9 import fit_killed_and_resumed
 from tests.helpers.recipes import SAE_EVERY, SAE_STEPS, sae_recipe
 
 
@@ -25,26 +22,14 @@ def cached_recipe(root: Path, cache: Path) -> dict:
     return recipe
 
 
-def last_checkpoint(root: Path) -> dict:
-    return torch.load(root / "tiny" / "version_0" / "checkpoints" / "last.ckpt", weights_only=False)
-
-
 def test_kill_9__a_fit_from_the_cache_resumed_from_its_newest_step_checkpoint_ends_like_an_uninterrupted_one(
     tmp_path, tiny_cache, one_torch_thread
 ):
-    reference = tmp_path / "reference"
-    neurolight(
-        ["fit", "--config", str(write_recipe(tmp_path / "reference.yaml", cached_recipe(reference, tiny_cache)))]
+    # killed after the first step checkpoint, before the end
+    got, want, where = fit_killed_and_resumed(
+        lambda root: cached_recipe(root, tiny_cache), "sae-cache", tmp_path, SAE_EVERY + 1, SAE_STEPS
     )
-    killed = tmp_path / "killed"
-    config = write_recipe(tmp_path / "killed.yaml", cached_recipe(killed, tiny_cache))
-    stop = kill_batch("sae-cache", SAE_EVERY + 1, SAE_STEPS)  # after the first step checkpoint, before the end
-    folder = killed / "tiny" / "version_0" / "checkpoints"
-    kill_9_after_a_second_run_is_refused(["fit", "--config", str(config)], stop, tmp_path / "killed.log", folder)
-    newest = max(folder.glob("step_*.ckpt"))
-    neurolight(["fit", "--config", str(config), "--ckpt_path", str(newest)])
-    got, want = last_checkpoint(killed), last_checkpoint(reference)
     assert got["global_step"] == want["global_step"] == SAE_STEPS
     assert got["CachedActivationDataModule"] == want["CachedActivationDataModule"]
     different = [name for name, value in want["state_dict"].items() if not value.equal(got["state_dict"][name])]
-    assert not different, f"killed before batch {stop}, resumed from {newest.name}: {different} differ"
+    assert not different, f"{where}: {different} differ"

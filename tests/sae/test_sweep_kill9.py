@@ -9,9 +9,8 @@ from pathlib import Path
 
 import torch
 
-from neurolight.cli.main import main as neurolight
 from tests.helpers.cache import TINY_SITES
-from tests.helpers.kill9 import kill_9_after_a_second_run_is_refused, kill_batch, write_recipe
+from tests.helpers.kill9 import fit_killed_and_resumed
 from tests.helpers.recipes import SAE_EVERY, SAE_STEPS, sae_recipe
 
 MLP, ATTN = TINY_SITES  # layers.1.mlp_activations (128 wide), layers.0.attn_sublayer (64 wide)
@@ -44,28 +43,18 @@ def sweep_recipe(root: Path, corpus: Path, model_dir: Path) -> dict:
     return recipe
 
 
-def last_checkpoint(root: Path) -> dict:
-    return torch.load(root / "tiny" / "version_0" / "checkpoints" / "last.ckpt", weights_only=False)
-
-
 def test_kill_9__a_sweep_over_sites_resumed_from_its_newest_step_checkpoint_ends_like_an_uninterrupted_one(
     tmp_path, cache_corpus, tiny_model_dir, one_torch_thread
 ):
-    reference = tmp_path / "reference"
-    recipe = sweep_recipe(reference, cache_corpus, tiny_model_dir)
-    neurolight(["fit", "--config", str(write_recipe(tmp_path / "reference.yaml", recipe))])
-    killed = tmp_path / "killed"
-    config = write_recipe(tmp_path / "killed.yaml", sweep_recipe(killed, cache_corpus, tiny_model_dir))
-    stop = kill_batch("sae-sweep-sites", SAE_EVERY + 1, SAE_STEPS)  # after the first step checkpoint, before the end
-    folder = killed / "tiny" / "version_0" / "checkpoints"
-    kill_9_after_a_second_run_is_refused(["fit", "--config", str(config)], stop, tmp_path / "killed.log", folder)
-    newest = max(folder.glob("step_*.ckpt"))
-    neurolight(["fit", "--config", str(config), "--ckpt_path", str(newest)])
-    got, want = last_checkpoint(killed), last_checkpoint(reference)
+    # killed after the first step checkpoint, before the end
+    got, want, where = fit_killed_and_resumed(
+        lambda root: sweep_recipe(root, cache_corpus, tiny_model_dir), "sae-sweep-sites", tmp_path, SAE_EVERY + 1,
+        SAE_STEPS,
+    )  # fmt: skip
     assert got["global_step"] == want["global_step"] == SAE_STEPS
     assert [m["decoder_lr_multiplier"] for m in got["hyper_parameters"]["saes"]] == [2.0, 1.0, 3.0]
     # the stream: corpus position, shuffle buffer and in-flight batches, exactly
     torch.testing.assert_close(got["ActivationDataModule"], want["ActivationDataModule"], rtol=0, atol=0)
     different = [name for name, value in want["state_dict"].items() if not value.equal(got["state_dict"][name])]
-    assert not different, f"killed before batch {stop}, resumed from {newest.name}: {different} differ"
+    assert not different, f"{where}: {different} differ"
     assert {name.split(".")[1] for name in want["state_dict"]} == {"mlp_k4", "attn_relu", "attn_b6"}
