@@ -55,15 +55,18 @@ def resume_decoder_lr_multiplier(units: dict, checkpoint: dict, trainer) -> None
         configured, trained = unit.hparams.decoder_lr_multiplier, saved.get(name, 1.0)
         if configured == trained:
             continue
-        where = f"{name}: " if name else ""
-        if after_setup:
-            raise ValueError(
-                f"{where}the checkpoint was trained with decoder_lr_multiplier={trained}, the configuration sets "
-                f"{configured}; its optimizer state holds the parameter groups of {trained}: resume with "
-                f"decoder_lr_multiplier: {trained}"
+        if trainer is not None:  # a fit resumes (load_from_checkpoint, with no trainer, resumes nothing: silent)
+            where = f"{name}: " if name else ""
+            default = " (the architecture's default)" if getattr(unit, "decoder_lr_from_default", False) else ""
+            if after_setup:
+                raise ValueError(
+                    f"{where}the checkpoint was trained with decoder_lr_multiplier={trained}, the configuration sets "
+                    f"{configured}{default}; its optimizer state holds the parameter groups of {trained}: resume "
+                    f"with decoder_lr_multiplier: {trained}"
+                )
+            rank_zero_warn(
+                f"{where}decoder_lr_multiplier={configured}{default} replaced by the checkpoint's {trained}: its "
+                "optimizer state holds that multiplier's parameter groups, and a resumed run continues the run it "
+                "resumes"
             )
-        rank_zero_warn(
-            f"{where}decoder_lr_multiplier={configured} replaced by the checkpoint's {trained}: its optimizer state "
-            "holds that multiplier's parameter groups, and a resumed run continues the run it resumes"
-        )
         unit.hparams.decoder_lr_multiplier = trained

@@ -109,8 +109,10 @@ class SparseAutoencoderModule(pl.LightningModule):
         # multiplier trained with, not None (LightningCLI saves the config's values, so it is set afterwards).
         architecture = architecture_config(self.sae.architecture)
         self.save_hyperparameters()
-        if decoder_lr_multiplier is None:
-            self.hparams.decoder_lr_multiplier = self.sae.architecture.default_decoder_lr_multiplier()
+        self.decoder_lr_from_default = decoder_lr_multiplier is None
+        if decoder_lr_multiplier is None:  # loggers write hparams_initial (hparams.yaml): it gets the number too
+            value = self.sae.architecture.default_decoder_lr_multiplier()
+            self.hparams.decoder_lr_multiplier = self._hparams_initial.decoder_lr_multiplier = value
         self.register_buffer("activation_scale", torch.tensor(math.nan if normalize_dataset else 1.0))
         self.register_buffer("tokens_since_fired", torch.zeros(dict_vec_size, dtype=torch.long))
         self.register_buffer("window_fired", torch.zeros(dict_vec_size, dtype=torch.long))

@@ -18,6 +18,7 @@ of the same tokens; each member names its ``site`` and, where its width differs 
 
 from __future__ import annotations
 
+import copy
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -196,9 +197,11 @@ class SparseAutoencoderSweep(pl.LightningModule):
         self._record_decoder_lr_multipliers()
 
     def _record_decoder_lr_multipliers(self) -> None:
-        """What a checkpoint records for each member: the multiplier it trains with (resolved from the defaults)."""
+        """What a checkpoint records for each member: the multiplier it trains with (resolved from the defaults);
+        loggers write ``hparams_initial`` (hparams.yaml), which gets the members too."""
         for config in self.hparams["saes"]:
             config["decoder_lr_multiplier"] = self.units[config["name"]].hparams.decoder_lr_multiplier
+        self._hparams_initial["saes"] = copy.deepcopy(self.hparams["saes"])
 
     def configure_optimizers(self):
         groups, warmups = [], []

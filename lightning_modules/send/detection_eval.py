@@ -148,11 +148,14 @@ def shortfall(counts: Mapping[str, int], min_class_size: int) -> str | None:
 
 SEPARATED = "perfect separation: no interval (every resample and every variance estimate is a point)"
 """The note of a cell whose AUROC is 0 or 1: an interval there would be a point that cannot cover the truth."""
+NO_SPREAD = "no interval: the scores do not vary enough (a constant score, or a class of one answer)"
+"""The note of a cell whose interval came out as a point otherwise (zero variance, every resample the same)."""
 
 
 def evaluate(rows: Sequence[Mapping], method: str, label: str, settings: Settings | None = None) -> dict:
     """One cell of the table: ``auroc``, ``ci_low``, ``ci_high`` (all None with a ``note`` where a class has fewer
-    than ``min_class_size`` answers; the interval None with the note ``SEPARATED`` where the AUROC is 0 or 1),
+    than ``min_class_size`` answers; the interval None with the note ``SEPARATED`` where the AUROC is 0 or 1, or
+    ``NO_SPREAD`` where the interval would be a point otherwise),
     ``pearson`` (of minus the oriented score, a confidence, with the label's continuous correctness score: a useful
     detector has a positive r, as in INSIDE's Table 1), and the class counts over the answers that have both the
     method's score and the label (``settings``: default ``Settings()``)."""
@@ -178,9 +181,13 @@ def evaluate(rows: Sequence[Mapping], method: str, label: str, settings: Setting
         if cell["auroc"] in (0.0, 1.0):
             cell["note"] = SEPARATED
         else:
-            cell["ci_low"], cell["ci_high"] = auroc_interval(
+            low, high = auroc_interval(
                 scores, flags, settings.interval, settings.level, settings.num_resamples, settings.seed
             )
+            if low < high:
+                cell["ci_low"], cell["ci_high"] = low, high
+            else:
+                cell["note"] = NO_SPREAD
     return cell
 
 

@@ -99,8 +99,8 @@ def comparison_table(paths: Sequence[str | Path], settings: Settings | None = No
         for label, cell in cells.items()
         if cell["note"] and cell["auroc"] is None
     }
-    separated = {
-        f"{name}, {METHODS[method].title}, {LABELS[label].title}"
+    pointless = {
+        f"{name}, {METHODS[method].title}, {LABELS[label].title}: {cell['note']}"
         for name, table in tables.items()
         for method, cells in table.items()
         for label, cell in cells.items()
@@ -119,9 +119,9 @@ def comparison_table(paths: Sequence[str | Path], settings: Settings | None = No
     if refused:
         text += ["", f"n/a: no AUROC where a class has fewer than {settings.min_class_size} answers:"]
         text += [f"  {note}" for note in sorted(refused)]
-    if separated:
-        text += ["", f"[separated]: {SEPARATED}:"]
-        text += [f"  {cell}" for cell in sorted(separated)]
+    if pointless:
+        text += ["", "AUROCs without an interval:"]
+        text += [f"  {cell}" for cell in sorted(pointless)]
     return "\n".join(text + (["", *notes] if notes else []))
 
 
@@ -136,7 +136,7 @@ def _auroc_cell(cell: dict | None) -> str:
     if cell["auroc"] is None:
         return _short_reason(cell)
     if cell["ci_low"] is None:
-        return f"{cell['auroc']:.3f} [separated]"
+        return f"{cell['auroc']:.3f} [{'separated' if cell['note'] == SEPARATED else 'no spread'}]"
     return f"{cell['auroc']:.3f} [{cell['ci_low']:.2f}, {cell['ci_high']:.2f}]"
 
 
@@ -191,9 +191,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--bootstrap_resamples",
         type=int,
         default=defaults.num_resamples,
-        help="bootstrap resamples of each interval (default: %(default)s)",
+        help="bootstrap resamples of each interval (bootstrap intervals only; default: %(default)s)",
     )
-    parser.add_argument("--seed", type=int, default=defaults.seed, help="bootstrap seed (default: %(default)s)")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=defaults.seed,
+        help="bootstrap seed (bootstrap intervals only; default: %(default)s)",
+    )
     parser.add_argument(
         "--interval",
         choices=list(INTERVALS),

@@ -147,6 +147,6 @@ def test_comparison_table__a_perfectly_separated_label_shows_its_auroc_without_a
     text = comparison_table([path])
     perplexity = next(line for line in text.splitlines() if "  perplexity  " in line)
     assert perplexity.split()[2:4] == ["1.000", "[separated]"]
-    assert f"[separated]: {SEPARATED}:" in text and "separated.json, perplexity, F1" in text
+    assert f"AUROCs without an interval:\n  separated.json, perplexity, F1: {SEPARATED}" in text
     main([str(path), "--plot"])  # the legend says so too
     assert path.with_name("separated_roc.png").stat().st_size > 10_000

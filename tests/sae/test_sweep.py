@@ -200,6 +200,31 @@ def test_decoder_lr_multiplier__defaults_to_the_architectures_and_checkpoints_re
     trainer(tmp_path, 2, every=1).fit(by_architecture, loader())
     saved = torch.load(tmp_path / "checkpoints" / "step_0000002.ckpt", weights_only=False)["hyper_parameters"]
     assert [c["decoder_lr_multiplier"] for c in saved["saes"]] == [2.0, 1.0, 3.0]
+    # What loggers write (hparams.yaml) holds the numbers too.
+    assert [c["decoder_lr_multiplier"] for c in by_architecture.hparams_initial["saes"]] == [2.0, 1.0, 3.0]
+    assert SparseAutoencoderModule(32, 64, TopK(k=4)).hparams_initial["decoder_lr_multiplier"] == 2.0
+
+
+def test_decoder_lr_multiplier__a_checkpoint_from_before_the_setting_loads_at_1_and_resumes_there(tmp_path):
+    """A checkpoint without the setting trained at 1: load_from_checkpoint takes that silently (nothing resumes);
+    a resumed fit at the TopK default 2 warns, naming the default, and continues at 1."""
+    import warnings
+
+    module = SparseAutoencoderModule(32, 64, TopK(k=4), decoder_lr_multiplier=1.0, **SHARED)
+    trainer(tmp_path / "a", 2, every=2).fit(module, loader())
+    path = tmp_path / "a" / "checkpoints" / "step_0000002.ckpt"
+    checkpoint = torch.load(path, weights_only=False)
+    del checkpoint["hyper_parameters"]["decoder_lr_multiplier"]  # as written before the setting existed
+    torch.save(checkpoint, path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = SparseAutoencoderModule.load_from_checkpoint(path)
+    assert loaded.hparams.decoder_lr_multiplier == 1.0
+    resumed = SparseAutoencoderModule(32, 64, TopK(k=4), **SHARED)
+    with pytest.warns(UserWarning, match=r"decoder_lr_multiplier=2.0 \(the architecture's default\) replaced by the "
+                                         r"checkpoint's 1.0"):  # fmt: skip
+        trainer(tmp_path / "b", 4).fit(resumed, loader(), ckpt_path=path)
+    assert resumed.hparams.decoder_lr_multiplier == 1.0
 
 
 def test_decoder_lr_multiplier__under_a_strategy_that_restores_after_setup_a_difference_is_an_error():

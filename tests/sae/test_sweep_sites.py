@@ -79,6 +79,7 @@ def test_sweep_over_sites_from_the_cache__each_member_ends_as_its_separate_fit_o
     checkpoint = tmp_path / "sweep" / "checkpoints" / "last.ckpt"
     attn = SparseAutoencoder.from_pretrained(checkpoint, name="attn_k6")
     assert (attn.d_in, attn.metadata.layer_type, attn.metadata.layer_id) == (64, "attn_sublayer", 0)
+    assert attn.metadata.training["decoder_lr_multiplier"] == 2.0  # TopK's default, recorded per member
     assert attn.metadata.hook_name == "model.layers.0.self_attn"
     mlp = SparseAutoencoder.from_pretrained(checkpoint, name="mlp_k4")
     assert (mlp.d_in, mlp.metadata.layer_type, mlp.metadata.layer_id) == (128, "mlp_activations", 1)
@@ -211,6 +212,7 @@ def test_sweep_over_sites_through_the_cli__members_keep_their_own_settings(tmp_p
     assert [group["lr"] for group in groups] == pytest.approx([0.003, 0.006, 0.001, 0.002])
     attn = SparseAutoencoder.from_pretrained(next(tmp_path.rglob("last.ckpt")), name="attn")
     assert (attn.d_in, attn.metadata.layer_type, attn.metadata.layer_id) == (64, "attn_sublayer", 0)
+    assert attn.metadata.training["decoder_lr_multiplier"] == 2.0  # TopK's default, recorded per member
 
 
 def test_sweep_over_sites_from_the_llm__resumed_from_a_step_checkpoint_ends_bit_identical(

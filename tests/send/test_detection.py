@@ -18,6 +18,7 @@ from sklearn.metrics import roc_curve as sk_roc_curve
 from neurolight.callbacks.send.qa_prediction_writer import Thresholds, aggregate, score_answer
 from neurolight.lightning_modules.send.auroc_interval import INTERVALS, delong_variance, pairwise_wins
 from neurolight.lightning_modules.send.detection_eval import (
+    NO_SPREAD,
     SEPARATED,
     Settings,
     auroc,
@@ -151,6 +152,18 @@ def test_evaluate__perfect_separation_gives_the_auroc_without_an_interval():
     cell = evaluate(rows, "perplexity", "f1")
     assert cell["auroc"] == 1.0 and cell["ci_low"] is None and cell["ci_high"] is None
     assert cell["note"] == SEPARATED
+
+
+def test_evaluate__a_constant_score_or_a_class_of_one_gives_no_interval():
+    constant = [{"perplexity": 2.0, "hallucinated": {"f1": i >= 10}, "f1": float(i < 10)} for i in range(20)]
+    cell = evaluate(constant, "perplexity", "f1")
+    assert cell["auroc"] == 0.5 and cell["ci_low"] is None and cell["note"] == NO_SPREAD
+    one = [{"perplexity": float(i % 7), "hallucinated": {"f1": i == 3}, "f1": float(i != 3)} for i in range(12)]
+    for method in INTERVALS:
+        cell = evaluate(one, "perplexity", "f1", Settings(min_class_size=1, interval=method, num_resamples=200))
+        assert 0 < cell["auroc"] < 1, method
+        assert (cell["ci_low"] is None) == (cell["note"] == NO_SPREAD), method
+        assert cell["ci_low"] is None or cell["ci_low"] < cell["ci_high"], method
 
 
 def test_pearson__equals_numpy_and_is_none_for_a_constant():

@@ -87,8 +87,8 @@ class TopK(Architecture):
 
     def default_decoder_lr_multiplier(self) -> float:
         # The unit-norm decoder's directions turn at most about lr * sqrt(d_in) a step; twice that matched or beat
-        # 1 in every measured TopK, BatchTopK and Matryoshka run on SmolLM2's layers 8 and 15 (docs/sae.md,
-        # Decoder learning rate). Free rows (decoder_init_norm) already turn faster when short: 1.
+        # 1 in every measured run: TopK and BatchTopK on SmolLM2's layers 8 and 15, Matryoshka on layer 15
+        # (docs/sae.md, Decoder learning rate). Free rows (decoder_init_norm) already turn faster when short: 1.
         return 2.0 if self.normalize_decoder else 1.0
 
     def tied_encoder_scale(self, sae) -> float:

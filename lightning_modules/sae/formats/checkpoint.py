@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from neurolight.lightning_modules.sae.checkpoint_args import saved_decoder_lr_multipliers
 from neurolight.lightning_modules.sae.formats.base import SaeFormat, fold_input_scale_
 from neurolight.lightning_modules.sae.metadata import SaeMetadata
 
@@ -72,6 +73,7 @@ def _sweep_member(hparams: dict, path: Path, name: str | None) -> tuple[dict, st
         "dict_vec_size": member["dict_vec_size"],
         "architecture": member["architecture"],
         "learning_rate": hparams["learning_rate"] if member.get("learning_rate") is None else member["learning_rate"],
+        "decoder_lr_multiplier": saved_decoder_lr_multipliers(hparams)[name],
         "site": member.get("site"),
     }
     return args, f"units.{name}."
