@@ -77,8 +77,8 @@ class SparseAutoencoderModule(pl.LightningModule):
             decoder_lr_multiplier: The decoder weight's learning rate is ``learning_rate`` times this (1: the same
                 as every other parameter). Above 1 it speeds up the unit-norm decoder's direction steps. Default
                 (None): the architecture's, 2 for TopK, BatchTopK and Matryoshka with a unit-norm decoder, where it
-                raised the explained variance at 4096-token steps and was neutral at 512, else 1 (docs/sae.md,
-                Decoder learning rate). The checkpoint records the value trained with.
+                raised the explained variance at 4096-token steps and in short runs, else 1 (docs/sae.md, Decoder
+                learning rate). The checkpoint records the value trained with.
             adam_betas: Adam betas.
             lr_warmup_steps: Linear learning-rate warm-up steps (0: none).
             dead_tokens_threshold: A latent is dead when it has not fired for this many tokens (Gao et al.: 10M).
