@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from neurolight.lightning_modules.send.auroc_comparison import compare_paired
 from neurolight.lightning_modules.send.auroc_interval import INTERVALS, pairwise_wins
 
 
@@ -188,6 +189,38 @@ def evaluate(rows: Sequence[Mapping], method: str, label: str, settings: Setting
                 cell["ci_low"], cell["ci_high"] = low, high
             else:
                 cell["note"] = NO_SPREAD
+    return cell
+
+
+BASELINES = ("perplexity", "ln_entropy", "lexical_similarity", "energy")
+"""The methods EigenScore is compared against (INSIDE's baselines and the energy score)."""
+
+
+def compare(rows: Sequence[Mapping], method: str, baseline: str, label: str, settings: Settings | None = None) -> dict:
+    """``method`` against ``baseline`` under ``label``, on the answers that have both scores and the label:
+    ``difference`` (AUROC of method minus baseline's), its ``ci_low`` / ``ci_high`` and the two-sided ``p_value``
+    of DeLong's paired test (``auroc_comparison``), and the class counts; None with a ``note`` where a class has
+    fewer than ``min_class_size`` answers, or the difference has no spread."""
+    settings = settings or Settings()
+    usable = [
+        row
+        for row in rows
+        if method_scores(row, method) is not None
+        and method_scores(row, baseline) is not None
+        and label in (row.get("hallucinated") or {})
+    ]
+    counts = class_counts(usable, label)
+    cell: dict = {"n_hallucinated": counts["hallucinated"], "n_correct": counts["correct"]}
+    cell |= {"difference": None, "ci_low": None, "ci_high": None, "p_value": None}
+    cell["note"] = shortfall(counts, settings.min_class_size) if usable else "no answers with both scores and label"
+    if cell["note"] is None:
+        oriented = [[METHODS[m].sign * method_scores(row, m) for row in usable] for m in (method, baseline)]
+        flags = np.array([row["hallucinated"][label] for row in usable])
+        result = compare_paired(np.array(oriented[0]), np.array(oriented[1]), flags, settings.level)
+        cell.update(result._asdict())
+        cell["ci_low"], cell["ci_high"] = cell.pop("low"), cell.pop("high")
+        if result.p_value is None:
+            cell["note"] = "no spread: the two methods rank the answers alike"
     return cell
 
 

@@ -16,12 +16,15 @@ from pathlib import Path
 from neurolight.callbacks.send.qa_prediction_writer import Thresholds, score_answer
 from neurolight.lightning_modules.send.auroc_interval import INTERVALS
 from neurolight.lightning_modules.send.detection_eval import (
+    BASELINES,
     LABELS,
     METHODS,
     SEPARATED,
     Settings,
     class_counts,
+    compare,
     detection_table,
+    method_scores,
 )
 
 
@@ -116,6 +119,14 @@ def comparison_table(paths: Sequence[str | Path], settings: Settings | None = No
         "Pearson r of each method's confidence (its score negated) with the label's continuous correctness score:",
         _table(pearson_rows),
     ]
+    paired = _paired_rows(files, labels, settings)
+    if len(paired) > 1:
+        text += [
+            "",
+            f"EigenScore minus each baseline, AUROC on the same answers [{settings.level:.0%} CI] and the two-sided p "
+            "of DeLong's paired test:",
+            _table(paired),
+        ]
     if refused:
         text += ["", f"n/a: no AUROC where a class has fewer than {settings.min_class_size} answers:"]
         text += [f"  {note}" for note in sorted(refused)]
@@ -123,6 +134,28 @@ def comparison_table(paths: Sequence[str | Path], settings: Settings | None = No
         text += ["", "AUROCs without an interval:"]
         text += [f"  {cell}" for cell in sorted(pointless)]
     return "\n".join(text + (["", *notes] if notes else []))
+
+
+def _paired_rows(files: list, labels: list[str], settings: Settings) -> list[tuple[str, ...]]:
+    """Per file and baseline, EigenScore's AUROC minus the baseline's under each label (``detection_eval.compare``);
+    files without EigenScore give no row."""
+    rows = [("file", "EigenScore minus", *labels)]
+    for name, _, answers in files:
+        present = [
+            m for m in ("answer_eigenscore", *BASELINES) if any(method_scores(r, m) is not None for r in answers)
+        ]
+        if present[:1] != ["answer_eigenscore"]:
+            continue
+        for baseline in present[1:]:
+            cells = [compare(answers, "answer_eigenscore", baseline, label, settings) for label in labels]
+            rows.append((name, METHODS[baseline].title, *map(_paired_cell, cells)))
+    return rows
+
+
+def _paired_cell(cell: dict) -> str:
+    if cell["p_value"] is None:
+        return _short_reason(cell)
+    return f"{cell['difference']:+.3f} [{cell['ci_low']:+.2f}, {cell['ci_high']:+.2f}] p={cell['p_value']:.2f}"
 
 
 def _mean(rows: list[dict], key: str) -> float | None:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from neurolight.cli.qa_scores import comparison_table, main
+from neurolight.lightning_modules.send.auroc_comparison import compare_paired
 from neurolight.lightning_modules.send.detection_eval import SEPARATED, auroc
 
 
@@ -150,3 +151,25 @@ def test_comparison_table__a_perfectly_separated_label_shows_its_auroc_without_a
     assert f"AUROCs without an interval:\n  separated.json, perplexity, F1: {SEPARATED}" in text
     main([str(path), "--plot"])  # the legend says so too
     assert path.with_name("separated_roc.png").stat().st_size > 10_000
+
+
+def test_comparison_table__eigenscore_minus_each_baseline_with_delongs_paired_test(before_after):
+    text = comparison_table(before_after)
+    assert "EigenScore minus each baseline, AUROC on the same answers [95% CI] and the two-sided p" in text
+    rows = json.loads(before_after[1].read_text())["results"]
+    labels = [not r["f1"] for r in rows]
+    result = compare_paired(
+        np.array([r["answer_eigenscore"] for r in rows]), np.array([r["perplexity"] for r in rows]), np.array(labels)
+    )
+    paired = text.split("DeLong's paired test:")[1].split("\n\n")[0].splitlines()
+    line = next(line for line in paired if line.startswith("after.json") and "  perplexity  " in line)
+    assert line.split()[2:6] == [
+        f"{result.difference:+.3f}",
+        f"[{result.low:+.2f},",
+        f"{result.high:+.2f}]",
+        f"p={result.p_value:.2f}",
+    ]
+    # energy is constant here (-5.0): its AUROC is 0.5 and the difference is EigenScore's AUROC minus 0.5
+    energy = next(line for line in paired if line.startswith("after.json") and "  energy  " in line)
+    assert energy.split()[2] == f"{auroc([r['answer_eigenscore'] for r in rows], labels) - 0.5:+.3f}"
+    assert not [line for line in paired if line.startswith("before.json")]  # no EigenScore there

@@ -16,6 +16,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.metrics import roc_curve as sk_roc_curve
 
 from neurolight.callbacks.send.qa_prediction_writer import Thresholds, aggregate, score_answer
+from neurolight.lightning_modules.send.auroc_comparison import compare_paired
 from neurolight.lightning_modules.send.auroc_interval import INTERVALS, delong_variance, pairwise_wins
 from neurolight.lightning_modules.send.detection_eval import (
     NO_SPREAD,
@@ -23,6 +24,7 @@ from neurolight.lightning_modules.send.detection_eval import (
     Settings,
     auroc,
     auroc_interval,
+    compare,
     evaluate,
     pearson,
     roc_curve,
@@ -333,3 +335,65 @@ def test_judge__p_yes_from_known_logits_of_a_tiny_model(tiny_model_dir):
     assert p_yes.tolist() == pytest.approx([expected] * 3, rel=1e-6)
     question = judge_question("Q2?", ["b", "c"], "x")
     assert "Gold answers: b; c" in question and "Proposed answer: x" in question
+
+
+# ------------------------------------------------------------------------------------- paired comparison
+def _correlated_scores(rng, m: int, n: int, shift_a: float, shift_b: float):
+    """Two methods' scores of the same m hallucinated and n correct answers: a shared latent plus each method's own
+    noise (correlation 0.5), the hallucinated ones shifted by ``shift_a`` / ``shift_b``."""
+    shared = rng.normal(0, 1, m + n)
+    shift = np.r_[np.ones(m), np.zeros(n)]
+    a = (shared + rng.normal(0, 1, m + n)) / math.sqrt(2) + shift_a * shift
+    b = (shared + rng.normal(0, 1, m + n)) / math.sqrt(2) + shift_b * shift
+    return a, b, shift.astype(bool)
+
+
+def test_compare_paired__equals_delongs_covariance_computed_by_hand():
+    rng = np.random.default_rng(5)
+    a, b, labels = _correlated_scores(rng, 8, 11, 1.0, 0.6)
+    pos, neg = np.flatnonzero(labels), np.flatnonzero(~labels)
+
+    def psi(x, y):
+        return 1.0 if x > y else 0.5 if x == y else 0.0
+
+    def components(s):
+        return [sum(psi(s[i], s[j]) for j in neg) / 11 for i in pos], [
+            sum(psi(s[i], s[j]) for i in pos) / 8 for j in neg
+        ]
+
+    def cov(u, v):
+        return sum((x - sum(u) / len(u)) * (y - sum(v) / len(v)) for x, y in zip(u, v)) / (len(u) - 1)
+
+    (a10, a01), (b10, b01) = components(a), components(b)
+    variance = (cov(a10, a10) + cov(b10, b10) - 2 * cov(a10, b10)) / 8
+    variance += (cov(a01, a01) + cov(b01, b01) - 2 * cov(a01, b01)) / 11
+    difference = sum(a10) / 8 - sum(b10) / 8
+    result = compare_paired(a, b, labels, level=0.9)
+    assert result.difference == pytest.approx(difference, abs=1e-12)
+    assert result.p_value == pytest.approx(2 * (1 - NormalDist().cdf(abs(difference) / math.sqrt(variance))))
+    half = NormalDist().inv_cdf(0.95) * math.sqrt(variance)
+    assert (result.low, result.high) == pytest.approx((difference - half, difference + half))
+
+
+def test_compare_paired__holds_its_size_under_equal_aurocs_and_finds_a_real_difference():
+    rng = np.random.default_rng(0)
+    null = [compare_paired(*_correlated_scores(rng, 30, 30, 1.0, 1.0)).p_value for _ in range(400)]
+    assert 0.02 <= np.mean(np.array(null) < 0.05) <= 0.09  # nominal 5%; 400 trials: standard error 1.1 points
+    found = [compare_paired(*_correlated_scores(rng, 30, 30, 1.6, 0.4)).p_value for _ in range(100)]
+    assert np.mean(np.array(found) < 0.05) >= 0.8
+    same = _correlated_scores(rng, 12, 12, 1.0, 1.0)
+    assert compare_paired(same[0], same[0], same[2]).p_value is None  # a method against itself: no spread
+
+
+def test_compare__eigenscore_against_a_baseline_on_the_answers_with_both_scores():
+    rng = np.random.default_rng(2)
+    a, b, labels = _correlated_scores(rng, 15, 20, 1.2, 0.3)
+    rows = [{"answer_eigenscore": float(x), "perplexity": float(y), "hallucinated": {"f1": bool(h)}}
+            for x, y, h in zip(a, b, labels)]  # fmt: skip
+    rows.append({"perplexity": 1.0, "hallucinated": {"f1": True}})  # no EigenScore: left out
+    cell = compare(rows, "answer_eigenscore", "perplexity", "f1")
+    assert (cell["n_hallucinated"], cell["n_correct"]) == (15, 20)
+    assert cell["difference"] == pytest.approx(auroc(a, labels) - auroc(b, labels))
+    assert cell["p_value"] == compare_paired(a, b, labels).p_value and cell["note"] is None
+    few = compare(rows[:20], "answer_eigenscore", "perplexity", "f1")
+    assert few["p_value"] is None and few["note"] == "not enough correct answers (n = 5, fewer than 10)"
