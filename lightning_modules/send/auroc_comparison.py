@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from neurolight.lightning_modules.send.auroc_interval import pairwise_wins
+from neurolight.lightning_modules.send.auroc_interval import delong_variance, pairwise_wins
 
 
 class Comparison(NamedTuple):
@@ -39,15 +39,10 @@ def compare_paired(
     positive = np.asarray(hallucinated, dtype=bool)
     wins_a = pairwise_wins(np.asarray(scores_a, dtype=np.float64), positive)
     wins_b = pairwise_wins(np.asarray(scores_b, dtype=np.float64), positive)
-    m, n = wins_a.shape
     difference = float(wins_a.mean() - wins_b.mean())
-    if m < 2 or n < 2:
-        return Comparison(difference, None, None, None)
-    # Per answer, the difference of the two methods' structural components; its variance over each class is
-    # S_AA + S_BB - 2 S_AB.
-    v10 = wins_a.mean(1) - wins_b.mean(1)
-    v01 = wins_a.mean(0) - wins_b.mean(0)
-    variance = float(np.var(v10, ddof=1) / m + np.var(v01, ddof=1) / n)
+    # The structural components of W_A - W_B are the per-answer differences of the two methods' components, whose
+    # variance over each class is S_AA + S_BB - 2 S_AB: DeLong's variance of that matrix (0 for a class of one).
+    variance = delong_variance(wins_a - wins_b)
     if not variance > 0:
         return Comparison(difference, None, None, None)
     se = math.sqrt(variance)

@@ -133,6 +133,21 @@ def method_scores(row: Mapping, method: str) -> float | None:
     return None
 
 
+def labelled_answers(rows: Sequence[Mapping], methods: Sequence[str], label: str) -> list[Mapping]:
+    """The answers that have the score of every one of ``methods`` and a flag under ``label``."""
+    return [
+        row
+        for row in rows
+        if all(method_scores(row, method) is not None for method in methods)
+        and label in (row.get("hallucinated") or {})
+    ]
+
+
+def oriented_scores(rows: Sequence[Mapping], method: str) -> list[float]:
+    """``method``'s score of each of ``rows``, oriented so that higher = more likely hallucinated (``Method.sign``)."""
+    return [METHODS[method].sign * method_scores(row, method) for row in rows]
+
+
 def class_counts(rows: Sequence[Mapping], label: str) -> dict[str, int]:
     """Answers with a flag under ``label``: how many are hallucinated and how many correct."""
     flags = [row["hallucinated"][label] for row in rows if label in (row.get("hallucinated") or {})]
@@ -161,17 +176,15 @@ def evaluate(rows: Sequence[Mapping], method: str, label: str, settings: Setting
     detector has a positive r, as in INSIDE's Table 1), and the class counts over the answers that have both the
     method's score and the label (``settings``: default ``Settings()``)."""
     settings = settings or Settings()
-    sign, score_field = METHODS[method].sign, LABELS[label].score_field
-    usable = [
-        row for row in rows if method_scores(row, method) is not None and label in (row.get("hallucinated") or {})
-    ]
+    score_field = LABELS[label].score_field
+    usable = labelled_answers(rows, [method], label)
     counts = class_counts(usable, label)
     cell: dict = {"n_hallucinated": counts["hallucinated"], "n_correct": counts["correct"]}
     cell |= {"auroc": None, "ci_low": None, "ci_high": None, "pearson": None, "note": None}
     if not usable:
         cell["note"] = "no answers with this score and label"
         return cell
-    scores = [sign * method_scores(row, method) for row in usable]
+    scores = oriented_scores(usable, method)
     continuous = [row.get(score_field) for row in usable]
     if all(value is not None for value in continuous):
         cell["pearson"] = pearson([-score for score in scores], [float(value) for value in continuous])
@@ -202,21 +215,15 @@ def compare(rows: Sequence[Mapping], method: str, baseline: str, label: str, set
     of DeLong's paired test (``auroc_comparison``), and the class counts; None with a ``note`` where a class has
     fewer than ``min_class_size`` answers, or the difference has no spread."""
     settings = settings or Settings()
-    usable = [
-        row
-        for row in rows
-        if method_scores(row, method) is not None
-        and method_scores(row, baseline) is not None
-        and label in (row.get("hallucinated") or {})
-    ]
+    usable = labelled_answers(rows, [method, baseline], label)
     counts = class_counts(usable, label)
     cell: dict = {"n_hallucinated": counts["hallucinated"], "n_correct": counts["correct"]}
     cell |= {"difference": None, "ci_low": None, "ci_high": None, "p_value": None}
     cell["note"] = shortfall(counts, settings.min_class_size) if usable else "no answers with both scores and label"
     if cell["note"] is None:
-        oriented = [[METHODS[m].sign * method_scores(row, m) for row in usable] for m in (method, baseline)]
+        scores = [np.array(oriented_scores(usable, m)) for m in (method, baseline)]
         flags = np.array([row["hallucinated"][label] for row in usable])
-        result = compare_paired(np.array(oriented[0]), np.array(oriented[1]), flags, settings.level)
+        result = compare_paired(*scores, flags, settings.level)
         cell.update(result._asdict())
         cell["ci_low"], cell["ci_high"] = cell.pop("low"), cell.pop("high")
         if result.p_value is None:

@@ -11,7 +11,8 @@ from neurolight.lightning_modules.send.detection_eval import (
     METHODS,
     Settings,
     detection_table,
-    method_scores,
+    labelled_answers,
+    oriented_scores,
     roc_curve,
 )
 
@@ -36,9 +37,8 @@ def plot_roc_curves(rows: Sequence[dict], target: Path, title: str, settings: Se
             cell = cells[label]
             if cell["auroc"] is None:
                 continue
-            usable = [row for row in rows if method_scores(row, method) is not None and label in row["hallucinated"]]
-            scores = [METHODS[method].sign * method_scores(row, method) for row in usable]
-            fpr, tpr = roc_curve(scores, [row["hallucinated"][label] for row in usable])
+            usable = labelled_answers(rows, [method], label)
+            fpr, tpr = roc_curve(oriented_scores(usable, method), [row["hallucinated"][label] for row in usable])
             interval = "separated" if cell["ci_low"] is None else f"{cell['ci_low']:.2f}, {cell['ci_high']:.2f}"
             name = f"{METHODS[method].title} {cell['auroc']:.2f} [{interval}]"
             ax.plot(fpr, tpr, lw=1.5, label=name)  # straight segments: a run of tied scores is a diagonal
