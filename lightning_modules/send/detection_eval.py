@@ -168,6 +168,14 @@ NO_SPREAD = "no interval: the scores do not vary enough (a constant score, or a 
 """The note of a cell whose interval came out as a point otherwise (zero variance, every resample the same)."""
 
 
+def interval_text(cell: Mapping) -> str:
+    """A cell's interval for a table or a legend: ``[0.55, 0.83]``, or why there is none (``[separated]``,
+    ``[no spread]``)."""
+    if cell["ci_low"] is None:
+        return "[separated]" if cell["note"] == SEPARATED else "[no spread]"
+    return f"[{cell['ci_low']:.2f}, {cell['ci_high']:.2f}]"
+
+
 def evaluate(rows: Sequence[Mapping], method: str, label: str, settings: Settings | None = None) -> dict:
     """One cell of the table: ``auroc``, ``ci_low``, ``ci_high`` (all None with a ``note`` where a class has fewer
     than ``min_class_size`` answers; the interval None with the note ``SEPARATED`` where the AUROC is 0 or 1, or

@@ -11,6 +11,7 @@ from neurolight.lightning_modules.send.detection_eval import (
     METHODS,
     Settings,
     detection_table,
+    interval_text,
     labelled_answers,
     oriented_scores,
     roc_curve,
@@ -39,8 +40,7 @@ def plot_roc_curves(rows: Sequence[dict], target: Path, title: str, settings: Se
                 continue
             usable = labelled_answers(rows, [method], label)
             fpr, tpr = roc_curve(oriented_scores(usable, method), [row["hallucinated"][label] for row in usable])
-            interval = "separated" if cell["ci_low"] is None else f"{cell['ci_low']:.2f}, {cell['ci_high']:.2f}"
-            name = f"{METHODS[method].title} {cell['auroc']:.2f} [{interval}]"
+            name = f"{METHODS[method].title} {cell['auroc']:.2f} {interval_text(cell)}"
             ax.plot(fpr, tpr, lw=1.5, label=name)  # straight segments: a run of tied scores is a diagonal
         some = next(iter(table.values()))[label]
         if some["auroc"] is None:

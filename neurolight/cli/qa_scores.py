@@ -19,11 +19,11 @@ from neurolight.lightning_modules.send.detection_eval import (
     BASELINES,
     LABELS,
     METHODS,
-    SEPARATED,
     Settings,
     class_counts,
     compare,
     detection_table,
+    interval_text,
     method_scores,
 )
 
@@ -168,9 +168,7 @@ def _auroc_cell(cell: dict | None) -> str:
         return "-"
     if cell["auroc"] is None:
         return _short_reason(cell)
-    if cell["ci_low"] is None:
-        return f"{cell['auroc']:.3f} [{'separated' if cell['note'] == SEPARATED else 'no spread'}]"
-    return f"{cell['auroc']:.3f} [{cell['ci_low']:.2f}, {cell['ci_high']:.2f}]"
+    return f"{cell['auroc']:.3f} {interval_text(cell)}"
 
 
 def interval_title(settings: Settings) -> str:
