@@ -22,6 +22,12 @@ harvest's LLM weights).
 LLM, e.g. a random-weight one saved by ``bench/gpu_kit.sh``), eager against ``compile_llm`` (inductor's freezing on
 CPU, CUDA graphs on CUDA), alternating per ``--repeats``, timed after the first shard (which holds the model's probes
 and the compilation), and prints the relative difference of the two caches' rows.
+
+``--stream`` times the cached stream alone (``CachedActivationDataModule.train_stream``, ``--batch-sae`` rows a
+batch, default 4096 as on a GPU), reading in the consumer's thread (``prefetch_batches: 0``) against reading ahead
+(``--prefetch``), with the training step emulated by a sleep of each of ``--step-ms`` (on a GPU the step runs on the
+device while the CPU waits; 0 = reading alone). Each batch is copied once after it is served, as the transfer to the
+device does.
 """
 
 from __future__ import annotations
@@ -90,7 +96,7 @@ def run_cache(args, recipe: dict, steps: int) -> dict:
     datamodule = CachedActivationDataModule(
         args.cache, layer_id=data["layer_id"], layer_type=data["layer_type"], model_name=data["model_name"],
         batch_size_autoencoder=data["batch_size_autoencoder"], block_rows=int(data["num_tokens"]) - 1,
-        val_contexts=data["val_contexts"],
+        val_contexts=data["val_contexts"], prefetch_batches=args.prefetch,
     )  # fmt: skip
     return fit(recipe, datamodule, steps, args.workdir)
 
@@ -147,6 +153,38 @@ def compare_harvest(args, recipe: dict, cache_steps: int) -> dict:
     return {"runs": runs, "ratio": rates["compiled"] / rates["eager"], "relative_difference": error}
 
 
+def stream(args, recipe: dict) -> dict:
+    """ms per batch of the cached stream, without and with reading ahead, for each emulated step time."""
+    from neurolight.datamodules import CachedActivationDataModule
+
+    data = recipe["data"]
+    batch, results = args.batch_sae or 4096, []
+    for step_ms in [float(ms) for ms in args.step_ms.split(",")]:
+        row = {"step_ms": step_ms}
+        for i in range(args.repeats):
+            for depth in (0, args.prefetch) if i % 2 == 0 else (args.prefetch, 0):
+                module = CachedActivationDataModule(
+                    args.cache, layer_id=data["layer_id"], layer_type=data["layer_type"], batch_size_autoencoder=batch,
+                    block_rows=int(data["num_tokens"]) - 1, val_contexts=data["val_contexts"], prefetch_batches=depth,
+                    verify_checksums=False,
+                )  # fmt: skip
+                module.setup("fit")
+                batches = module.train_stream()
+                next(batches)  # the thread's start and the first window's read are left out of both sides
+                start = time.perf_counter()
+                for _ in range(args.stream_batches):
+                    next(batches).clone()  # what the copy to the device reads
+                    time.sleep(step_ms / 1000)
+                row.setdefault(depth, []).append(1000 * (time.perf_counter() - start) / args.stream_batches)
+                module.teardown("fit")
+        ms = {depth: statistics.median(row[depth]) for depth in (0, args.prefetch)}
+        print(f"step {step_ms:5.1f} ms: {ms[0]:6.1f} ms a batch reading in the step's thread, {ms[args.prefetch]:6.1f} "
+              f"reading {args.prefetch} ahead ({ms[0] / ms[args.prefetch]:.2f}x; {batch} rows a batch, medians of "
+              f"{args.repeats}; load {load()})", flush=True)  # fmt: skip
+        results.append({"step_ms": step_ms, "ms_per_batch": {str(k): v for k, v in ms.items()}})
+    return {"batch_rows": batch, "rows": results}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=str(ROOT / "configs/sae/demo.yaml"))
@@ -161,6 +199,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu", help="the harvest's device (the fits run on CPU)")
     parser.add_argument("--model", default=None, help="LLM instead of the recipe's (a name or a directory)")
     parser.add_argument("--batch-llm", type=int, default=None, help="contexts per forward (default: the recipe's)")
+    parser.add_argument("--stream", action="store_true", help="time the cached stream alone, with and without "
+                        "reading ahead (see the docstring)")  # fmt: skip
+    parser.add_argument("--batch-sae", type=int, default=None, help="--stream: rows a batch (default 4096)")
+    parser.add_argument(
+        "--prefetch", type=int, default=4, help="batches read ahead by the cached stream (--stream: against 0)"
+    )
+    parser.add_argument("--step-ms", default="0,2,5,10", help="--stream: emulated step times, ms, comma-separated")
+    parser.add_argument("--stream-batches", type=int, default=64, help="--stream: batches timed per run")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
@@ -187,6 +233,13 @@ def main(argv: list[str] | None = None) -> None:
             Path(args.json).write_text(json.dumps(results, indent=1))
         return
     results: dict = {"harvest": None, "llm": [], "cache": []}
+    if args.stream and args.cache is None:
+        raise SystemExit("--stream reads an existing cache: pass --cache DIR (e.g. runs/demo/cache)")
+    if args.stream:
+        results = stream(args, recipe)
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=1))
+        return
     if args.cache is None:
         args.cache = str(Path(args.workdir) / "cache")
         results["harvest"] = h = harvest(args, recipe, cache_steps)

@@ -245,6 +245,8 @@ check() {
                     --model.init_args.output_dir "/tmp/send_zero$stage" --trainer.default_root_dir "/tmp/send_zero$stage" \
                     --trainer.logger.init_args.save_dir "/tmp/send_zero$stage"
             done
+            # The cached stream pins the batches it reads ahead only on CUDA (tests/sae/test_prefetch.py).
+            step 13_prefetch_pinned 60 python3 -m pytest -q -p no:cacheprovider tests/sae/test_prefetch.py
             ;;
         # bench/interpret_throughput.py has no step: its explainer is SmolLM2 with its real weights (the 94 MB
         # GGUF, more than travels), whose explanations and generation lengths are what it measures, and without

@@ -23,6 +23,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from neurolight.datamodules.prefetch import Prefetcher
 from neurolight.datamodules.sae.activation_cache import (
     STORAGE_DTYPES,
     ActivationCache,
@@ -53,7 +54,7 @@ class _TrainStream(IterableDataset):
         self.datamodule = datamodule
 
     def __iter__(self) -> Iterator[Tensor]:
-        return self.datamodule.batches(self.datamodule.consumed)
+        return self.datamodule.train_stream()
 
 
 class _ValidationRows(Dataset):
@@ -86,6 +87,7 @@ class CachedActivationDataModule(pl.LightningDataModule):
         verify_checksums: bool = True,
         seed: int = 0,
         sites: list[str] | None = None,
+        prefetch_batches: int = 4,
     ) -> None:
         """
         Args:
@@ -108,6 +110,10 @@ class CachedActivationDataModule(pl.LightningDataModule):
             sites: Several of the cache's sites to serve together instead of ``layer_type`` / ``layer_id``
                 (``[layers.15.mlp_sublayer, layers.10.resid_post]``): every batch is then ``{site: rows}``, the
                 same rows of each, and each SAE names the site it reads (``SweepMember.site``).
+            prefetch_batches: Training batches read ahead in a background thread, so that reading overlaps the
+                training step (on a GPU the read of a batch takes longer than the SAE step); pinned for an
+                asynchronous copy when training on CUDA. 0 reads each batch in the training loop's thread. The
+                batches and their order are the same either way.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -115,6 +121,8 @@ class CachedActivationDataModule(pl.LightningDataModule):
                      val_batch_size=val_batch_size)  # fmt: skip
         if bad := [f"{name}={value}" for name, value in sizes.items() if value < 1]:
             raise ValueError(f"{', '.join(bad)}: must be at least 1")
+        if prefetch_batches < 0:
+            raise ValueError(f"prefetch_batches={prefetch_batches} must be 0 (no reading ahead) or more")
         if sites is not None:
             if layer_id is not None or layer_type is not None:
                 raise ValueError("give either sites (a non-empty list) or layer_id and layer_type, not both")
@@ -124,6 +132,7 @@ class CachedActivationDataModule(pl.LightningDataModule):
         self.train_rows = 0
         self.consumed = 0  # training batches consumed in this run's stream (restored on resume)
         self.first_pass = 0  # the pass the stream starts at (a resume with another layout starts a new one)
+        self._prefetcher: Prefetcher | None = None
 
     # ----------------------------------------------------------------------------------------------- setup
     def setup(self, stage: str) -> None:
@@ -269,6 +278,24 @@ class CachedActivationDataModule(pl.LightningDataModule):
             at += stop - first
         return window
 
+    def train_stream(self) -> Iterator[Tensor | dict[str, Tensor]]:
+        """The training batches from the first one not yet consumed, read ahead by ``prefetch_batches``."""
+        batches = self.batches(self.consumed)
+        if self.hparams.prefetch_batches == 0:
+            return batches
+        self._close_prefetcher()
+        pin = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        self._prefetcher = Prefetcher(batches, self.hparams.prefetch_batches, _pinned if pin else None)
+        return self._prefetcher
+
+    def _close_prefetcher(self) -> None:
+        if self._prefetcher is not None:
+            self._prefetcher.close()
+            self._prefetcher = None
+
+    def teardown(self, stage: str) -> None:
+        self._close_prefetcher()
+
     # -------------------------------------------------------------------------------------------- loaders
     def train_dataloader(self) -> DataLoader:
         return DataLoader(_TrainStream(self), batch_size=None, num_workers=0)
@@ -317,3 +344,10 @@ class CachedActivationDataModule(pl.LightningDataModule):
                 return epoch
             rows -= int((stops - starts).sum())
             epoch += 1
+
+
+def _pinned(batch: Tensor | dict[str, Tensor]) -> Tensor | dict[str, Tensor]:
+    """The batch in page-locked memory, so Lightning's ``non_blocking`` copy to the GPU runs asynchronously."""
+    if isinstance(batch, dict):
+        return {site: rows.pin_memory() for site, rows in batch.items()}
+    return batch.pin_memory()
