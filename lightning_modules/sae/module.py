@@ -90,7 +90,7 @@ class SparseAutoencoderModule(pl.LightningModule):
             metrics_every_n_steps: Steps between logs of L0, explained variance, dead and dense fractions.
             max_l0_fraction: Warn, naming the architecture's sparsity setting, when L0 stays above this fraction of
                 d_in: above it in two consecutive metrics windows and down by less than 10% between them (None:
-                never).
+                never). Not for the TopK family, whose L0 is k by construction.
             norm_estimation_batches: Batches the normalisation scalar is estimated from when the data module does
                 not provide ``mean_activation_norm()`` (a plain DataLoader): the first ones of a fresh iterator of
                 the training DataLoader, read before the first step. Torch's RNG is restored afterwards, so training
@@ -105,6 +105,7 @@ class SparseAutoencoderModule(pl.LightningModule):
         if decoder_lr_multiplier is not None and not decoder_lr_multiplier > 0:
             raise ValueError(f"decoder_lr_multiplier must be > 0, got {decoder_lr_multiplier}")
         self.sae = SparseAutoencoder(act_vec_size, dict_vec_size, architecture)
+        self.sae.expects_scaled_input = normalize_dataset  # its own save_pretrained refuses: see save_pretrained
         # A checkpoint's hyperparameters hold the architecture as its {class_path, init_args} mapping, and the
         # multiplier trained with, not None (LightningCLI saves the config's values, so it is set afterwards).
         architecture = architecture_config(self.sae.architecture)
@@ -120,6 +121,13 @@ class SparseAutoencoderModule(pl.LightningModule):
         self.val_explained_variance = ExplainedVariance()
         self._previous_l0: float | None = None  # L0 of the previous metrics window
         self._warned_dense = False
+
+    def save_pretrained(self, directory, format: str = "neurolight", firing_frequency: Tensor | None = None):
+        """Write the SAE for raw activations (the normalisation scalar folded into the weights), in a format of
+        ``SparseAutoencoder.save_pretrained``, with the site and settings a checkpoint would record."""
+        from neurolight.lightning_modules.sae.formats.checkpoint import raw_space_sae
+
+        return raw_space_sae(self).save_pretrained(directory, format, firing_frequency)
 
     # ------------------------------------------------------------------------------------- normalisation
     def normalize(self, activations: Tensor) -> Tensor:
@@ -303,6 +311,8 @@ class SparseAutoencoderModule(pl.LightningModule):
         d_in = self.hparams.act_vec_size
         if limit is None or self._warned_dense or previous is None or min(l0, previous) <= limit * d_in:
             return
+        if self.sae.architecture.sparsity_setting == "k":  # L0 = k (on average for BatchTopK): set, not learned
+            return
         if l0 < 0.9 * previous:
             return
         self._warned_dense = True
@@ -318,7 +328,7 @@ class SparseAutoencoderModule(pl.LightningModule):
 
     def _settings_path(self) -> str:
         name = getattr(self, "_sweep_name", None)
-        return "model.init_args." if name is None else f"the sweep member '{name}''s "
+        return "model.init_args." if name is None else f"sweep member {name}'s "
 
     def reset_latent_statistics(self, latents: Tensor) -> None:
         """Forget when ``latents`` (a (d_sae,) bool mask) last fired: resampling gave them new weights."""

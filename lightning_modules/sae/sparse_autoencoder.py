@@ -90,6 +90,9 @@ class SparseAutoencoder(nn.Module):
                 self.register_parameter(name, tensor)
             else:
                 self.register_buffer(name, tensor)
+        self.expects_scaled_input = False
+        """True for the SAE a ``SparseAutoencoderModule`` trains with input normalisation: its weights take the
+        scaled activations, so ``save_pretrained`` refuses it (the module's own ``save_pretrained`` folds the scale)."""
         self.reset_parameters()
 
     # ------------------------------------------------------------------------------------------------ formats
@@ -117,6 +120,12 @@ class SparseAutoencoder(nn.Module):
         neurolight's ``firing_frequency.safetensors``. Returns the files written."""
         from neurolight.lightning_modules.sae.formats import save_sae
 
+        if self.expects_scaled_input:
+            raise ValueError(
+                "this SAE belongs to a SparseAutoencoderModule and works on its normalised activations (x times the "
+                "module's activation_scale); export it with module.save_pretrained(directory, format), which folds "
+                "the scale into the weights (or SparseAutoencoder.from_pretrained(checkpoint).save_pretrained(...))"
+            )
         return save_sae(self, directory, format, firing_frequency)
 
     @property

@@ -11,9 +11,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 EXAMPLES = """examples:
-  neurolight-export runs/demo/sae/checkpoints/last.ckpt runs/demo/sae/saelens --format saelens
-  neurolight-export runs/demo/sae/checkpoints/last.ckpt runs/demo/sae/saelens --format saelens \\
-      --samples runs/demo/interpret/samples        # + sparsity.safetensors from the sampling run's firing counts
+  neurolight-export runs/demo/sae/smollm2-135m_l15_mlp_sublayer/version_0/checkpoints/last.ckpt runs/demo/saelens \\
+      --format saelens
+  neurolight-export runs/demo/sae/smollm2-135m_l15_mlp_sublayer/version_0/checkpoints/last.ckpt runs/demo/saelens \\
+      --format saelens --samples runs/demo/interpret/samples   # + sparsity.safetensors from the firing counts
+  neurolight-export SWEEP_CKPT runs/sweep/k32_w2304 --format saelens --name k32_w2304   # one SAE of a sweep
   neurolight-export path/to/sparsify_run/layers.15.mlp runs/imported/l15 --format neurolight
 """
 

@@ -73,6 +73,24 @@ def test_checkpoint__raw_activations_give_the_modules_codes_and_reconstruction(t
     assert meta.training["decoder_lr_multiplier"] == module.hparams.decoder_lr_multiplier == 2.0  # TopK's default
 
 
+def test_module_save_pretrained__folds_the_scale_as_the_checkpoint_does_and_its_sae_alone_is_refused(trained, tmp_path):
+    checkpoint, module = trained
+    with pytest.raises(ValueError, match=r"normalised activations.*module\.save_pretrained\(directory, format\)"):
+        module.sae.save_pretrained(tmp_path / "refused", format="saelens")
+    assert not (tmp_path / "refused").exists()
+    module.save_pretrained(tmp_path / "out", format="saelens")
+    theirs = sae_lens.SAE.load_from_disk(tmp_path / "out", device="cpu")
+    ours = SparseAutoencoder.from_pretrained(checkpoint)
+    x = raw_inputs(128)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs.decode(theirs.encode(x)), module.reconstruct(x), atol=1e-4, rtol=1e-4)
+        assert_same_codes(theirs.encode(x), ours.encode(x))
+    assert module.sae.expects_scaled_input  # the module's own SAE is untouched
+    modes = {path.name: path.stat().st_mode & 0o777 for path in (tmp_path / "out").iterdir()}
+    assert modes["sae_weights.safetensors"] == modes["cfg.json"]  # safetensors alone would make it 0600
+    assert SparseAutoencoder.from_pretrained(tmp_path / "out").metadata.layer_type is None  # no data module attached
+
+
 @pytest.mark.parametrize("fmt", ["neurolight", "saelens", "sparsify"])
 def test_round_trip__same_codes_and_metadata_through_every_format(trained, tmp_path, fmt):
     sae = SparseAutoencoder.from_pretrained(trained[0])
@@ -223,16 +241,30 @@ def test_from_sparsify__reproduces_its_encode_and_decode_and_reads_the_site_from
         SparseAutoencoder.from_pretrained(run)
 
 
-def test_to_sparsify__its_loader_reproduces_neurolights_encode_and_decode(trained, tmp_path):
+def test_to_sparsify__its_loader_reproduces_neurolights_encode_and_decode(trained, tmp_path, caplog):
     sae = SparseAutoencoder.from_pretrained(trained[0])
     sae.save_pretrained(tmp_path, format="sparsify")
-    coder = sparsify.SparseCoder.load_from_disk(tmp_path)
+    with caplog.at_level("WARNING"):
+        coder = sparsify.SparseCoder.load_from_disk(tmp_path)
+    assert "Dropping extra args" not in caplog.text  # neurolight's record sits beside cfg.json, not in it
     x = raw_inputs(128, seed=5)
     with torch.no_grad():
         encoded = coder.encode(x)
         dense = torch.zeros(len(x), sae.d_sae).scatter(1, encoded.top_indices, encoded.top_acts)
         assert_same_codes(dense, sae.encode(x))
         torch.testing.assert_close(coder.decode(encoded.top_acts, encoded.top_indices), sae.decode(dense))
+
+
+def test_to_sparsify__an_export_with_the_record_in_cfg_json_still_loads_with_its_metadata(trained, tmp_path):
+    sae = SparseAutoencoder.from_pretrained(trained[0])
+    sae.save_pretrained(tmp_path, format="sparsify")
+    record = json.loads((tmp_path / "neurolight.json").read_text())
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    (tmp_path / "cfg.json").write_text(json.dumps({**cfg, **record}))  # as exports before neurolight.json wrote it
+    (tmp_path / "neurolight.json").unlink()
+    loaded = SparseAutoencoder.from_pretrained(tmp_path)
+    assert (loaded.metadata.layer_type, loaded.metadata.layer_id) == (sae.metadata.layer_type, sae.metadata.layer_id)
+    assert loaded.metadata.activation_scale == sae.metadata.activation_scale
 
 
 # ------------------------------------------------------------------------------------------------- bad input

@@ -4,6 +4,7 @@ writing their files so that a bad file is named and a failed write leaves nothin
 from __future__ import annotations
 
 import json
+import os
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
@@ -108,4 +109,8 @@ def write_tensors(tensors: dict[str, Tensor], path: Path, what: str) -> Path:
 
     with atomic_path(path, what) as temporary:
         save_file({name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}, str(temporary))
+        # safetensors creates its files 0600; an export is for sharing: the mode of any new file (umask applied).
+        umask = os.umask(0)
+        os.umask(umask)
+        temporary.chmod(0o666 & ~umask)
     return path

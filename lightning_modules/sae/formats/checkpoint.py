@@ -66,7 +66,11 @@ def _sweep_member(hparams: dict, path: Path, name: str | None) -> tuple[dict, st
     members = {member["name"]: member for member in hparams["saes"]}
     if name not in members:
         given = "no name was given" if name is None else f"it has no SAE named '{name}'"
-        raise ValueError(f"{path} is a sweep of {len(members)} SAEs and {given}; name one of: {', '.join(members)}")
+        raise ValueError(
+            f"{path} is a sweep of {len(members)} SAEs and {given}; name one of: {', '.join(members)} "
+            "(--model.init_args.sae_name for sampling and validate, --name for neurolight-export, "
+            "name= for SparseAutoencoder.from_pretrained)"
+        )
     member = members[name]
     args = {
         "act_vec_size": hparams["act_vec_size"] if member.get("act_vec_size") is None else member["act_vec_size"],
@@ -77,6 +81,31 @@ def _sweep_member(hparams: dict, path: Path, name: str | None) -> tuple[dict, st
         "site": member.get("site"),
     }
     return args, f"units.{name}."
+
+
+@torch.no_grad()
+def raw_space_sae(module):
+    """A copy of a ``SparseAutoencoderModule``'s SAE that takes RAW activations (its normalisation scalar folded into
+    the weights, as ``load`` does for a checkpoint of it), with the metadata its checkpoint would record."""
+    import copy
+
+    from neurolight.lightning_modules.sae.checkpoint_args import init_args_from_checkpoint
+
+    scale = float(module.activation_scale)
+    if scale != scale:  # NaN: estimated at the first training step
+        raise ValueError(
+            "this SparseAutoencoderModule has not trained a step yet, so it has no normalisation scalar to fold in; "
+            "train it first (the scalar comes from the first batches), or build it with normalize_dataset=False"
+        )
+    datamodule = module._datamodule()
+    data = dict(getattr(datamodule, "hparams", None) or {})
+    sae = copy.deepcopy(module.sae).eval()
+    sae.expects_scaled_input = False
+    sae.metadata = checkpoint_metadata({"datamodule_hyper_parameters": data}, init_args_from_checkpoint(module.hparams))
+    if scale != 1.0:
+        sae = sae.with_unit_decoder()
+    fold_input_scale_(sae, scale)
+    return sae
 
 
 def checkpoint_metadata(checkpoint: dict, init_args: dict) -> SaeMetadata:

@@ -23,6 +23,9 @@ from neurolight.lightning_modules.sae.formats.base import (
 from neurolight.lightning_modules.sae.formats.foreign import foreign_metadata, neurolight_blob
 
 CONFIG, WEIGHTS = "cfg.json", "sae.safetensors"
+# neurolight's own record (architecture, metadata) beside sparsify's files, not in cfg.json: sparsify's config loader
+# logs every key it does not know, the whole record included, at each load.
+EXTRA = "neurolight.json"
 
 
 class SparsifyFormat(SaeFormat):
@@ -54,7 +57,9 @@ class SparsifyFormat(SaeFormat):
                 f"{path}: encoder.weight {tuple(tensors['encoder.weight'].shape)} and W_dec "
                 f"{tuple(tensors['W_dec'].shape)} do not match cfg.json's d_in={cfg.get('d_in')}"
             )
-        blob = neurolight_blob(cfg.get("neurolight") and {"neurolight": cfg["neurolight"]})
+        # Exports before the record moved to EXTRA carry it in cfg.json.
+        extra = read_json(path / EXTRA, "neurolight record") if (path / EXTRA).is_file() else cfg
+        blob = neurolight_blob(extra.get("neurolight") and {"neurolight": extra["neurolight"]})
         architecture = build_architecture(blob["architecture"]) if blob else TopK(k=int(cfg.get("k", 32)))
         sae = SparseAutoencoder(d_in, d_sae, architecture)
         with torch.no_grad():
@@ -66,9 +71,7 @@ class SparsifyFormat(SaeFormat):
         hints = {"model_name": run.get("model"), "context_size": run.get("ctx_len"), "dataset_path": run.get("dataset")}
         if _names_a_site(path.name):  # a run's folder is named by its hookpoint; an export's by its user
             hints["hook_name"] = path.name
-        sae.metadata = foreign_metadata(
-            {**hints, **({"neurolight": cfg["neurolight"]} if blob else {})}, {}, "sparsify", path
-        )
+        sae.metadata = foreign_metadata({**hints, **({"neurolight": blob} if blob else {})}, {}, "sparsify", path)
         return sae
 
     @classmethod
@@ -97,10 +100,11 @@ class SparsifyFormat(SaeFormat):
             "skip_connection": False,
             "transcode": False,
             "d_in": sae.d_in,
-            "neurolight": {"architecture": architecture_config(sae.architecture), "metadata": sae.metadata.to_dict()},
         }
+        record = {"architecture": architecture_config(sae.architecture), "metadata": sae.metadata.to_dict()}
         written = [write_tensors(tensors, directory / WEIGHTS, "sparsify weights")]
         written.append(write_json(cfg, directory / CONFIG, "sparsify config"))
+        written.append(write_json({"neurolight": record}, directory / EXTRA, "neurolight record"))
         return written
 
 
