@@ -143,17 +143,28 @@ class SaeCheckpoint(FolderHolder, Callback):
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if isinstance(v, Tensor) and v.numel() == 1}
         lines = ["", "SAE training finished"]
         units = list(self.fired) if self.fired else [""]  # a sweep's members, or "" for one SAE
-        if self.written:
-            last = Path(self.written[-1])
+        last = Path(self.written[-1]) if self.written else None
+        if last is not None:
             lines.append(f"  checkpoint: {last}")
-            lines += [f"  histogram:  {last.with_name(_picture(last.stem, unit))}" for unit in units]
         if trainer.logger is not None and trainer.logger.log_dir:
             lines.append(f"  metrics:    {trainer.logger.log_dir}")
+        keys = ("train/l0", "train/explained_variance", "val/explained_variance", "val/ce_loss_recovered")
+        if units == [""]:
+            if last is not None:
+                lines.append(f"  histogram:  {last.with_name(_picture(last.stem, ''))}")
+            lines += [f"  {key}: {metrics[key]:.4g}" for key in keys if key in metrics]
+            return "\n".join(lines)
+        # A sweep: one row per member, so that its SAEs compare at a glance.
+        if last is not None:
+            lines.append(f"  histograms: {last.with_name(_picture(last.stem, '{name}'))}")
+        shown = [key for key in keys if any(f"{unit}/{key}" in metrics for unit in units)]
+        width = max(len("member"), *map(len, units))
+        lines.append("  " + "  ".join(["member".ljust(width), *(f"{key:>24}" for key in shown)]))
         for unit in units:
-            prefix = f"{unit}/" if unit else ""
-            for key in ("train/l0", "train/explained_variance", "val/explained_variance", "val/ce_loss_recovered"):
-                if prefix + key in metrics:
-                    lines.append(f"  {prefix}{key}: {metrics[prefix + key]:.4g}")
+            cells = [
+                f"{metrics[f'{unit}/{key}']:>24.4g}" if f"{unit}/{key}" in metrics else f"{'-':>24}" for key in shown
+            ]
+            lines.append("  " + "  ".join([unit.ljust(width), *cells]))
         return "\n".join(lines)
 
     def state_dict(self) -> dict:

@@ -122,6 +122,11 @@ def harvest_activations(
         )
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be at least 1")
+    done = _verified_shards(output, manifest) if manifest is not None else set()
+    if manifest is not None and manifest["complete"] and len(done) == manifest["num_shards"]:
+        if on_shard is not None:  # whole and verified: nothing to harvest, so no LLM to load
+            on_shard(manifest["num_contexts"], manifest["num_contexts"])
+        return output
 
     model = load_causal_lm(plan["model_name"], dtype=dtype_from_name(plan["llm_dtype"], "llm_dtype"), device=device)
     model.eval().requires_grad_(False)
@@ -141,7 +146,6 @@ def harvest_activations(
         )
 
     reader = SitesReader(model, [parse_site(site) for site in plan["sites"]], hooks, compile=compile_llm)
-    done = _verified_shards(output, manifest)
     if len(done) != len(manifest["shards"]):
         manifest.update(shards=[e for e in manifest["shards"] if e["index"] in done], complete=False)
         write_manifest(output, manifest)

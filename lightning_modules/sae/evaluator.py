@@ -153,3 +153,4 @@ class SaeEvaluator(pl.LightningModule):
         }
         with atomic_path(path, "evaluation report") as temporary:
             temporary.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"evaluation report written to {path}")

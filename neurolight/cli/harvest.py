@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import warnings
 
 from neurolight.datamodules.sae.harvest import harvest_activations
 
@@ -55,6 +56,8 @@ def main(argv: list[str] | None = None) -> None:
     docs = {p.arg_name: p.description for p in docstring_parser.parse(harvest_activations.__doc__).params}
     parser.add_argument("--overwrite", action=ActionYesNo, default=False, help=docs["overwrite"])
     config = parser.parse_args(argv).as_dict()
+    # A warning here is for the user (a damaged shard harvested again), not for a developer: one line, no source.
+    warnings.formatwarning = lambda message, category, *args, **kwargs: f"{category.__name__}: {message}\n"
     config.pop("config", None)
     lock = FolderLock(config["output_dir"], "neurolight-harvest")
     try:

@@ -129,6 +129,19 @@ def test_damaged_shards__named_with_the_fix_and_a_rerun_rewrites_only_them(
     assert {p: p.stat().st_ino for p in kept} == kept  # the whole shards were not written again
 
 
+def test_rerun__of_a_whole_cache_verifies_it_and_loads_no_llm(
+    tmp_path, tiny_cache, cache_corpus, tiny_model_dir, monkeypatch
+):
+    import neurolight.datamodules.llm.models as models
+
+    copy = shutil.copytree(tiny_cache, tmp_path / "cache")
+    before = files(copy)
+    monkeypatch.setattr(models, "load_causal_lm", lambda *args, **kwargs: pytest.fail("loaded the LLM"))
+    progress = []
+    harvest_tiny(copy, cache_corpus, tiny_model_dir, on_shard=lambda done, total: progress.append((done, total)))
+    assert files(copy) == before and progress == [(progress[0][1], progress[0][1])]
+
+
 def test_mismatches__of_model_site_and_width_are_refused_naming_the_fix(tmp_path, tiny_cache):
     with pytest.raises(ValueError, match=r"harvested from .*but the recipe names model_name smollm2-135m; set data"):
         CachedActivationDataModule(str(tiny_cache), layer_id=1, layer_type="mlp_activations",

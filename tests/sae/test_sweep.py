@@ -245,3 +245,24 @@ def test_sweep__bad_members_are_refused_in_one_line():
         SparseAutoencoderSweep(32, [MEMBERS[1], MEMBERS[1]])
     with pytest.raises(ValueError, match=r"k=80 is out of range; it must be between 1 and d_sae=64"):
         SparseAutoencoderSweep(32, [SweepMember("wide_k", 64, TopK(k=80))])
+
+
+def test_summary__of_a_sweep_is_one_row_per_member_and_of_one_sae_a_line_per_metric(tmp_path):
+    from types import SimpleNamespace
+
+    callback = SaeCheckpoint(dirpath=str(tmp_path))
+    callback.written = [str(tmp_path / "last.ckpt")]
+    metrics = {"k16/train/l0": 16.0, "k16/train/explained_variance": 0.5, "k128_w4608/train/l0": 128.0,
+               "k128_w4608/val/explained_variance": 0.75}  # fmt: skip
+    trainer = SimpleNamespace(callback_metrics={k: torch.tensor(v) for k, v in metrics.items()}, logger=None)
+    callback.fired = {"k16": torch.zeros(2), "k128_w4608": torch.zeros(2)}
+    lines = callback.summary(trainer).splitlines()
+    assert lines[3] == f"  histograms: {tmp_path / 'last_{name}_feature_density.png'}"
+    assert lines[4].split() == ["member", "train/l0", "train/explained_variance", "val/explained_variance"]
+    assert lines[5].split() == ["k16", "16", "0.5", "-"] and lines[6].split() == ["k128_w4608", "128", "-", "0.75"]
+    callback.fired = {"": torch.zeros(2)}
+    trainer.callback_metrics = {"train/l0": torch.tensor(32.0)}
+    assert callback.summary(trainer).splitlines()[-2:] == [
+        f"  histogram:  {tmp_path / 'last_feature_density.png'}",
+        "  train/l0: 32",
+    ]

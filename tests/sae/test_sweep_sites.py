@@ -158,14 +158,14 @@ def test_sites__bad_settings_are_refused_in_one_line(tmp_path, tiny_cache, cache
     def fit(members, **kw):
         trainer(tmp_path, 1).fit(SparseAutoencoderSweep(None, members, **SHARED), cached(tiny_cache, **kw))
 
-    with pytest.raises(ValueError, match=r"member 'x''s site is layers.0.resid_post, but CachedActivationDataModule "
+    with pytest.raises(ValueError, match=r"member x's site is layers.0.resid_post, but CachedActivationDataModule "
                                          r"serves layers.1.mlp_activations, layers.0.attn_sublayer"):  # fmt: skip
         fit([SweepMember("x", 64, TopK(k=4), site="layers.0.resid_post", act_vec_size=64)], sites=TINY_SITES)
     with pytest.raises(ValueError, match=r"at layers.1.mlp_activations have d_in=128, but the SAE expects "
-                                         r"act_vec_size=64; set the sweep member 'x''s act_vec_size: 128"):  # fmt: skip
+                                         r"act_vec_size=64; set sweep member x's act_vec_size: 128"):  # fmt: skip
         fit([SweepMember("x", 64, TopK(k=4), site=MLP, act_vec_size=64)], sites=TINY_SITES)
     with pytest.raises(ValueError, match=r"serves the sites layers.1.mlp_activations, layers.0.attn_sublayer; set "
-                                         r"the sweep member 'x''s site"):  # fmt: skip
+                                         r"sweep member x's site"):  # fmt: skip
         fit([SweepMember("x", 64, TopK(k=4), act_vec_size=64)], sites=TINY_SITES)
     with pytest.raises(ValueError, match=r"members x have no act_vec_size; set the sweep's act_vec_size or theirs"):
         SparseAutoencoderSweep(None, [SweepMember("x", 64, TopK(k=4))])
