@@ -203,7 +203,8 @@ def _header(meta: dict, docs: dict[int, dict], num_sampled: int, columns: list[S
     means = ""
     for column in columns:
         scores = [d[column.name] for d in docs.values() if _finite(d.get(column.name)) is not None]
-        means += f" · mean {column.title} {sum(scores) / len(scores):.3f}" if scores else ""
+        chance = "" if column.chance is None else f" (chance {column.chance:g})"
+        means += f" · mean {column.title} {sum(scores) / len(scores):.3f}{chance}" if scores else ""
     explainers = sorted({str(d["explainer"]) for d in docs.values() if d.get("explainer")})
     band = ""
     if "log_freq_lower" in meta and "log_freq_upper" in meta:

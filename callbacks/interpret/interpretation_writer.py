@@ -194,7 +194,8 @@ class InterpretationWriter(BasePredictionWriter):
         for field in score_fields(self.store.scorers):
             scores = [doc[field.name] for doc in documents if _finite(doc[field.name])]
             mean = f"{sum(scores) / len(scores):.3f}" if scores else "n/a"
-            means.append(f", mean {field.title} {mean} ({len(scores)} scored)")
+            chance = "" if field.chance is None else f", chance {field.chance:g}"
+            means.append(f", mean {field.title} {mean} ({len(scores)} scored{chance})")
         if self.browser_path:
             self.browser = self._write_browser(trainer, documents)
         print(

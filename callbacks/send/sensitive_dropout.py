@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from neurolight.datamodules.llm import zero
@@ -345,6 +345,10 @@ class SensitiveNeuronDropout(pl.Callback):
                     metrics["send/overlap_with_previous"] = overlap
                 self.sensitive = chosen
                 self.selections.append({"epoch": epoch, "indices": chosen.tolist()})
+                again = metrics.get("send/overlap_with_previous")
+                again = "" if again is None else f" ({again:.0%} of them chosen before as well)"
+                rank_zero_info(f"SEND: after epoch {epoch}, {len(chosen)} of {len(scores)} neurons chosen as the "
+                               f"sensitive ones to drop{again}")  # fmt: skip
         elif self.schedule(epoch).identify:
             rank_zero_warn(
                 f"SensitiveNeuronDropout: only one tracking checkpoint after epoch {epoch}; nothing identified, "

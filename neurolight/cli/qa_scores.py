@@ -1,5 +1,6 @@
-"""neurolight-qa-scores runs/demo/send/predictions_base.json runs/demo/send/predictions_plain.json \\
-    runs/demo/send/predictions_send.json --plot
+"""neurolight-qa-scores runs/demo/send/predictions_smollm2-135m_fanoutqa_base.json \\
+    runs/demo/send/predictions_smollm2-135m_fanoutqa_plain.json \\
+    runs/demo/send/predictions_smollm2-135m_fanoutqa.json --plot
 
 Scores of prediction files side by side, and how well each hallucination detector separates hallucinated from
 correct answers under each correctness label (docs/send.md, Evaluating hallucination detection). The table is
@@ -207,8 +208,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             "confidence interval and the class counts, and the Pearson correlation. Where a label has fewer than\n"
             "--min_class_size correct or hallucinated answers it says so instead of giving an AUROC."
         ),
-        epilog="example:\n  neurolight-qa-scores runs/demo/send/predictions_base.json "
-        "runs/demo/send/predictions_send.json --plot",
+        epilog="example (make demo-send's base, plain and SEND answers):\n  neurolight-qa-scores "
+        "runs/demo/send/predictions_smollm2-135m_fanoutqa_base.json \\\n    "
+        "runs/demo/send/predictions_smollm2-135m_fanoutqa_plain.json \\\n    "
+        "runs/demo/send/predictions_smollm2-135m_fanoutqa.json --plot",
     )
     parser.add_argument("predictions", nargs="+", metavar="PREDICTIONS.json", help="prediction files")
     defaults = Settings()

@@ -297,7 +297,7 @@ def test_writer__killed_run_resumes_skipping_stored_latents_and_stores_each_late
     scores = [s for k in LATENTS if not math.isnan(s := interpretation(k)["score"])]
     summary = capsys.readouterr().out
     assert "interpreted 4 latents (4 stored), skipped 6 already stored" in summary
-    assert f"holds 10 latents, mean score {sum(scores) / len(scores):.3f} ({len(scores)} scored)" in summary
+    assert f"holds 10 latents, mean score {sum(scores) / len(scores):.3f} ({len(scores)} scored, chance 0)" in summary
 
     again = FakeInterpreter()
     writer, _ = predict(tmp_path, make_store(), again)

@@ -39,11 +39,17 @@ def _send():
 
 
 def test_crash_in_epoch_2__resumes_from_last_ckpt_to_the_weights_of_an_uninterrupted_run(
-    tiny_model_dir, records_path, tmp_path
+    tiny_model_dir, records_path, tmp_path, caplog
 ):
     straight_module = make_module(tiny_model_dir, tmp_path)
     straight = _send()
-    fit(straight_module, make_datamodule(tiny_model_dir, records_path), tmp_path / "a", [straight], 3)
+    with caplog.at_level("INFO", logger="lightning.pytorch"):
+        fit(straight_module, make_datamodule(tiny_model_dir, records_path), tmp_path / "a", [straight], 3)
+    # The console says what was chosen (it was only in the metrics before).
+    chosen = [r.getMessage() for r in caplog.records if r.getMessage().startswith("SEND: after epoch")]
+    assert len(chosen) == len(straight.selections) >= 1
+    assert chosen[0].startswith(f"SEND: after epoch {straight.selections[0]['epoch']}, ")
+    assert f" {len(straight.selections[0]['indices'])} of 64 neurons chosen as the sensitive ones to drop" in chosen[0]
 
     folder = tmp_path / "b" / "checkpoints"
     crashed = make_module(tiny_model_dir, tmp_path)

@@ -60,6 +60,9 @@ class ScoreField(NamedTuple):
     """What it measures, in one line of the feature browser's legend."""
     type: str = "float"
     """Store type, as Elasticsearch names it (``float``, ``double``, ``integer``, ``keyword``)."""
+    chance: float | None = None
+    """The score of an explanation that says nothing (a coin flip's balanced accuracy 0.5, no correlation 0),
+    printed beside the means so that a weak explainer's results read as what they are."""
 
 
 class Scorer(ABC):

@@ -27,6 +27,7 @@ class DetectionScorer(YesNoScorer):
             "detection",
             "detection score",
             "balanced accuracy of telling activating from non-activating contexts",
+            chance=0.5,
         ),
     )
     records = ("detection",)

@@ -59,6 +59,7 @@ class FuzzingScorer(YesNoScorer):
             "fuzzing",
             "fuzzing score",
             "balanced accuracy of telling correctly from wrongly marked tokens in activating contexts",
+            chance=0.5,
         ),
     )
     records = ("fuzzing",)

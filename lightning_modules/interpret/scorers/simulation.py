@@ -31,6 +31,7 @@ class SimulationScorer(Scorer):
             "score",
             "score",
             "Pearson correlation of simulated and true activations over every token of the held-out contexts",
+            chance=0.0,
         ),
     )
     records = ("simulation",)
