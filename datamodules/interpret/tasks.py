@@ -55,7 +55,7 @@ class TokenRecord(NamedTuple):
 
 MARK_FRACTION = 0.3
 """A fuzzing context marks the tokens whose activation exceeds this fraction of the context's peak (delphi's
-threshold; "Automatically interpreting millions of features in LLMs", Paiva et al. 2024)."""
+threshold; "Automatically interpreting millions of features in LLMs", Paulo et al. 2024)."""
 
 
 class MarkedRecord(NamedTuple):

@@ -194,6 +194,28 @@ def test_from_saelens__reproduces_its_encode_and_decode(tmp_path, architecture, 
     assert ours.metadata.model_name == "smollm2-135m"  # the published id maps back to the offline short name
 
 
+def test_from_saelens__a_topk_sae_written_before_version_6_reads_as_topk_as_saelens_reads_it(tmp_path):
+    theirs = saelens_sae("topk", k=4)
+    theirs.save_model(tmp_path)
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    # As SAELens 5 wrote it: "standard" with the activation function saying TopK, and no version.
+    cfg = {key: value for key, value in cfg.items() if key not in ("k", "sae_lens_version")}
+    cfg["metadata"].pop("sae_lens_version", None)
+    cfg.update(architecture="standard", activation_fn_str="topk", activation_fn_kwargs={"k": 4})
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    reference = sae_lens.SAE.load_from_disk(tmp_path, device="cpu")
+    ours = SparseAutoencoder.from_pretrained(tmp_path)
+    assert type(reference).__name__ == "TopKSAE" and type(ours.architecture).__name__ == "TopK"
+    x = raw_inputs(16)
+    with torch.no_grad():
+        assert_same_codes(ours.encode(x), reference.encode(x))
+        assert (ours.encode(x) > 0).sum(-1).max() <= 4
+    cfg.update(activation_fn_str="tanh-relu")
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"from before version 6 with activation_fn 'tanh-relu'"):
+        SparseAutoencoder.from_pretrained(tmp_path)
+
+
 def test_from_saelens__batchtopk_as_saelens_publishes_it_and_in_its_training_format(tmp_path):
     from sae_lens import BatchTopKTrainingSAEConfig
     from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE

@@ -109,7 +109,7 @@ def yes_no_prompt(builder: PromptBuilder, system: str, question: str) -> list[in
 class YesNoScorer(Scorer):
     """A classification score: per item (a text, true or false for the latent), the explainer answers Yes or No;
     the score is the balanced accuracy of P(Yes) > 1/2 against the items' labels (delphi's detection and fuzzing,
-    "Automatically interpreting millions of features in LLMs", Paiva et al. 2024)."""
+    "Automatically interpreting millions of features in LLMs", Paulo et al. 2024)."""
 
     readout = YES_NO
     system: ClassVar[str]

@@ -1,5 +1,5 @@
 """Detection score: can the explainer tell, from the explanation, contexts where the latent fires from contexts
-where it never does? (delphi, "Automatically interpreting millions of features in LLMs", Paiva et al. 2024;
+where it never does? (delphi, "Automatically interpreting millions of features in LLMs", Paulo et al. 2024;
 docs/interpret.md, Scorers.)
 
 Per context of ``task.detection`` (held-out activating contexts, then as many where the latent never fires) the

@@ -1,5 +1,5 @@
 """Fuzzing score: does the explanation tell which tokens of an activating context the latent fires on?
-(delphi, "Automatically interpreting millions of features in LLMs", Paiva et al. 2024; docs/interpret.md, Scorers.)
+(delphi, "Automatically interpreting millions of features in LLMs", Paulo et al. 2024; docs/interpret.md, Scorers.)
 
 Detection asks whether a context is about the explanation; fuzzing asks it at the level of tokens. Each held-out
 activating context of ``task.fuzzing`` is shown twice: once with the tokens where the latent fires marked as

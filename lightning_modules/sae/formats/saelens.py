@@ -56,7 +56,7 @@ class SaeLensFormat(SaeFormat):
 
         cfg = read_json(path / CONFIG, "SAELens config")
         meta = cfg.get("metadata") or {}
-        architecture_name = _architecture(cfg)
+        architecture_name = _architecture(cfg, path)
         if architecture_name not in READS:
             raise ValueError(
                 f"{path} holds a SAELens '{architecture_name}' SAE; neurolight reads the SAELens architectures "
@@ -196,13 +196,22 @@ class SaeLensFormat(SaeFormat):
         return written
 
 
-def _architecture(cfg: dict) -> str:
-    if cfg.get("architecture"):
-        return str(cfg["architecture"])
-    # Configs written before SAELens 6 name a TopK SAE by its activation function.
-    if cfg.get("activation_fn") == "topk" or cfg.get("activation_fn_str") == "topk":
+def _architecture(cfg: dict, path: Path) -> str:
+    version = str(cfg.get("sae_lens_version") or (cfg.get("metadata") or {}).get("sae_lens_version") or "")
+    major = version.split(".")[0]
+    if major.isdigit() and int(major) >= 6:
+        return str(cfg.get("architecture") or "standard")
+    # Written before SAELens 6 (no version, or below 6), a config says "architecture": "standard" also for a TopK
+    # SAE, which it names by its activation function; SAELens's own loader reads it so (handle_pre_6_0_config).
+    activation = cfg.get("activation_fn") or cfg.get("activation_fn_str") or "relu"
+    if activation == "topk":
         return "topk"
-    return "standard"
+    if activation != "relu":
+        raise ValueError(
+            f"{path} is a SAELens SAE from before version 6 with activation_fn {activation!r}; neurolight reads relu "
+            "(standard, jumprelu) and topk SAEs"
+        )
+    return str(cfg.get("architecture") or "standard")
 
 
 def _int_k(k, path: Path) -> int:
