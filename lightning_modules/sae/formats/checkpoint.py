@@ -102,6 +102,12 @@ def raw_space_sae(module):
     sae = copy.deepcopy(module.sae).eval()
     sae.expects_scaled_input = False
     sae.metadata = checkpoint_metadata({"datamodule_hyper_parameters": data}, init_args_from_checkpoint(module.hparams))
+    return _folded(sae, scale)
+
+
+def _folded(sae, scale: float):
+    """``sae``, trained on ``scale * x``, for raw ``x``: its rows would be ``1 / scale`` long in raw space, which free
+    decoder norms cannot hold, so those are folded into unit rows first."""
     if scale != 1.0:
         sae = sae.with_unit_decoder()
     fold_input_scale_(sae, scale)
@@ -180,10 +186,7 @@ class CheckpointFormat(SaeFormat):
         if scale != scale:  # NaN: estimated at the first training step, which this checkpoint never reached
             raise ValueError(f"{path} was saved before its first training step (no normalisation scalar yet); {_FIX}")
         sae.metadata = checkpoint_metadata(checkpoint, args)
-        if scale != 1.0:  # rows of norm 1 / scale in raw space: free decoder norms cannot hold them
-            sae = sae.with_unit_decoder()
-        fold_input_scale_(sae, scale)
-        return sae
+        return _folded(sae, scale)
 
     @classmethod
     def cannot_hold(cls, sae) -> str | None:

@@ -59,7 +59,7 @@ class SparsifyFormat(SaeFormat):
             )
         # Exports before the record moved to EXTRA carry it in cfg.json.
         extra = read_json(path / EXTRA, "neurolight record") if (path / EXTRA).is_file() else cfg
-        blob = neurolight_blob(extra.get("neurolight") and {"neurolight": extra["neurolight"]})
+        blob = neurolight_blob(extra)
         architecture = build_architecture(blob["architecture"]) if blob else TopK(k=int(cfg.get("k", 32)))
         sae = SparseAutoencoder(d_in, d_sae, architecture)
         with torch.no_grad():
