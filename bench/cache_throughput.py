@@ -19,9 +19,9 @@ load was even. ``--threads 1`` gives steadier figures on a loaded CPU (see bench
 harvest's LLM weights).
 
 ``--compare-harvest`` times the harvest alone instead (on ``--device``, e.g. cuda; ``--model`` replaces the recipe's
-LLM, e.g. a random-weight one saved by ``bench/gpu_kit.sh``), eager against ``compile_llm`` (inductor's freezing on
-CPU, CUDA graphs on CUDA), alternating per ``--repeats``, timed after the first shard (which holds the model's probes
-and the compilation), and prints the relative difference of the two caches' rows.
+LLM, e.g. a random-weight one saved by ``bench/gpu_kit.sh``), eager against ``compile_llm`` (inductor with frozen
+weights on CPU, CUDA graphs on CUDA), alternating per ``--repeats``, timed after the first shard (which holds the
+model's probes and the compilation), and prints the relative difference of the two caches' rows.
 
 ``--stream`` times the cached stream alone (``CachedActivationDataModule.train_stream``, ``--batch-sae`` rows a
 batch, default 4096 as on a GPU), reading in the consumer's thread (``prefetch_batches: 0``) against reading ahead

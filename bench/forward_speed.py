@@ -5,12 +5,14 @@
 
 Measured in one run, in this order: a bf16 matrix product of the model's own linear shapes (the ceiling), then the
 forward up to the site (``HookedLLM.harvest``, mlp_sublayer of ``--layer``) eager in float32, eager in bfloat16, and
-compiled in bfloat16 (``compile_llm``: inductor with ``freezing`` on CPU, CUDA graphs on CUDA). Prints ms per
-forward, achieved TFLOP/s (2 x multiply-adds of the linear layers plus the attention products) and that as a
-fraction of the matmul ceiling, with the machine's load. With ``--sites``, the one forward that reads several sites
-(a sweep over sites) in bfloat16 instead: the hooked forward stopped after the deepest site (``capture_sites``, what
-``ActivationDataModule(sites)`` ran before the truncated one), the truncated forward (``SitesReader``) and that
-compiled (``compile_llm``); the FLOPs are those up to the deepest layer's MLP. Not a test.
+compiled in bfloat16 (``compile_llm``: inductor with frozen weights and merged products on CPU, CUDA graphs on
+CUDA). Prints ms per forward, achieved TFLOP/s (2 x multiply-adds of the linear layers plus the attention products)
+and that as a fraction of the matmul ceiling, with the machine's load; also as a fraction of a second ceiling, the
+products that share an input (q, k, v; gate, up) merged into one, as the compiled forward on CPU runs them. With
+``--sites``, the one forward that reads several sites (a sweep over sites) in bfloat16 instead: the hooked forward
+stopped after the deepest site (``capture_sites``, what ``ActivationDataModule(sites)`` ran before the truncated
+one), the truncated forward (``SitesReader``) and that compiled (``compile_llm``); the FLOPs are those up to the
+deepest layer's MLP. Not a test.
 """
 
 from __future__ import annotations
@@ -47,11 +49,21 @@ def time_it(fn, repeats: int, device: str) -> float:
     return (time.perf_counter() - start) / repeats
 
 
-def matmul_ceiling(model, tokens: int, repeats: int, device: str) -> float:
-    """TFLOP/s of bf16 products (tokens x in) @ (in x out) over the distinct linear shapes of one decoder layer."""
-    shapes = {tuple(m.weight.shape) for m in model.model.layers[0].modules() if isinstance(m, torch.nn.Linear)}
+def linear_shapes(model, merged: bool) -> list[tuple[int, int]]:
+    """The (out, in) shapes of one decoder layer's linears; ``merged``: those sharing an input (q, k, v; gate, up)
+    as one product, as the compiled forward runs them on CPU (``truncated.CPU_INDUCTOR_PATCH``)."""
+    layer = model.model.layers[0]
+    if not merged:
+        return sorted({tuple(m.weight.shape) for m in layer.modules() if isinstance(m, torch.nn.Linear)})
+    attn, mlp = layer.self_attn, layer.mlp
+    groups = [(attn.q_proj, attn.k_proj, attn.v_proj), (attn.o_proj,), (mlp.gate_proj, mlp.up_proj), (mlp.down_proj,)]
+    return [(sum(m.out_features for m in group), group[0].in_features) for group in groups]
+
+
+def matmul_ceiling(model, tokens: int, repeats: int, device: str, merged: bool = False) -> float:
+    """TFLOP/s of bf16 products (tokens x in) @ (in x out) over one decoder layer's linear shapes, each once."""
     flops, seconds = 0.0, 0.0
-    for out_features, in_features in sorted(shapes):
+    for out_features, in_features in linear_shapes(model, merged):
         a = torch.randn(tokens, in_features, dtype=torch.bfloat16, device=device)
         w = torch.randn(out_features, in_features, dtype=torch.bfloat16, device=device)
         seconds += time_it(lambda a=a, w=w: torch.nn.functional.linear(a, w), repeats, device)
@@ -113,7 +125,9 @@ def main() -> None:
     model32 = load(torch.float32)
     flops = linear_flops(model32, args.layer, tokens, args.tokens)
     ceiling = matmul_ceiling(model32, tokens, args.repeats, args.device)
+    merged = matmul_ceiling(model32, tokens, args.repeats, args.device, merged=True)
     print(f"bf16 matmul of the model's linear shapes, {tokens} rows: {ceiling:.3f} TFLOP/s (the ceiling)")
+    print(f"  the same with the products that share an input merged, as compiled on CPU: {merged:.3f} TFLOP/s")
     model16 = load(torch.bfloat16)
     runs = [("eager float32", model32, False), ("eager bfloat16", model16, False), ("compiled bfloat16", model16, True)]
     if args.sites:
@@ -136,7 +150,8 @@ def main() -> None:
         achieved = flops / seconds / 1e12
         print(
             f"{name:18s} {1000 * seconds:8.1f} ms/forward  {tokens / seconds:9.0f} tokens/s  {achieved:.3f} TFLOP/s "
-            f"= {achieved / ceiling:5.1%} of the matmul ceiling  {baseline / seconds:4.2f}x {runs[0][0]}  "
+            f"= {achieved / ceiling:5.1%} of the matmul ceiling ({achieved / merged:5.1%} of the merged one)  "
+            f"{baseline / seconds:4.2f}x {runs[0][0]}  "
             f"(first call {first:.1f} s)"
         )
     print(f"load at the end {os.getloadavg()}")

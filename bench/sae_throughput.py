@@ -49,10 +49,10 @@ clipping, ``normalize_activations="none"``, since its norm estimate would cost e
 falls into), so the LLM forwards run are printed for each side, with a "steady" rate that leaves start-up and end
 effects out. In fastest mode, the dtypes differ too: neurolight keeps its buffer in bf16 and SAELens its store in
 float32 (the runner's ``dtype``, which is also the SAE's: not a separate setting), and bf16-mixed (Lightning) and
-``autocast`` (SAELens) autocast different parts of the step (Lightning the whole training_step, SAELens the SAE
-forward; both leave the optimizer in float32). Compilation: neurolight compiles its truncated forward (inductor
-``freezing`` on CPU, CUDA graphs on CUDA) and nothing of the SAE (it has no such option); SAELens compiles
-``run_with_cache`` (the hooked HF forward, stopped by an exception) and the SAE's ``training_forward_pass``.
+``autocast`` (SAELens) autocast different parts of the step (Lightning the whole training_step, SAELens the SAE forward;
+both leave the optimizer in float32). Compilation: neurolight compiles its truncated forward (inductor with frozen
+weights and merged products on CPU, CUDA graphs on CUDA) and nothing of the SAE (it has no such option); SAELens
+compiles ``run_with_cache`` (the hooked HF forward, stopped by an exception) and the SAE's ``training_forward_pass``.
 
 SAELens runs the Hugging Face forward with a hook that stops it by an exception after the hooked module; neurolight
 calls the same modules up to the site itself (``HookedLLM._forward_to_site``, bit-identical activations), which

@@ -175,7 +175,7 @@ class HookedLLM:
         compile: ``torch.compile`` the truncated forward (fixed shapes: ``dynamic=False``); ignored where the model
             falls back to the hooked forward.
         compile_mode: ``torch.compile`` mode; default ``reduce-overhead`` (CUDA graphs) on CUDA, and on CPU
-            inductor's default with ``freezing`` (weights folded and prepacked for oneDNN, run in inference mode).
+            inductor with frozen weights and merged products (docs/sae.md, The forward on CPU; run in inference mode).
     """
 
     def __init__(

@@ -84,11 +84,11 @@ class ActivationDataModule(pl.LightningDataModule):
             device_llm: Device of the LLM, e.g. ``cuda:1``; default: the trainer's device for this rank.
             llm_dtype: ``float32``, ``bfloat16`` or ``float16`` weights for the LLM.
             compile_llm: ``torch.compile`` the LLM forward up to the (deepest) site (``dynamic=False``: the shapes are
-                fixed): on CUDA with CUDA graphs (the small forward is launch-bound there), on CPU with inductor's
-                ``freezing`` (weights folded and prepacked for oneDNN, run in inference mode; use it with
-                ``llm_dtype: bfloat16`` on a CPU with AMX or AVX512-BF16). The first training and the first
-                validation batch each pay the compilation (minutes for a 135M model on 2 cores); bench/forward_speed.py
-                measures the gain on a machine.
+                fixed): on CUDA with CUDA graphs (the small forward is launch-bound there), on CPU with inductor, the
+                weights frozen and the products that share an input merged (docs/sae.md, The forward on CPU; use it with
+                ``llm_dtype: bfloat16`` on a CPU with AMX or AVX512-BF16). The first training and the first validation
+                batch each pay the compilation (minutes for a 135M model on 2 cores); bench/forward_speed.py measures
+                the gain on a machine.
             llm_compile_mode: ``torch.compile`` mode for ``compile_llm``; default ``reduce-overhead`` (CUDA graphs)
                 on CUDA, inductor's default elsewhere; ``max-autotune-no-cudagraphs`` is the alternative without
                 graphs.

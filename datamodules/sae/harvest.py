@@ -87,8 +87,8 @@ def harvest_activations(
         hook_points: Overrides of the module templates per layer type, e.g. ``{mlp_sublayer: model.layers.{}.mlp}``.
         batch_size: Contexts per LLM forward pass.
         device: Device of the LLM, e.g. cuda:0.
-        compile_llm: torch.compile the truncated forward to the deepest site (CUDA graphs on CUDA, inductor's
-            freezing on CPU), as ``compile_llm`` of the activation data modules; every batch, a shard's last one
+        compile_llm: torch.compile the truncated forward to the deepest site (CUDA graphs on CUDA, inductor with frozen
+            weights on CPU), as ``compile_llm`` of the activation data modules; every batch, a shard's last one
             included, is padded to batch_size so one graph serves the whole harvest. The rows then equal the eager
             harvest's within rounding rather than bit for bit; the manifest does not record it.
         overwrite: Delete the cache in output_dir (its own files only) and harvest from scratch.

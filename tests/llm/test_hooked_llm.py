@@ -121,8 +121,8 @@ def test_compile__wraps_the_truncated_forward_with_fixed_shapes_and_copies_outpu
 
     monkeypatch.setattr(torch, "compile", fake_compile)
     hooked = HookedLLM(tiny_model, "mlp_sublayer", 1, compile=True)
-    # On CPU: inductor's freezing (weights as prepacked constants), which compiles for inference mode.
-    assert hooked.compiled and seen == {"dynamic": False, "mode": None, "options": {"freezing": True}}
+    # On CPU: inductor's settings go in as a config patch around the call (test_compile__freezes_the_weights_on_cpu).
+    assert hooked.compiled and seen == {"dynamic": False, "mode": None}
     ids = torch.randint(3, tiny_model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(5))
     first = hooked.harvest(ids)
     assert torch.equal(first, hooked._harvest_hooked(ids, None))
@@ -130,7 +130,7 @@ def test_compile__wraps_the_truncated_forward_with_fixed_shapes_and_copies_outpu
     assert not first.is_inference()  # an ordinary tensor: the buffer and the SAE may write into it
     seen.clear()
     HookedLLM(tiny_model, "mlp_sublayer", 1, compile=True, compile_mode="max-autotune-no-cudagraphs")
-    assert seen == {"dynamic": False, "mode": "max-autotune-no-cudagraphs", "options": None}  # torch takes one
+    assert seen == {"dynamic": False, "mode": "max-autotune-no-cudagraphs"}
 
 
 def test_compile__inductor_freezing_on_cpu_gives_the_eager_activations(one_torch_thread):
@@ -143,6 +143,22 @@ def test_compile__inductor_freezing_on_cpu_gives_the_eager_activations(one_torch
     for _ in range(2):  # the second call replays the compiled graph
         ids = torch.randint(3, 64, (2, 8), generator=generator)
         torch.testing.assert_close(compiled.harvest(ids), eager.harvest(ids), atol=1e-5, rtol=1e-5)
+
+
+def test_compile__freezes_the_weights_on_cpu(one_torch_thread):
+    # Frozen: the compiled forward keeps the q, k, v products merged into one constant at its compilation, so a
+    # later change of q_proj's weight does not reach it, where the eager forward sees it. Freezing asked for through
+    # torch.compile's options would leave the weights as inputs, and this would fail.
+    from tests.conftest import make_llama
+
+    model = make_llama(64, num_layers=1, hidden=32, intermediate=64)
+    compiled = HookedLLM(model, "mlp_sublayer", 0, compile=True)
+    ids = torch.randint(3, 64, (2, 8), generator=torch.Generator().manual_seed(6))
+    before = compiled.harvest(ids)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight.mul_(2)
+    torch.testing.assert_close(compiled.harvest(ids), before, atol=0, rtol=0)
+    assert not torch.allclose(HookedLLM(model, "mlp_sublayer", 0).harvest(ids), before)
 
 
 def test_harvest__does_not_run_layers_after_the_hook(tiny_model):

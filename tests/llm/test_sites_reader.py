@@ -80,7 +80,7 @@ def test_reader__compiled_with_fixed_shapes_and_its_outputs_copied(tiny_model, m
 
     monkeypatch.setattr(torch, "compile", fake_compile)
     reader = SitesReader(tiny_model, ALL, hooks(tiny_model, ALL), compile=True)
-    assert reader.compiled and seen == {"dynamic": False, "mode": None, "options": {"freezing": True}}
+    assert reader.compiled and seen == {"dynamic": False, "mode": None}
     ids = ids_for(tiny_model)
     read = reader.read(ids)
     for site, a, b in zip(ALL, read, capture_sites(tiny_model, hooks(tiny_model, ALL), ids)):
