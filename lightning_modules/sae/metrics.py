@@ -14,6 +14,17 @@ def explained_variance(x: Tensor, x_hat: Tensor) -> Tensor:
     return 1 - residual / total
 
 
+def firing_counts(latents: Tensor) -> Tensor:
+    """(d_sae,) int64: in how many rows (tokens) of ``latents`` (batch, d_sae) each latent fires (is > 0).
+
+    Counted as sign(relu(latents)) summed in float32, which is exact below 2**24 rows: ``(latents > 0).sum(0)``
+    widens the booleans to int64 first, and took 2.1 against 0.8 ms on a 512 x 2304 batch (one CPU thread), ~7% of
+    a TopK SAE's training step there."""
+    if len(latents) >= 2**24:
+        return (latents > 0).sum(0)
+    return latents.detach().relu().sign_().sum(0, dtype=torch.float32).long()
+
+
 class ExplainedVariance(Metric):
     """1 - FVU over every row seen (all batches, all ranks): the residual and total sums of squares are
     accumulated and divided once, so the result is the explained variance of the whole set, not a mean of

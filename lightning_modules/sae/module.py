@@ -29,7 +29,7 @@ from neurolight.lightning_modules.sae.architectures import (
     unit_norm_rows_,
 )
 from neurolight.lightning_modules.sae.checkpoint_args import resume_decoder_lr_multiplier
-from neurolight.lightning_modules.sae.metrics import ExplainedVariance, explained_variance
+from neurolight.lightning_modules.sae.metrics import ExplainedVariance, explained_variance, firing_counts
 from neurolight.lightning_modules.sae.optim import adam, linear_warmup, parameter_groups
 from neurolight.lightning_modules.sae.sparse_autoencoder import SaeOutput, SparseAutoencoder
 
@@ -219,7 +219,7 @@ class SparseAutoencoderModule(pl.LightningModule):
     def training_step(self, batch: Tensor, batch_idx: int) -> dict:
         x = self.normalize(self.activations(batch))
         out = self.sae(x, dead_mask=self.dead_latents())
-        fired, num_tokens = (out.latents > 0).sum(0), len(x)
+        fired, num_tokens = firing_counts(out.latents), len(x)
         if self.trainer.world_size > 1:
             # Firing counts over all ranks, so every rank (and every callback) agrees on which latents are dead.
             fired = self.trainer.strategy.reduce(fired.float(), reduce_op="sum").long()

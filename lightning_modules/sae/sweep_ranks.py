@@ -24,6 +24,7 @@ from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from neurolight.lightning_modules.sae.metrics import firing_counts
 from neurolight.lightning_modules.sae.module import TRAINING_METRICS, SparseAutoencoderModule
 
 
@@ -90,7 +91,7 @@ def spread_training_step(units: dict[str, SparseAutoencoderModule], owners: dict
             inputs = unit.normalize(x)
             out = unit.sae(inputs, dead_mask=unit.dead_latents())
             losses.append(out.loss * world)  # DDP divides the summed gradients by W: the owner's gradient remains
-            packed.append(_pack(unit, (out.latents > 0).sum(0), unit.training_metrics(inputs, out)))
+            packed.append(_pack(unit, firing_counts(out.latents), unit.training_metrics(inputs, out)))
             outputs[name] = {"loss": out.loss}
         else:
             # A zero gradient for every parameter of a member trained elsewhere: DDP then reduces every parameter

@@ -170,6 +170,20 @@ def test_relu_without_decoder_constraint__weights_l1_by_decoder_row_norms():
     close(out.sparsity, expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_firing_counts__count_the_positive_entries_of_each_column(dtype):
+    from neurolight.lightning_modules.sae.metrics import firing_counts
+
+    # 600 rows: more than bfloat16 counts exactly (256), negatives and zeros that must not count, a column that
+    # fires in every row.
+    latents = torch.randn(600, 40, generator=torch.Generator().manual_seed(0)).to(dtype)
+    latents[:, 3] = 0.5
+    latents[::7, 5] = 0
+    expected = torch.tensor([sum(1 for row in latents[:, j].tolist() if row > 0) for j in range(40)])
+    counts = firing_counts(latents.requires_grad_())
+    assert counts.dtype == torch.long and torch.equal(counts, expected) and counts[3] == 600
+
+
 def test_encode__accepts_leading_token_dimensions():
     sae, x = make_sae("topk"), make_x()
     close(sae.encode(x.view(4, 8, D_IN)).view(BATCH, D_SAE), sae.encode(x))

@@ -54,7 +54,7 @@ class BatchTopK(TopK):
         if not sae.training:
             return row_topk(pre_acts, self.k)  # no threshold estimated yet
         values, indices = self.batch_topk(sae, pre_acts, update)
-        return torch.zeros_like(pre_acts).flatten().scatter(0, indices, values).view_as(pre_acts)
+        return torch.zeros_like(pre_acts).flatten().scatter_(0, indices, values).view_as(pre_acts)
 
     def batch_topk(self, sae, pre_acts: Tensor, update: bool) -> tuple[Tensor, Tensor]:
         """The k * batch largest of relu(pre_acts) over the whole batch: their values and flat indices into

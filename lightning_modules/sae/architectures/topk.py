@@ -13,7 +13,7 @@ from neurolight.lightning_modules.sae.architectures.sparse_encoder import gather
 def row_topk(pre_acts: Tensor, k: int) -> Tensor:
     """ReLU of the k largest pre-activations of each row, zero elsewhere; (batch, d_sae)."""
     values, indices = pre_acts.topk(k, dim=-1, sorted=False)
-    return torch.zeros_like(pre_acts).scatter(-1, indices, F.relu(values))
+    return torch.zeros_like(pre_acts).scatter_(-1, indices, F.relu(values))
 
 
 @torch.no_grad()
@@ -108,7 +108,8 @@ class TopK(Architecture):
         # same reason).
         indices = pre_acts.detach().topk(self.k, dim=-1, sorted=False).indices
         values = F.relu(gather_pre_acts(sae, x, pre_acts, indices))
-        latents = torch.zeros_like(pre_acts).scatter(-1, indices, values)
+        # In place into fresh zeros: the out-of-place scatter copies the (batch, d_sae) zeros once more.
+        latents = torch.zeros_like(pre_acts).scatter_(-1, indices, values)
         return latents, sae.decode_sparse(indices, values) + sae.b_dec
 
     def aux_loss(self, sae, x: Tensor, x_hat: Tensor, pre_acts: Tensor, dead: Tensor) -> Tensor:
