@@ -85,8 +85,8 @@ class SitesReader:
         self.compiled = compile and self.truncated
         self._fn = compiled(self._forward, self.device, compile_mode) if self.compiled else self._forward
 
-    def _forward(self, input_ids: Tensor, mask) -> list[Tensor]:
-        return forward_to_sites(self.model, self.sites, input_ids, mask)
+    def _forward(self, input_ids: Tensor, mask, position_embeddings=None) -> list[Tensor]:
+        return forward_to_sites(self.model, self.sites, input_ids, mask, position_embeddings)
 
     @torch.no_grad()
     def read(self, input_ids: Tensor) -> list[Tensor]:

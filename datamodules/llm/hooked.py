@@ -226,9 +226,10 @@ class HookedLLM:
     def _causal_mask(self, input_ids: Tensor):
         return causal_mask(self.model, input_ids)
 
-    def _forward_to_site(self, input_ids: Tensor, mask) -> Tensor:
+    def _forward_to_site(self, input_ids: Tensor, mask, position_embeddings=None) -> Tensor:
         """LlamaModel.forward (no cache, no padding) up to the site, without its per-call wrappers."""
-        return forward_to_sites(self.model, [(self.layer_type, self.layer_id)], input_ids, mask)[0]
+        site = (self.layer_type, self.layer_id)
+        return forward_to_sites(self.model, [site], input_ids, mask, position_embeddings)[0]
 
     @torch.no_grad()
     def harvest(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:

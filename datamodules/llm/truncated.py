@@ -34,9 +34,23 @@ def causal_mask(model: nn.Module, input_ids: Tensor):
     )
 
 
-def forward_to_sites(model: nn.Module, sites: Sequence[tuple[str, int]], input_ids: Tensor, mask) -> list[Tensor]:
+def rotary_embeddings(model: nn.Module, input_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """The (cos, sin) LlamaModel.forward computes for unpadded input of ``input_ids``'s length."""
+    position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+    like = torch.empty(0, device=input_ids.device, dtype=model.dtype)  # only its device and dtype are read
+    return model.model.rotary_emb(like, position_ids=position_ids)
+
+
+def forward_to_sites(
+    model: nn.Module,
+    sites: Sequence[tuple[str, int]],
+    input_ids: Tensor,
+    mask,
+    position_embeddings: tuple[Tensor, Tensor] | None = None,
+) -> list[Tensor]:
     """The activations of ``sites`` (``(layer_type, layer_id)`` pairs) for ``input_ids`` (batch, seq), in the order
-    given; nothing after the deepest site runs. ``mask``: ``causal_mask(model, input_ids)``."""
+    given; nothing after the deepest site runs. ``mask``: ``causal_mask(model, input_ids)``; ``position_embeddings``:
+    ``rotary_embeddings(model, input_ids)``, computed here when None."""
     inner = model.model
     wanted: dict[int, set[str]] = {}
     for layer_type, layer_id in sites:
@@ -44,11 +58,9 @@ def forward_to_sites(model: nn.Module, sites: Sequence[tuple[str, int]], input_i
     read: dict[tuple[str, int], Tensor] = {}
     hidden = inner.embed_tokens(input_ids)
     position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
-    context = {
-        "attention_mask": mask,
-        "position_embeddings": inner.rotary_emb(hidden, position_ids=position_ids),
-        "position_ids": position_ids,
-    }
+    if position_embeddings is None:
+        position_embeddings = inner.rotary_emb(hidden, position_ids=position_ids)
+    context = {"attention_mask": mask, "position_embeddings": position_embeddings, "position_ids": position_ids}
     last = max(wanted)
     for layer_id, layer in enumerate(inner.layers[: last + 1]):
         here = wanted.get(layer_id, set())
@@ -109,14 +121,16 @@ def probe_mismatch(
 
 @torch.no_grad()
 def run(fn: Callable, model: nn.Module, input_ids: Tensor, is_compiled: bool):
-    """``fn(input_ids, causal_mask)``: a truncated forward, or its ``compiled`` version (then in inference mode, what
-    inductor's freezing compiles for, and its outputs copied: a CUDA-graph replay reuses its output memory, so the
-    buffer may still hold the previous output's rows, and the copies, made outside inference mode, are ordinary
-    tensors later code may write into)."""
+    """``fn(input_ids, causal_mask, rotary_embeddings)``: a truncated forward, or its ``compiled`` version (then in
+    inference mode, what inductor's freezing compiles for, and its outputs copied: a CUDA-graph replay reuses its
+    output memory, so the buffer may still hold the previous output's rows, and the copies, made outside inference
+    mode, are ordinary tensors later code may write into). The rotary embeddings come in computed: compiled, their
+    cos and sin were fused into the rotary kernel and recomputed for every head and context, ~6% of the forward on
+    CPU (docs/sae.md, The forward on CPU)."""
     if not is_compiled:
-        return fn(input_ids, causal_mask(model, input_ids))
+        return fn(input_ids, causal_mask(model, input_ids), rotary_embeddings(model, input_ids))
     with torch.inference_mode():
-        out = fn(input_ids, causal_mask(model, input_ids))
+        out = fn(input_ids, causal_mask(model, input_ids), rotary_embeddings(model, input_ids))
     return [tensor.clone() for tensor in out] if isinstance(out, list) else out.clone()
 
 

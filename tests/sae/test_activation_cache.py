@@ -89,9 +89,9 @@ def test_harvest__compiled_forward_gets_full_batches_and_writes_the_eager_files(
     shapes = []
 
     def fake_compile(fn, **kwargs):  # records the calls' shapes; inductor itself runs in tests/llm/test_sites_reader
-        def recorded(input_ids, mask):
+        def recorded(input_ids, *context):
             shapes.append(tuple(input_ids.shape))
-            return fn(input_ids, mask)
+            return fn(input_ids, *context)
 
         return recorded
 
