@@ -14,8 +14,9 @@ Per latent (a ``LatentTask`` from ``InterpretationDataModule``; docs/interpret.m
    builds its prompts, the explainer's probabilities at them are read in batches (the expected value at every value
    slot, or P(Yes) of a Yes/No answer), and the scorer turns them into its fields: ``simulation`` the Pearson
    correlation of simulated and true activations over all token positions of the held-out records, ``detection``
-   the balanced accuracy of Yes/No answers on activating against non-activating contexts, ``fuzzing`` that of
-   correctly against wrongly marked tokens in activating contexts.
+   the balanced accuracy of Yes/No answers (P(Yes) > 1/2) and the AUROC of P(Yes) on activating against
+   non-activating contexts, ``fuzzing`` the same two on correctly against wrongly marked tokens in activating
+   contexts.
 
 ``predict_step`` returns one dict per latent; ``neurolight.callbacks.InterpretationWriter`` stores them.
 
@@ -170,8 +171,8 @@ class LatentInterpreter(pl.LightningModule):
 
     def predict_step(self, batch: list[LatentTask], batch_idx: int = 0) -> list[dict]:
         """One dict per latent (padding tasks dropped): ``latent``, ``explanation``, the fields of every scorer
-        (``score``, ``detection_score``, ...), ``frequency``, ``max_activation``, ``top_tokens``, ``explainer``,
-        ``num_simulated_tokens``."""
+        (``score``, ``detection_score``, ``detection_auroc``, ...), ``frequency``, ``max_activation``,
+        ``top_tokens``, ``explainer``, ``num_simulated_tokens``."""
         explanations = self.explain(batch)
         scores: list[dict[str, float]] = [{} for _ in batch]
         for scorer in self.scorers:

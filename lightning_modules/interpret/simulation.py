@@ -22,6 +22,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
+from torchmetrics.functional.classification import binary_auroc
 
 from neurolight.datamodules.llm.padding import pad_left, pad_right
 from neurolight.lightning_modules.interpret.prompts import SimulationPrompt, escape_token, value_lines
@@ -56,6 +57,18 @@ def balanced_accuracy(predicted: Tensor, labels: Tensor) -> float:
     true_positives = int((predicted & labels).sum())
     true_negatives = int((~predicted & ~labels).sum())
     return 0.5 * (true_positives / positives + true_negatives / negatives)
+
+
+def auroc(p_yes: Tensor, labels: Tensor) -> float:
+    """Area under the ROC curve of the judge's (N,) P(Yes) against bool ``labels`` (N,): the probability that a
+    positive item gets a higher P(Yes) than a negative one, ties counting 1/2; threshold-free, unlike
+    ``balanced_accuracy`` at P(Yes) > 1/2 (docs/interpret.md, Detection). NaN when one class has no example."""
+    labels = labels.bool()
+    if p_yes.shape != labels.shape:
+        raise ValueError(f"{p_yes.numel()} probabilities but {labels.numel()} labels")
+    if bool(labels.all()) or not bool(labels.any()):
+        return math.nan
+    return float(binary_auroc(p_yes.double(), labels.long()))
 
 
 def expected_values(value_logits: Tensor) -> Tensor:

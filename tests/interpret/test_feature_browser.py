@@ -33,6 +33,8 @@ DOCS = {
     9: ("Zebra-like stripes in text", -0.05, 0.50),
     13: ("weird latent", float("nan"), float("nan")),
 }
+AUROCS = {1: 0.80, 3: 0.98, 4: 0.60, 6: float("nan"), 9: 0.46, 13: float("nan")}
+"""The detection AUROC of each latent of DOCS."""
 ZEBRA_LATENT = 6  # only latent with the "zebra" token, in a collapsed quantile context
 needs_chromium = pytest.mark.skipif(
     not CHROMIUM.exists(), reason=f"no Chromium at {CHROMIUM}: apt-get install chromium (or set CHROMIUM)"
@@ -82,6 +84,7 @@ def documents(samples) -> list[dict]:
     return [
         to_document(
             {"latent": latent, "explanation": explanation, "score": score, "detection_score": detection}
+            | {"detection_auroc": AUROCS[latent]}
             | {"frequency": float(samples.frequency[latent]), "max_activation": 1.0, "top_tokens": [" the", "\n"]}
             | {"explainer": "tiny-explainer"},
             index,
@@ -122,6 +125,8 @@ def test_feature_browser__embeds_every_latent_and_escapes_token_text(page, sampl
         assert entry["explanation"] == explanation
         assert entry["score"] == (score if score == score else None)
         assert entry["detection_score"] == (detection if detection == detection else None)
+        area = AUROCS.get(latent)
+        assert entry["detection_auroc"] == (area if area == area else None)
         assert entry["frequency"] == pytest.approx(float(samples.frequency[latent]), rel=1e-5)
         for kind, limit in (("top", NUM_TOP), ("quantile", 2), ("random", 2)):
             records = samples.records(latent, kind)[:limit]
@@ -135,6 +140,10 @@ def test_feature_browser__embeds_every_latent_and_escapes_token_text(page, sampl
     header = re.search(r"<dl>(.*?)</dl>", text, re.S).group(1)
     assert "123,456" in header and "6 interpreted of 8 sampled" in header
     assert "mean score 0.396" in header  # (0.41 + 0.83 + 0.12 + 0.67 - 0.05) / 5
+    assert "mean detection AUROC 0.710 (chance 0.5)" in header  # (0.80 + 0.98 + 0.60 + 0.46) / 4
+    assert "detection_auroc: AUROC of P(Yes) for telling activating from non-activating contexts" in text
+    sorts = re.findall(r'<option value="(\w+)">', text)
+    assert sorts[:3] == ["score", "detection", "detection_auroc"]
 
 
 def test_feature_browser__rejects_documents_of_another_layer(tmp_path, samples, tokenizer):
@@ -174,7 +183,11 @@ def test_neurolight_browser__reads_an_elasticsearch_index_with_the_columns_of_it
     store.open(index, metadata)
     store.upsert(
         [
-            to_document(doc | {"fuzzing_score": doc.pop("detection_score")}, index, metadata)
+            to_document(
+                doc | {"fuzzing_score": doc.pop("detection_score"), "fuzzing_auroc": doc.pop("detection_auroc")},
+                index,
+                metadata,
+            )
             for doc in documents(samples)
         ]
     )
@@ -189,13 +202,16 @@ def test_neurolight_browser__reads_an_elasticsearch_index_with_the_columns_of_it
     assert "scored by simulation, fuzzing" in capsys.readouterr().out
     assert str(missing.value.code).startswith(f"neurolight-browser: error: Elasticsearch at {proxy.address} has no")
     data = page_data(tmp_path / "es.html")
-    assert data["columns"] == [{"field": "score", "key": "score"}, {"field": "fuzzing_score", "key": "fuzzing"}]
+    assert data["columns"] == [{"field": "score", "key": "score"}, {"field": "fuzzing_score", "key": "fuzzing"},
+                               {"field": "fuzzing_auroc", "key": "fuzzing_auroc"}]  # fmt: skip
     for entry in data["latents"]:
         _, score, fuzzing = DOCS.get(entry["latent"], (None, None, None))
         assert entry["score"] == (score if score == score else None) and "detection_score" not in entry
         assert entry["fuzzing_score"] == (fuzzing if fuzzing == fuzzing else None)
+        area = AUROCS.get(entry["latent"])
+        assert entry["fuzzing_auroc"] == (area if area == area else None) and "detection_auroc" not in entry
     sorts = re.findall(r'<option value="(\w+)">', (tmp_path / "es.html").read_text())
-    assert sorts[:2] == ["score", "fuzzing"] and "detection" not in sorts
+    assert sorts[:3] == ["score", "fuzzing", "fuzzing_auroc"] and "detection" not in sorts
 
 
 class _Latents(HTMLParser):
@@ -293,7 +309,10 @@ def test_feature_browser__search_and_sort_from_the_url_hash(tmp_path, page, samp
 @needs_chromium
 def test_feature_browser__sorts_and_shows_the_columns_of_the_scorers_it_is_given(tmp_path, samples, tokenizer):
     """Fuzzing first (the default sort), then simulation; no detection column, and #sort=detection falls back."""
-    docs = [doc | {"fuzzing_score": doc.pop("detection_score")} for doc in documents(samples)]
+    docs = [
+        doc | {"fuzzing_score": doc.pop("detection_score"), "fuzzing_auroc": doc.pop("detection_auroc")}
+        for doc in documents(samples)
+    ]
     path = tmp_path / "fuzzing.html"
     write_feature_browser(samples, docs, tokenizer, path, page_size=5, scorers=["fuzzing", "simulation"])
     fuzzing = {latent: d for latent, (_, _, d) in DOCS.items() if d == d}

@@ -40,8 +40,8 @@ from neurolight.lightning_modules.interpret.simulation import (
 
 T, SLOTS = 12, {"top": 6, "quantile": 4, "random": 4, "negative": 3}
 LATENTS = [1, 4, 6]
-KEYS = {"latent", "explanation", "score", "detection_score", "frequency", "max_activation", "top_tokens",
-        "explainer", "num_simulated_tokens"}  # fmt: skip
+KEYS = {"latent", "explanation", "score", "detection_score", "detection_auroc", "frequency", "max_activation",
+        "top_tokens", "explainer", "num_simulated_tokens"}  # fmt: skip
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -274,7 +274,7 @@ def test_predict__tiny_llama_interprets_every_latent_once_with_all_fields(sample
         assert set(row) == KEYS and row["explainer"] == str(tiny_model_dir)
         assert row["num_simulated_tokens"] == 3 * T and isinstance(row["explanation"], str)
         assert -1 <= row["score"] <= 1 or math.isnan(row["score"])
-        assert 0 <= row["detection_score"] <= 1
+        assert 0 <= row["detection_score"] <= 1 and 0 <= row["detection_auroc"] <= 1
         assert row["frequency"] == pytest.approx(float(dm.samples.frequency[row["latent"]]))
     # The score is the Pearson correlation of the task's true activations with the logit simulation.
     task = dm.task(LATENTS[0])
@@ -403,3 +403,4 @@ def test_zero3__sharded_explainer_gives_the_interpretations_of_a_plain_run(
     for a, b in zip(sharded, plain):
         assert a["score"] == pytest.approx(b["score"], abs=1e-4, nan_ok=True)
         assert a["detection_score"] == pytest.approx(b["detection_score"], nan_ok=True)
+        assert a["detection_auroc"] == pytest.approx(b["detection_auroc"], abs=1e-6, nan_ok=True)

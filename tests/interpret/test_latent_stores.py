@@ -298,6 +298,8 @@ def test_writer__killed_run_resumes_skipping_stored_latents_and_stores_each_late
     summary = capsys.readouterr().out
     assert "interpreted 4 latents (4 stored), skipped 6 already stored" in summary
     assert f"holds 10 latents, mean score {sum(scores) / len(scores):.3f} ({len(scores)} scored, chance 0)" in summary
+    areas = [interpretation(k)["detection_auroc"] for k in LATENTS]
+    assert f", mean detection AUROC {sum(areas) / len(areas):.3f} (10 scored, chance 0.5)" in summary
 
     again = FakeInterpreter()
     writer, _ = predict(tmp_path, make_store(), again)

@@ -1,4 +1,4 @@
-"""Scorers as an extension point: the registry, the fuzzing score against hand counts of known Yes/No logits and
+"""Scorers as an extension point: the registry, the fuzzing scores against hand counts of known Yes/No logits and
 end to end on a planted latent whose explanation is exact (a perfect, an inverted and a constant judge), and the
 store columns and browser sort keys that follow the scorers of a run."""
 
@@ -15,6 +15,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import yaml
+from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from neurolight.callbacks.interpret.stores import sae_index_name
@@ -31,7 +32,7 @@ from neurolight.datamodules.interpret.tasks import (
 from neurolight.lightning_modules.interpret.interpreter import LatentInterpreter
 from neurolight.lightning_modules.interpret.scorers import SCORERS, FuzzingScorer, build_scorers
 from neurolight.lightning_modules.interpret.scorers.fuzzing import marked_text
-from neurolight.lightning_modules.interpret.simulation import yes_probabilities
+from neurolight.lightning_modules.interpret.simulation import auroc, yes_probabilities
 from tests.conftest import make_sentences
 from tests.helpers.store_documents import page_data
 
@@ -74,7 +75,25 @@ def test_fuzzing_marks__correct_above_three_tenths_of_the_peak_wrong_on_as_many_
     assert fuzzing_marks(record._replace(activations=torch.ones(9)), random.Random(0)) is None
 
 
-def test_fuzzing_score__is_the_balanced_accuracy_of_known_yes_no_logits(tiny_tokenizer):
+def test_auroc__equals_sklearn_and_a_brute_force_pairwise_count_with_ties():
+    generator = torch.Generator().manual_seed(0)
+    for n in (2, 5, 16, 40):
+        # Probabilities on a coarse grid, so that ties within and across the classes are common.
+        p_yes = torch.randint(0, 6, (n,), generator=generator).float() / 5
+        labels = torch.arange(n) % 2 == 0
+        labels = labels[torch.randperm(n, generator=generator)]
+        positives, negatives = p_yes[labels].tolist(), p_yes[~labels].tolist()
+        pairs = [(p > q) + 0.5 * (p == q) for p in positives for q in negatives]
+        assert auroc(p_yes, labels) == pytest.approx(sum(pairs) / len(pairs), abs=1e-6)
+        assert auroc(p_yes, labels) == pytest.approx(roc_auc_score(labels.numpy(), p_yes.numpy()), abs=1e-6)
+    assert auroc(torch.tensor([0.9, 0.8, 0.1]), torch.tensor([True, True, False])) == 1.0
+    assert auroc(torch.tensor([0.9, 0.8, 0.1]), torch.tensor([False, False, True])) == 0.0
+    assert auroc(torch.full((4,), 0.3), torch.tensor([True, False, True, False])) == 0.5
+    assert math.isnan(auroc(torch.rand(3), torch.ones(3, dtype=torch.bool)))
+    assert math.isnan(auroc(torch.rand(3), torch.zeros(3, dtype=torch.bool)))
+
+
+def test_fuzzing_score__is_the_balanced_accuracy_and_auroc_of_known_yes_no_logits(tiny_tokenizer):
     """Four correctly and four wrongly marked contexts whose Yes/No logits are set by hand; every other token gets
     a larger logit, which the renormalisation over Yes and No must ignore; a tie counts as No."""
     yes, no, vocab = 7, 9, 40
@@ -108,8 +127,13 @@ def test_fuzzing_score__is_the_balanced_accuracy_of_known_yes_no_logits(tiny_tok
     assert p_yes.tolist() == pytest.approx([1 / (1 + math.exp(n - y)) for y, n in logits], abs=1e-6)
     record = TokenRecord("top", 0, [" x"], torch.ones(1))
     task = SimpleNamespace(fuzzing=[MarkedRecord(record, [True], i < 4) for i in range(8)])
-    # Says Yes to correct items 0 and 3 (2 of 4), No to wrong items 4, 6 and 7 (3 of 4).
-    assert FuzzingScorer().score(p_yes, task) == {"fuzzing_score": pytest.approx(0.5 * (2 / 4 + 3 / 4))}
+    # Says Yes to correct items 0 and 3 (2 of 4), No to wrong items 4, 6 and 7 (3 of 4). AUROC: of the 16
+    # (correct, wrong) pairs, those where the correct item's Yes-minus-No margin (1, -2.5, 0, 5 against -2, 3, 0,
+    # -5) is larger, a tie (0 against 0) counting 1/2: 3 + 1 + 2.5 + 4 = 10.5.
+    assert FuzzingScorer().score(p_yes, task) == {
+        "fuzzing_score": pytest.approx(0.5 * (2 / 4 + 3 / 4)),
+        "fuzzing_auroc": pytest.approx(10.5 / 16),
+    }
 
 
 # ---- a planted latent: it fires on " paris" and nowhere else ---------------------------------------------------
@@ -248,7 +272,7 @@ def test_fuzzing__planted_latent_with_an_exact_explanation_end_to_end(
     module.explain = lambda batch: [explanation] * len(batch)
     trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=tmp_path)
     [[result]] = trainer.predict(module, datamodule=planted_datamodule(planted_samples))
-    assert result["fuzzing_score"] == expected
+    assert result["fuzzing_score"] == result["fuzzing_auroc"] == expected
     assert "score" not in result and "detection_score" not in result
 
 
@@ -276,18 +300,20 @@ def test_scorers__choose_the_store_columns_and_the_browser_sort_keys(planted_sam
     with sqlite3.connect(db) as connection:
         columns = [row[1] for row in connection.execute("PRAGMA table_info(latents)")]
         [metadata] = connection.execute("SELECT metadata FROM saes WHERE sae = ?", (index,)).fetchone()
-        [fuzzing] = connection.execute("SELECT fuzzing_score FROM latents").fetchone()
+        [fuzzing, area] = connection.execute("SELECT fuzzing_score, fuzzing_auroc FROM latents").fetchone()
     assert columns == ["sae", "model", "layer", "layer_type", "latent", "explanation", "score", "fuzzing_score",
-                       "frequency", "max_activation", "top_tokens", "explainer", "updated_at"]  # fmt: skip
+                       "fuzzing_auroc", "frequency", "max_activation", "top_tokens", "explainer",
+                       "updated_at"]  # fmt: skip
     assert json.loads(metadata)["scorers"] == ["simulation", "fuzzing"]
-    assert 0 <= fuzzing <= 1
+    assert 0 <= fuzzing <= 1 and 0 <= area <= 1
     for path in (page, tmp_path / "again.html"):
         if path != page:  # neurolight-browser reads the same store back
             browser_main(["--samples", str(planted_samples), "--sqlite", str(db), "--output", str(path)])
         data, html = page_data(path), path.read_text()
-        assert data["columns"] == [{"field": "score", "key": "score"}, {"field": "fuzzing_score", "key": "fuzzing"}]
+        assert data["columns"] == [{"field": "score", "key": "score"}, {"field": "fuzzing_score", "key": "fuzzing"},
+                                   {"field": "fuzzing_auroc", "key": "fuzzing_auroc"}]  # fmt: skip
         [entry] = data["latents"]
         assert entry["fuzzing_score"] == pytest.approx(fuzzing) and "detection_score" not in entry
-        assert re.findall(r'<option value="(\w+)">', html) == ["score", "fuzzing", "frequency", "rarity",
-                                                               "max_activation", "latent"]  # fmt: skip
+        assert re.findall(r'<option value="(\w+)">', html) == ["score", "fuzzing", "fuzzing_auroc", "frequency",
+                                                               "rarity", "max_activation", "latent"]  # fmt: skip
         assert "fuzzing: balanced accuracy of telling correctly from wrongly marked tokens" in html

@@ -10,7 +10,8 @@ it (a rerun or a resumed run never fails on an existing id)::
 The SAE's stored metadata names the scorers (``scorers``) whose fields the index holds: a run adds its own to those
 already there, and the SQLite columns, the Elasticsearch mapping, the documents and the feature browser's columns
 all follow from that list (``field_types``). A store written before scorers were recorded holds the fields of
-``LEGACY_SCORERS``.
+``LEGACY_SCORERS``. A field that a scorer gained after a store was written (``detection_auroc``) is added to the
+columns (mapping) by the next run that writes; until then, and in the documents written before, it reads as None.
 
 Naming, documents and the store interface are here; the backends are ``sqlite.py`` and ``elasticsearch.py``.
 """
@@ -44,7 +45,7 @@ _TRAILING_FIELDS = {
 }
 LEGACY_SCORERS = ("simulation", "detection")
 """The scorers of a store whose metadata names none: stores written before scorers were recorded had the fixed
-fields ``score`` and ``detection_score``, which are these scorers' fields."""
+fields ``score`` and ``detection_score``, these scorers' fields but for the later ``detection_auroc``."""
 # Elasticsearch rejects these in index names (plus upper case and a leading '-', '_' or '+').
 _BAD_INDEX_CHARS = re.compile(r'[\\/*?"<>| ,#:]+')
 

@@ -116,10 +116,12 @@ class SQLiteStore(LatentStore):
             ) from error
 
     def documents(self) -> list[dict]:
+        db = self._connection()
+        # A reader leaves an older file as it is: a field its table lacks (one a scorer gained later) reads as None.
+        present = {row[1] for row in db.execute("PRAGMA table_info(latents)")}
         fields = list(self.fields)
-        cursor = self._connection().execute(
-            f"SELECT {', '.join(fields)} FROM latents WHERE sae = ? ORDER BY latent", (self.index,)
-        )
+        columns = ", ".join(field if field in present else f"NULL AS {field}" for field in fields)
+        cursor = db.execute(f"SELECT {columns} FROM latents WHERE sae = ? ORDER BY latent", (self.index,))
         documents = [dict(zip(fields, row)) for row in cursor]
         for doc in documents:
             doc["top_tokens"] = json.loads(doc["top_tokens"])

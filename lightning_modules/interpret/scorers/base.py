@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, ClassVar, NamedTuple
 import torch
 from torch import Tensor
 
-from neurolight.lightning_modules.interpret.simulation import balanced_accuracy
+from neurolight.lightning_modules.interpret.simulation import auroc, balanced_accuracy
 
 if TYPE_CHECKING:
     from neurolight.datamodules.interpret.tasks import LatentTask
@@ -108,8 +108,9 @@ def yes_no_prompt(builder: PromptBuilder, system: str, question: str) -> list[in
 
 class YesNoScorer(Scorer):
     """A classification score: per item (a text, true or false for the latent), the explainer answers Yes or No;
-    the score is the balanced accuracy of P(Yes) > 1/2 against the items' labels (delphi's detection and fuzzing,
-    "Automatically interpreting millions of features in LLMs", Paulo et al. 2024)."""
+    the scores are the balanced accuracy of P(Yes) > 1/2 against the items' labels and the AUROC of P(Yes), which
+    needs no threshold (delphi's detection and fuzzing, "Automatically interpreting millions of features in LLMs",
+    Paulo et al. 2024; docs/interpret.md, Detection). ``fields`` are these two, in this order."""
 
     readout = YES_NO
     system: ClassVar[str]
@@ -131,6 +132,18 @@ class YesNoScorer(Scorer):
     def prompts(self, builder: PromptBuilder, explanation: str, task: LatentTask) -> list[list[int]]:
         return [yes_no_prompt(builder, self.system, self.question(explanation, text)) for text in self.texts(task)]
 
+    @staticmethod
+    def yes_no_fields(name: str, key: str, items: str, chance: float = 0.5) -> tuple[ScoreField, ScoreField]:
+        """The two fields of a Yes/No scorer judging ``items``: ``<name>_score`` (balanced accuracy, sort key
+        ``key``) and ``<name>_auroc`` (sort key ``<key>_auroc``)."""
+        return (
+            ScoreField(f"{name}_score", key, f"{name} score", f"balanced accuracy of telling {items}", chance=chance),
+            ScoreField(
+                f"{name}_auroc", f"{key}_auroc", f"{name} AUROC", f"AUROC of P(Yes) for telling {items}", chance=chance
+            ),
+        )
+
     def score(self, readings: Tensor, task: LatentTask) -> dict[str, float]:
         labels = torch.tensor(list(self.labels(task)), dtype=torch.bool)
-        return {self.fields[0].name: balanced_accuracy(readings > 0.5, labels)}
+        accuracy, area = self.fields
+        return {accuracy.name: balanced_accuracy(readings > 0.5, labels), area.name: auroc(readings, labels)}

@@ -3,8 +3,8 @@ where it never does? (delphi, "Automatically interpreting millions of features i
 docs/interpret.md, Scorers.)
 
 Per context of ``task.detection`` (held-out activating contexts, then as many where the latent never fires) the
-explainer answers whether the text contains what the explanation describes; the score is the balanced accuracy of
-P(Yes) > 1/2.
+explainer answers whether the text contains what the explanation describes; the scores are the balanced accuracy of
+P(Yes) > 1/2 (``detection_score``) and the AUROC of P(Yes) (``detection_auroc``).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from neurolight.lightning_modules.interpret.prompts import EXPLANATION_PREFIX, literal
-from neurolight.lightning_modules.interpret.scorers.base import ScoreField, YesNoScorer
+from neurolight.lightning_modules.interpret.scorers.base import YesNoScorer
 
 if TYPE_CHECKING:
     from neurolight.datamodules.interpret.tasks import LatentTask
@@ -21,15 +21,7 @@ if TYPE_CHECKING:
 
 class DetectionScorer(YesNoScorer):
     name = "detection"
-    fields = (
-        ScoreField(
-            "detection_score",
-            "detection",
-            "detection score",
-            "balanced accuracy of telling activating from non-activating contexts",
-            chance=0.5,
-        ),
-    )
+    fields = YesNoScorer.yes_no_fields("detection", "detection", "activating from non-activating contexts")
     records = ("detection",)
     system = (
         "We're studying neurons in a neural network. A neuron is described by an explanation of what it looks for. "

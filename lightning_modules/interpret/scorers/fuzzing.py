@@ -6,9 +6,9 @@ activating context of ``task.fuzzing`` is shown twice: once with the tokens wher
 ``<<token>>``, once with as many tokens where it does not fire marked instead (the data module draws the marks:
 ``neurolight.datamodules.interpret.tasks.fuzzing_marks``). Both versions carry the same text, so only the marks
 tell them apart. The explainer answers whether the marked tokens are what the explanation describes; as with
-simulation, the judgement is read from its probabilities (P(Yes) > P(No)), never parsed from generated text. The
-score is the balanced accuracy over correctly and wrongly marked contexts: 1 for a perfect judge of a perfect
-explanation, 0.5 for chance.
+simulation, the judgement is read from its probabilities, never parsed from generated text. The scores are the
+balanced accuracy of P(Yes) > P(No) over correctly and wrongly marked contexts (``fuzzing_score``) and the AUROC of
+P(Yes) (``fuzzing_auroc``): 1 for a perfect judge of a perfect explanation, 0.5 for chance.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from neurolight.lightning_modules.interpret.prompts import EXPLANATION_PREFIX, literal
-from neurolight.lightning_modules.interpret.scorers.base import ScoreField, YesNoScorer
+from neurolight.lightning_modules.interpret.scorers.base import YesNoScorer
 
 if TYPE_CHECKING:
     from neurolight.datamodules.interpret.tasks import LatentTask
@@ -53,14 +53,8 @@ def marked_text(tokens: Sequence[str], marked: Sequence[bool]) -> str:
 
 class FuzzingScorer(YesNoScorer):
     name = "fuzzing"
-    fields = (
-        ScoreField(
-            "fuzzing_score",
-            "fuzzing",
-            "fuzzing score",
-            "balanced accuracy of telling correctly from wrongly marked tokens in activating contexts",
-            chance=0.5,
-        ),
+    fields = YesNoScorer.yes_no_fields(
+        "fuzzing", "fuzzing", "correctly from wrongly marked tokens in activating contexts"
     )
     records = ("fuzzing",)
     system = (
