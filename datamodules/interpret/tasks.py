@@ -13,7 +13,8 @@ the same text. Per latent it splits the records, deterministically given ``seed`
 - detection contexts: up to ``num_detection_samples`` held-out top/quantile contexts (activating) and as many
   ``negative`` ones (contexts where the latent never fires);
 - fuzzing contexts: up to ``num_fuzzing_samples`` held-out top/quantile contexts, each once with its activating
-  tokens marked and once with as many tokens where the latent does not fire marked instead (``fuzzing_marks``).
+  tokens marked and once with as many tokens where the latent does not fire marked instead, visible tokens only
+  (``fuzzing_marks``).
 
 The scorers (``neurolight.lightning_modules.interpret.scorers``) read these record sets; a set whose
 ``num_*_samples`` is 0 stays empty.
@@ -111,15 +112,17 @@ def token_strings(tokenizer, ids: list[int]) -> list[str]:
 def fuzzing_marks(record: TokenRecord, rng: random.Random) -> tuple[list[bool], list[bool]] | None:
     """Correct and wrong marks of an activating context, or None when it has none of one kind.
 
-    Correct: the tokens above ``MARK_FRACTION`` of the context's peak. Wrong: as many tokens (fewer when the context
-    has fewer) drawn from those where the latent does not fire and whose text is not blank, since a mark around
-    nothing visible would give the answer away (delphi marks non-activating tokens at the same count)."""
-    activations = record.activations
-    peak = float(activations.max()) if activations.numel() else 0.0
-    silent = [i for i, (a, token) in enumerate(zip(activations.tolist(), record.tokens)) if a <= 0 and token.strip()]
-    if peak <= 0 or not silent:
+    Only visible tokens (text that is not blank) are marked, correct and wrong alike: a blank token's mark shows as an
+    empty ``<<>>``, and were only one kind ever empty, its emptiness would give the answer away (docs/interpret.md,
+    Fuzzing). Correct: the visible tokens above ``MARK_FRACTION`` of the context's peak. Wrong: as many tokens
+    (fewer when the context has fewer) drawn from the visible ones where the latent does not fire."""
+    activations = record.activations.tolist()
+    peak = max(activations, default=0.0)
+    visible = [bool(token.strip()) for token in record.tokens]
+    correct = [a > MARK_FRACTION * peak and shown for a, shown in zip(activations, visible, strict=True)]
+    silent = [i for i, (a, shown) in enumerate(zip(activations, visible)) if a <= 0 and shown]
+    if peak <= 0 or not any(correct) or not silent:
         return None
-    correct = (activations > MARK_FRACTION * peak).tolist()
     wrong = set(rng.sample(silent, min(sum(correct), len(silent))))
     return correct, [i in wrong for i in range(len(correct))]
 

@@ -93,6 +93,23 @@ def test_auroc__equals_sklearn_and_a_brute_force_pairwise_count_with_ties():
     assert math.isnan(auroc(torch.rand(3), torch.zeros(3, dtype=torch.bool)))
 
 
+def test_fuzzing_marks__blank_tokens_are_marked_neither_correctly_nor_wrongly():
+    """A blank token's mark would read as an empty ``<<>>``; were only correct marks ever empty, a judge could tell
+    them from wrong ones by that alone."""
+    tokens = ["a", " ", " b", "\n", " c", " d", "\n\n", " e"]
+    activations = torch.tensor([0.0, 3.0, 2.0, 2.5, 0.0, 0.0, 0.0, 0.0])  # peak 3 on " ": marks above 0.9
+    record = TokenRecord("top", 0, tokens, activations)
+    for seed in range(20):
+        correct, wrong = fuzzing_marks(record, random.Random(seed))
+        assert correct == [False, False, True, False, False, False, False, False]  # " " and "\n" are blank
+        assert sum(wrong) == 1 and {i for i, w in enumerate(wrong) if w} <= {0, 4, 5, 7}
+        for marks in (correct, wrong):
+            spans = re.findall(r"<<(.*?)>>", marked_text(tokens, marks), re.S)
+            assert len(spans) == 1 and spans[0].strip()
+    blank_only = record._replace(activations=torch.tensor([0.0, 3.0, 0.0, 2.5, 0.0, 0.0, 0.0, 0.0]))
+    assert fuzzing_marks(blank_only, random.Random(0)) is None  # nothing visible to mark correctly
+
+
 def test_fuzzing_score__is_the_balanced_accuracy_and_auroc_of_known_yes_no_logits(tiny_tokenizer):
     """Four correctly and four wrongly marked contexts whose Yes/No logits are set by hand; every other token gets
     a larger logit, which the renormalisation over Yes and No must ignore; a tie counts as No."""
