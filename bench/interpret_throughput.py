@@ -110,6 +110,7 @@ def build_samples(target: Path, contexts: int, latents: int, device: str, seed: 
         "num_tokens": ids.shape[1],
         "num_samples": contexts,
         "frequency_tokens": contexts * (ids.shape[1] - 1),
+        "exclude_first_position": True,  # position 0 zeroed above, never measured
         "built_by": "bench/interpret_throughput.py (brute force)",
     }
     return save_interpretation_samples(target, tensors, metadata)

@@ -4,7 +4,10 @@
 
 Reads a samples directory (``datamodules/interpret/samples.py``) and decodes its tokens with the tokenizer of
 the model the samples came from (``metadata["model_name"]``), so any explainer, whatever its own tokenizer, reads
-the same text. Per latent it splits the records, deterministically given ``seed`` and the latent:
+the same text. Where the sampler left position 0 out (``metadata["exclude_first_position"]``) its activation was
+never measured (the sampler stored 0), so every record starts at position 1: no prompt shows position 0, as silent
+or otherwise, and no score counts it (docs/interpret.md, Records and held-out split). Per latent it splits the
+records, deterministically given ``seed`` and the latent:
 
 - explanation records: the first ``num_interpretation_samples`` top records (highest max activation);
 - simulation records (held out): ``num_simulation_samples`` drawn half from the remaining top and the quantile
@@ -42,16 +45,17 @@ from neurolight.datamodules.llm.models import load_tokenizer
 
 
 class TokenRecord(NamedTuple):
-    """A record ready for prompting: its tokens as strings (decoded with the sampled model's tokenizer)."""
+    """A record ready for prompting: its measured tokens as strings (decoded with the sampled model's tokenizer):
+    every position of the context, or all but position 0 where the sampler left it out."""
 
     kind: str
     """``top``, ``quantile``, ``random`` or ``negative``."""
     context_index: int
     """Index of the context in the tokenized corpus."""
     tokens: list[str]
-    """(T,) the decoded text of every token, unescaped."""
+    """(T',) the decoded text of every measured token, unescaped (T' = T, or T - 1 without position 0)."""
     activations: Tensor
-    """(T,) float32 true activation of the latent at every token."""
+    """(T',) float32 true activation of the latent at every measured token."""
 
 
 MARK_FRACTION = 0.3
@@ -190,6 +194,8 @@ class InterpretationDataModule(pl.LightningDataModule):
         self.tokenizer = None
         self.latents: list[int] = []
         self.skipped: set[int] = set()
+        self.first_position = 0
+        """The first position whose activation the sampler measured: 1 where it left position 0 out, else 0."""
         self._strings: dict[int, list[str]] = {}
 
     def setup(self, stage: str) -> None:
@@ -199,6 +205,14 @@ class InterpretationDataModule(pl.LightningDataModule):
         model_name = self.samples.metadata.get("model_name")
         if not model_name:
             raise ValueError(f"{self.hparams.samples_path}/metadata.json names no model_name to decode tokens with")
+        excluded = self.samples.metadata.get("exclude_first_position")
+        if excluded is None:
+            raise ValueError(
+                f"{self.hparams.samples_path}/metadata.json does not say whether the sampler left position 0 out "
+                "(exclude_first_position), so it is unknown whether the stored 0s there were measured; sample again "
+                "with neurolight predict --config configs/interpret/sample.yaml, or add the key as it was sampled"
+            )
+        self.first_position = int(bool(excluded))
         self.tokenizer = load_tokenizer(model_name)
         latents = self.samples.latents.tolist()
         self.latents = latents[: self.hparams.max_latents] if self.hparams.max_latents else latents
@@ -215,9 +229,13 @@ class InterpretationDataModule(pl.LightningDataModule):
 
     # ---------------------------------------------------------------------------------------------------- tasks
     def _token_record(self, record: Record) -> TokenRecord:
+        first = self.first_position
         if record.context_index not in self._strings:
-            self._strings[record.context_index] = token_strings(self.tokenizer, record.token_ids.tolist())
-        return TokenRecord(record.kind, record.context_index, self._strings[record.context_index], record.activations)
+            # Decoded whole, then cut: position 1 keeps the text it adds after position 0 (its leading space).
+            self._strings[record.context_index] = token_strings(self.tokenizer, record.token_ids.tolist())[first:]
+        return TokenRecord(
+            record.kind, record.context_index, self._strings[record.context_index], record.activations[first:]
+        )
 
     def task(self, latent: int) -> LatentTask:
         hp = self.hparams

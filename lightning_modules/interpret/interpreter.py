@@ -13,10 +13,10 @@ Per latent (a ``LatentTask`` from ``InterpretationDataModule``; docs/interpret.m
 3. score: each of ``scorers`` (``neurolight.lightning_modules.interpret.scorers``; docs/interpret.md, Scorers)
    builds its prompts, the explainer's probabilities at them are read in batches (the expected value at every value
    slot, or P(Yes) of a Yes/No answer), and the scorer turns them into its fields: ``simulation`` the Pearson
-   correlation of simulated and true activations over all token positions of the held-out records, ``detection``
-   the balanced accuracy of Yes/No answers (P(Yes) > 1/2) and the AUROC of P(Yes) on activating against
-   non-activating contexts, ``fuzzing`` the same two on correctly against wrongly marked tokens in activating
-   contexts.
+   correlation of simulated and true activations over all measured token positions of the held-out records,
+   ``detection`` the balanced accuracy of Yes/No answers (P(Yes) > 1/2) and the AUROC of P(Yes) on activating
+   against non-activating contexts, ``fuzzing`` the same two on correctly against wrongly marked tokens in
+   activating contexts.
 
 ``predict_step`` returns one dict per latent; ``neurolight.callbacks.InterpretationWriter`` stores them.
 

@@ -69,6 +69,7 @@ def samples_dir(tmp_path_factory, tiny_model_dir):
         max_activation.append(acts.amax((1, 2)) * 4)
     tensors["max_activation"] = torch.stack(max_activation).amax(0)
     metadata = {"model_name": str(tiny_model_dir), "layer_id": 1, "layer_type": "mlp_activations", "d_sae": 8}
+    metadata["exclude_first_position"] = False  # the random activations at position 0 count as measured
     return save_interpretation_samples(tmp_path_factory.mktemp("samples"), tensors, metadata)
 
 

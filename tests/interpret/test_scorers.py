@@ -8,10 +8,12 @@ import json
 import math
 import random
 import re
+import shutil
 import sqlite3
 from types import SimpleNamespace
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -21,16 +23,23 @@ from torch import nn
 from neurolight.callbacks.interpret.stores import sae_index_name
 from neurolight.cli.browser import main as browser_main
 from neurolight.cli.main import main as cli_main
-from neurolight.datamodules.interpret.samples import save_interpretation_samples
+from neurolight.datamodules.interpret.samples import KINDS, InterpretationSamples, save_interpretation_samples
 from neurolight.datamodules.interpret.tasks import (
     InterpretationDataModule,
     LatentTask,
     MarkedRecord,
     TokenRecord,
     fuzzing_marks,
+    token_strings,
 )
 from neurolight.lightning_modules.interpret.interpreter import LatentInterpreter
-from neurolight.lightning_modules.interpret.scorers import SCORERS, FuzzingScorer, build_scorers
+from neurolight.lightning_modules.interpret.scorers import (
+    SCORERS,
+    DetectionScorer,
+    FuzzingScorer,
+    SimulationScorer,
+    build_scorers,
+)
 from neurolight.lightning_modules.interpret.scorers.fuzzing import marked_text
 from neurolight.lightning_modules.interpret.simulation import auroc, yes_probabilities
 from tests.conftest import make_sentences
@@ -159,7 +168,7 @@ def test_fuzzing_score__is_the_balanced_accuracy_and_auroc_of_known_yes_no_logit
 @pytest.fixture(scope="module")
 def planted_samples(tmp_path_factory, tiny_tokenizer, tiny_model_dir):
     """Latent 3 of an 8-latent SAE fires (3.0) exactly on the token " paris": 12 contexts with it planted at one or
-    two positions, 4 without it."""
+    two positions (never position 0, which the sampler left out), 4 without it."""
     [word] = tiny_tokenizer(WORD, add_special_tokens=False)["input_ids"]
     rng = random.Random(0)
     contexts = []
@@ -183,7 +192,7 @@ def planted_samples(tmp_path_factory, tiny_tokenizer, tiny_model_dir):
         tensors[f"{kind}_context"] = torch.tensor([list(rows)])
         tensors[f"{kind}_activations"] = activations[list(rows)].unsqueeze(0)
     metadata = {"model_name": str(tiny_model_dir), "layer_id": 1, "layer_type": "mlp_activations", "d_in": 64}
-    metadata |= {"d_sae": 8}
+    metadata |= {"d_sae": 8, "exclude_first_position": True}
     return save_interpretation_samples(tmp_path_factory.mktemp("planted"), tensors, metadata)
 
 
@@ -210,6 +219,50 @@ def test_datamodule__fuzzing_pairs_each_held_out_context_with_correct_then_wrong
     seeded = [(i.record.context_index, i.marked, i.correct) for i in again.task(LATENT).fuzzing]
     assert seeded == [(i.record.context_index, i.marked, i.correct) for i in task.fuzzing]
     assert none.task(LATENT).fuzzing == []
+
+
+def test_datamodule__records_start_after_an_excluded_position_0_so_no_score_takes_it_for_silent(
+    planted_samples, tmp_path, tiny_tokenizer
+):
+    """The planted samples were sampled without position 0 (its stored 0 was never measured): no record shows it,
+    so it can be no wrong fuzzing mark, no part of a detection text and no point of the simulation correlation."""
+    samples = InterpretationSamples(planted_samples)
+    contexts = dict(zip(samples.tensors["context_index"].tolist(), samples.tensors["contexts"].tolist()))
+    stored = {(r.kind, r.context_index): r.activations for k in KINDS for r in samples.records(LATENT, k)}
+
+    def task(path):
+        dm = InterpretationDataModule(str(path), num_interpretation_samples=2, num_simulation_samples=4,
+                                      num_detection_samples=2, num_fuzzing_samples=4)  # fmt: skip
+        dm.setup("predict")
+        return dm.task(LATENT)
+
+    measured = task(planted_samples)
+    records = [*measured.explanation, *measured.simulation, *measured.detection]
+    records += [item.record for item in measured.fuzzing]
+    for record in records:
+        ids = contexts[record.context_index]
+        assert "".join(record.tokens) == tiny_tokenizer.decode(ids)[len(tiny_tokenizer.decode(ids[:1])) :]
+        assert torch.equal(record.activations, stored[record.kind, record.context_index][1:])
+    assert all(len(item.marked) == T - 1 for item in measured.fuzzing)  # a mark at index i is on position i + 1
+    texts = DetectionScorer().texts(measured)
+    assert texts == [tiny_tokenizer.decode(contexts[r.context_index])[len(tiny_tokenizer.decode(
+        contexts[r.context_index][:1])) :] for r in measured.detection]  # fmt: skip
+    simulated = [torch.arange(len(r.tokens), dtype=torch.float32) % 3 for r in measured.simulation]
+    true = np.concatenate([stored[r.kind, r.context_index][1:].numpy() for r in measured.simulation])
+    expected = np.corrcoef(true, np.concatenate([s.numpy() for s in simulated]))[0, 1]
+    assert SimulationScorer().score(simulated, measured)["score"] == pytest.approx(expected, abs=1e-6)
+
+    copy = tmp_path / "measured"
+    shutil.copytree(planted_samples, copy)
+    metadata = json.loads((copy / "metadata.json").read_text())
+    (copy / "metadata.json").write_text(json.dumps(metadata | {"exclude_first_position": False}))
+    whole = task(copy)  # position 0 measured: records keep it
+    assert all(r.tokens == token_strings(tiny_tokenizer, contexts[r.context_index]) for r in whole.explanation)
+    (copy / "metadata.json").write_text(
+        json.dumps({k: v for k, v in metadata.items() if k != "exclude_first_position"})
+    )
+    with pytest.raises(ValueError, match=r"metadata.json does not say whether the sampler left position 0 out"):
+        task(copy)
 
 
 def test_interpreter__warns_once_when_the_data_module_prepares_no_records_for_a_scorer(planted_samples, tiny_model_dir):

@@ -3,7 +3,8 @@ models can explain neurons in language models", 2023; docs/interpret.md, Scorers
 
 The explainer simulates each held-out record (``task.simulation``: top, quantile and random contexts) from the
 explanation alone; the score is the Pearson correlation of the simulated and the true activations over every token
-position of those records, position by position.
+position of those records, position by position (the measured positions: a record leaves out position 0 where the
+sampler did; docs/interpret.md, Records and held-out split).
 """
 
 from __future__ import annotations
