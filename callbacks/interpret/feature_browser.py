@@ -91,6 +91,8 @@ def write_feature_browser(
     ]
     data = {
         "page_size": page_size,
+        # Where the sampler left position 0 out, its stored 0 was never measured: shown unshaded and marked so.
+        "first_measured": 1 if meta.get("exclude_first_position") else 0,
         "columns": [{"field": c.name, "key": c.key} for c in columns],
         "vocab": _token_strings(tokenizer, sorted(token_ids)),
         "latents": entries,

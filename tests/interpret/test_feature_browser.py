@@ -294,6 +294,19 @@ def test_feature_browser__renders_first_page_by_score_with_tokens_shaded_by_acti
 
 
 @needs_chromium
+def test_feature_browser__marks_position_0_unmeasured_where_the_sampler_left_it_out(tmp_path, samples, tokenizer):
+    excluded = InterpretationSamples(samples.path)
+    excluded.metadata = samples.metadata | {"exclude_first_position": True}
+    path = write_feature_browser(excluded, documents(samples), tokenizer, tmp_path / "b.html", num_top=NUM_TOP)
+    cards, _ = rendered(tmp_path, path)
+    assert cards
+    for card in cards:
+        for tokens in card["contexts"]:
+            assert tokens[0]["title"].startswith("not measured") and tokens[0]["alpha"] == 0
+            assert all(not t["title"].startswith("not measured") for t in tokens[1:])
+
+
+@needs_chromium
 def test_feature_browser__search_and_sort_from_the_url_hash(tmp_path, page, samples):
     cards, _ = rendered(tmp_path, page, "#q=ZeBrA")  # explanation of 9, a quantile context of 6
     assert [card["latent"] for card in cards] == [6, 9]
