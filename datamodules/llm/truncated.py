@@ -19,26 +19,29 @@ from neurolight.datamodules.llm.models import cache_argument
 _SUBLAYER_SITES = frozenset({"attn_sublayer", "mlp_sublayer", "mlp_activations"})
 
 
+def _position_ids(input_ids: Tensor) -> Tensor:
+    """(1, seq): the positions LlamaModel.forward gives unpadded input without a cache."""
+    return torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+
+
 def causal_mask(model: nn.Module, input_ids: Tensor):
     """The mask LlamaModel.forward builds for unpadded input (None under SDPA: it uses is_causal)."""
     from transformers.masking_utils import create_causal_mask
 
     inputs_embeds = torch.empty(*input_ids.shape, 0, device=input_ids.device, dtype=model.dtype)
-    position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
     return create_causal_mask(
         config=model.config,
         inputs_embeds=inputs_embeds,
         attention_mask=None,
-        position_ids=position_ids,
+        position_ids=_position_ids(input_ids),
         **{cache_argument(create_causal_mask): None},  # no cache, under either name
     )
 
 
 def rotary_embeddings(model: nn.Module, input_ids: Tensor) -> tuple[Tensor, Tensor]:
     """The (cos, sin) LlamaModel.forward computes for unpadded input of ``input_ids``'s length."""
-    position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
     like = torch.empty(0, device=input_ids.device, dtype=model.dtype)  # only its device and dtype are read
-    return model.model.rotary_emb(like, position_ids=position_ids)
+    return model.model.rotary_emb(like, position_ids=_position_ids(input_ids))
 
 
 def forward_to_sites(
@@ -57,10 +60,13 @@ def forward_to_sites(
         wanted.setdefault(layer_id, set()).add(layer_type)
     read: dict[tuple[str, int], Tensor] = {}
     hidden = inner.embed_tokens(input_ids)
-    position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
     if position_embeddings is None:
-        position_embeddings = inner.rotary_emb(hidden, position_ids=position_ids)
-    context = {"attention_mask": mask, "position_embeddings": position_embeddings, "position_ids": position_ids}
+        position_embeddings = rotary_embeddings(model, input_ids)
+    context = {
+        "attention_mask": mask,
+        "position_embeddings": position_embeddings,
+        "position_ids": _position_ids(input_ids),
+    }
     last = max(wanted)
     for layer_id, layer in enumerate(inner.layers[: last + 1]):
         here = wanted.get(layer_id, set())
@@ -127,10 +133,11 @@ def run(fn: Callable, model: nn.Module, input_ids: Tensor, is_compiled: bool):
     mode, are ordinary tensors later code may write into). The rotary embeddings come in computed: compiled, their
     cos and sin were fused into the rotary kernel and recomputed for every head and context, ~6% of the forward on
     CPU (docs/sae.md, The forward on CPU)."""
+    context = causal_mask(model, input_ids), rotary_embeddings(model, input_ids)
     if not is_compiled:
-        return fn(input_ids, causal_mask(model, input_ids), rotary_embeddings(model, input_ids))
+        return fn(input_ids, *context)
     with torch.inference_mode():
-        out = fn(input_ids, causal_mask(model, input_ids), rotary_embeddings(model, input_ids))
+        out = fn(input_ids, *context)
     return [tensor.clone() for tensor in out] if isinstance(out, list) else out.clone()
 
 
