@@ -8,6 +8,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from neurolight.lightning_modules.sae.architectures.base import Architecture, ResampleReset
+from neurolight.lightning_modules.sae.architectures.selection import topk
 from neurolight.lightning_modules.sae.architectures.sparse_encoder import gather_pre_acts_at
 from neurolight.lightning_modules.sae.architectures.topk import TopK, row_topk
 
@@ -60,7 +61,7 @@ class BatchTopK(TopK):
         """The k * batch largest of relu(pre_acts) over the whole batch: their values and flat indices into
         (batch, d_sae); with ``update``, the threshold's moving average takes in the smallest positive one."""
         flat = F.relu(pre_acts).flatten()
-        values, indices = flat.topk(self.k * pre_acts.shape[0], sorted=False)
+        values, indices = topk(flat, self.k * pre_acts.shape[0])
         if update:
             with torch.no_grad():
                 # The smallest kept positive activation, tracked as an EMA, replaces the batch dependence at

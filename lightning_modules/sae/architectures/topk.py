@@ -7,12 +7,13 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from neurolight.lightning_modules.sae.architectures.base import Architecture
+from neurolight.lightning_modules.sae.architectures.selection import topk
 from neurolight.lightning_modules.sae.architectures.sparse_encoder import gather_pre_acts
 
 
 def row_topk(pre_acts: Tensor, k: int) -> Tensor:
     """ReLU of the k largest pre-activations of each row, zero elsewhere; (batch, d_sae)."""
-    values, indices = pre_acts.topk(k, dim=-1, sorted=False)
+    values, indices = topk(pre_acts, k)
     return torch.zeros_like(pre_acts).scatter_(-1, indices, F.relu(values))
 
 
@@ -106,7 +107,7 @@ class TopK(Architecture):
         # Only k of d_sae latents are nonzero: decoding by gathering their rows, and the encoder's backward by
         # touching only theirs, costs k/d_sae of the dense products (Gao et al. 2024 use sparse kernels for the
         # same reason).
-        indices = pre_acts.detach().topk(self.k, dim=-1, sorted=False).indices
+        _, indices = topk(pre_acts.detach(), self.k)
         values = F.relu(gather_pre_acts(sae, x, pre_acts, indices))
         # In place into fresh zeros: the out-of-place scatter copies the (batch, d_sae) zeros once more.
         latents = torch.zeros_like(pre_acts).scatter_(-1, indices, values)
@@ -120,7 +121,7 @@ class TopK(Architecture):
         k_aux = max(1, sae.d_in // 2) if self.k_aux is None else self.k_aux
         # Gao et al. 2024, section A.2: the top k_aux dead latents model the main reconstruction's residual,
         # giving dead latents a gradient that points where live ones fall short.
-        indices = pre_acts.detach().masked_fill(~dead, float("-inf")).topk(min(k_aux, n_dead), dim=-1).indices
+        _, indices = topk(pre_acts.detach().masked_fill(~dead, float("-inf")), min(k_aux, n_dead))
         values = F.relu(gather_pre_acts(sae, x, pre_acts, indices))
         residual = x - x_hat.detach()
         error = (residual - sae.decode_sparse(indices, values)).pow(2).sum(-1).mean()
