@@ -22,7 +22,6 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from neurolight.lightning_modules.sae.architectures import (
     Architecture,
@@ -32,6 +31,7 @@ from neurolight.lightning_modules.sae.architectures import (
     unit_norm_rows,
 )
 from neurolight.lightning_modules.sae.architectures.base import UNIT_NORM_EPS
+from neurolight.lightning_modules.sae.architectures.sparse_decoder import decode_entries
 from neurolight.lightning_modules.sae.metadata import SaeMetadata
 
 
@@ -213,12 +213,21 @@ class SparseAutoencoder(nn.Module):
         """Reconstruction (..., d_in) of latents (..., d_sae)."""
         return latents @ self.decoder_weight() + self.b_dec
 
-    def decode_sparse(self, indices: Tensor, values: Tensor, offsets: Tensor | None = None) -> Tensor:
+    def decode_sparse(
+        self,
+        indices: Tensor,
+        values: Tensor,
+        offsets: Tensor | None = None,
+        by_latent: tuple[Tensor, Tensor] | None = None,
+    ) -> Tensor:
         """sum_j values[:, j] * W_dec[indices[:, j]], (batch, d_in), without b_dec; indices/values (batch, n). With
-        ``offsets`` (batch,), indices/values are 1-D and token b's entries start at ``offsets[b]`` (any number)."""
-        return F.embedding_bag(
-            indices, self.decoder_weight(), offsets, per_sample_weights=values.to(self.W_dec.dtype), mode="sum"
-        )
+        ``offsets`` (batch,), indices/values are 1-D and token b's entries start at ``offsets[b]`` (any number).
+        ``by_latent``: the flat indices' ``sparse_encoder.latent_order``, where the caller has it already."""
+        if offsets is None:
+            batch, n = indices.shape
+            indices, values = indices.reshape(-1), values.reshape(-1)
+            offsets = torch.arange(0, batch * n, n, device=indices.device)
+        return decode_entries(self.decoder_weight(), indices, values.to(self.W_dec.dtype), offsets, by_latent)
 
     def forward(self, x: Tensor, dead_mask: Tensor | None = None) -> SaeOutput:
         """Encode, decode and score x (batch, d_in). ``dead_mask`` (d_sae,) bool marks the latents the auxiliary

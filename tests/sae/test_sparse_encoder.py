@@ -1,7 +1,8 @@
-"""The sparse encoder backward (``architectures/sparse_encoder.py``): the gradients of the gathered pre-activations
-equal those of dense autograd through ``(x - b_dec) @ W_enc.T + b_enc``, in float32 and under bf16 autocast, for
-the gather alone, for a whole TopK SAE with and without AuxK's dead latents, and for BatchTopK and Matryoshka SAEs
-against their dense encode and decode."""
+"""The sparse encoder and decoder backwards (``architectures/sparse_encoder.py``, ``sparse_decoder.py``): the
+gradients of the gathered pre-activations equal those of dense autograd through ``(x - b_dec) @ W_enc.T + b_enc``,
+in float32 and under bf16 autocast, for the gather alone, for a whole TopK SAE with and without AuxK's dead latents,
+and for BatchTopK and Matryoshka SAEs against their dense encode and decode; the decode's gradients equal dense
+autograd through ``latents @ W_dec``, with any number of entries per token."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 
 from neurolight.lightning_modules.sae.architectures import BatchTopK, MatryoshkaBatchTopK, TopK, topk
 from neurolight.lightning_modules.sae.architectures.base import Architecture
+from neurolight.lightning_modules.sae.architectures.sparse_decoder import decode_entries
 from neurolight.lightning_modules.sae.architectures.sparse_encoder import gather_pre_acts, gather_pre_acts_at
 from neurolight.lightning_modules.sae.sparse_autoencoder import SparseAutoencoder
 
@@ -91,6 +93,35 @@ def test_gather_pre_acts_at__any_number_of_entries_per_row():
         torch.testing.assert_close(grad, expected[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("per_token", ["fixed", "any"], ids=["topk", "batchtopk"])
+def test_decode_entries__gradients_equal_dense_autograd(per_token):
+    """Entries sorted by token, M per token (TopK) or 0 to M (BatchTopK): output, decoder gradient and value
+    gradients equal those of ``dense_latents @ W_dec`` (plain float32 autograd)."""
+    indices, _ = selection()
+    generator = torch.Generator().manual_seed(4)
+    keep = torch.ones_like(indices, dtype=torch.bool)
+    if per_token == "any":
+        keep = torch.rand(BATCH, M, generator=generator) < 0.5
+        keep[:2] = False  # tokens with no entry at all
+    weight = torch.randn(D_SAE, D_IN, generator=generator).requires_grad_()
+    values = torch.rand(BATCH, M, generator=generator).requires_grad_()
+    out_grad = torch.randn(BATCH, D_IN, generator=generator)
+
+    counts = keep.sum(1)
+    offsets = counts.cumsum(0) - counts
+    x_hat = decode_entries(weight, indices[keep], values[keep], offsets)
+    (x_hat * out_grad).sum().backward()
+    got = weight.grad, values.grad
+    weight.grad = values.grad = None
+
+    latents = torch.zeros(BATCH, D_SAE).scatter(1, indices, values * keep)
+    expected = latents @ weight
+    (expected * out_grad).sum().backward()
+    torch.testing.assert_close(x_hat, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[0], weight.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[1], values.grad * keep, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("with_dead", [False, True], ids=["live", "auxk"])
 @pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bf16-autocast"])
 def test_topk_sae__parameter_gradients_equal_the_dense_encoder_backward(monkeypatch, with_dead, autocast):
@@ -109,7 +140,7 @@ def test_topk_sae__parameter_gradients_equal_the_dense_encoder_backward(monkeypa
         return sae, out
 
     sparse, sparse_out = run()
-    monkeypatch.setattr(topk, "gather_pre_acts", lambda sae, x, pre_acts, indices: pre_acts.gather(-1, indices))
+    monkeypatch.setattr(topk, "gather_pre_acts", lambda sae, x, pre_acts, indices, *_: pre_acts.gather(-1, indices))
     dense, dense_out = run()
 
     assert (sparse_out.aux > 0) == with_dead

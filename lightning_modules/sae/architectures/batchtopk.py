@@ -9,7 +9,7 @@ from torch.nn import functional as F
 
 from neurolight.lightning_modules.sae.architectures.base import Architecture, ResampleReset
 from neurolight.lightning_modules.sae.architectures.selection import topk
-from neurolight.lightning_modules.sae.architectures.sparse_encoder import gather_pre_acts_at
+from neurolight.lightning_modules.sae.architectures.sparse_encoder import gather_pre_acts_at, latent_order
 from neurolight.lightning_modules.sae.architectures.topk import TopK, row_topk
 
 
@@ -80,12 +80,15 @@ class BatchTopK(TopK):
         # the encoder's backward touches only those (sparse_encoder), and each token decodes its own entries, any
         # number of them, as one bag of decoder rows.
         _, indices = self.batch_topk(sae, pre_acts.detach(), update)
+        # Flat indices in ascending order are the entries token by token, as the decode's bags need them.
+        indices = indices.sort().values
         rows, cols = indices.div(sae.d_sae, rounding_mode="floor"), indices % sae.d_sae
-        values = F.relu(gather_pre_acts_at(sae, x, pre_acts, rows, cols))
+        by_latent = latent_order(cols, sae.d_sae)  # sorted once for both backwards
+        values = F.relu(gather_pre_acts_at(sae, x, pre_acts, rows, cols, rows_sorted=True, by_latent=by_latent))
         latents = torch.zeros_like(pre_acts).index_put((rows, cols), values)
-        order = rows.argsort()
         counts = torch.zeros_like(rows[: len(x)]).index_add_(0, rows, torch.ones_like(rows))  # no host sync
-        return latents, sae.decode_sparse(cols[order], values[order], offsets=counts.cumsum(0) - counts) + sae.b_dec
+        x_hat = sae.decode_sparse(cols, values, offsets=counts.cumsum(0) - counts, by_latent=by_latent)
+        return latents, x_hat + sae.b_dec
 
     def resample_resets(self) -> list[ResampleReset]:
         # The estimate describes the activations before resampling; the next training batch estimates it afresh.

@@ -32,42 +32,67 @@ if TYPE_CHECKING:
     from neurolight.lightning_modules.sae.sparse_autoencoder import SparseAutoencoder
 
 
-def gather_pre_acts(sae: SparseAutoencoder, x: Tensor, pre_acts: Tensor, indices: Tensor) -> Tensor:
+def latent_order(cols: Tensor, d_sae: int) -> tuple[Tensor, Tensor]:
+    """Entries' latents ``cols`` (M,) in order by latent: ``(order, starts)``, ``cols[order]`` ascending and latent
+    j's entries at ``order[starts[j]:starts[j + 1]]``. Both backwards, the encoder's and the decoder's
+    (``sparse_decoder``), sum each latent's entries with it; computed once, it is sorted once."""
+    sorted_cols, order = cols.sort()
+    return order, torch.searchsorted(sorted_cols, torch.arange(d_sae, device=cols.device))
+
+
+def gather_pre_acts(
+    sae: SparseAutoencoder,
+    x: Tensor,
+    pre_acts: Tensor,
+    indices: Tensor,
+    by_latent: tuple[Tensor, Tensor] | None = None,
+) -> Tensor:
     """``pre_acts.gather(-1, indices)`` (batch, m), differentiable with respect to ``x``, ``sae.b_dec``,
     ``sae.W_enc`` and ``sae.b_enc`` at the cost of the m gathered entries per row instead of all d_sae.
 
     ``pre_acts`` (batch, d_sae) must be ``sae``'s pre-activations of ``x`` (batch, d_in), computed in the same
     autocast state; its own gradient, if any, is bypassed, not used. With free decoder norms the encoder is
-    ``sae.encoder_weights()``, the norms folded in, and the gradient reaches the norms through it."""
+    ``sae.encoder_weights()``, the norms folded in, and the gradient reaches the norms through it. ``by_latent``:
+    ``latent_order(indices.reshape(-1), d_sae)``, where the caller has it already."""
     rows = torch.arange(len(indices), device=indices.device).unsqueeze(1).expand_as(indices)
-    entries = gather_pre_acts_at(sae, x, pre_acts, rows.reshape(-1), indices.reshape(-1), rows_sorted=True)
+    entries = gather_pre_acts_at(
+        sae, x, pre_acts, rows.reshape(-1), indices.reshape(-1), rows_sorted=True, by_latent=by_latent
+    )
     return entries.view(indices.shape)
 
 
 def gather_pre_acts_at(
-    sae: SparseAutoencoder, x: Tensor, pre_acts: Tensor, rows: Tensor, cols: Tensor, rows_sorted: bool = False
+    sae: SparseAutoencoder,
+    x: Tensor,
+    pre_acts: Tensor,
+    rows: Tensor,
+    cols: Tensor,
+    rows_sorted: bool = False,
+    by_latent: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """``pre_acts[rows, cols]`` (M,) for M entries given by token ``rows`` and latent ``cols`` (both (M,)), as
     ``gather_pre_acts``; any number of entries per token (BatchTopK). ``rows_sorted``: ``rows`` is already in
-    ascending order, so the backward need not sort it."""
+    ascending order, so the backward need not sort it. ``by_latent``: ``latent_order(cols, d_sae)``, or None."""
     device = x.device.type
     autocast = torch.is_autocast_enabled(device)
     dtype = torch.get_autocast_dtype(device) if autocast else torch.result_type(x, sae.W_enc)
     W_enc, b_enc = sae.encoder_weights()
-    return _PreActsAt.apply(pre_acts.detach(), rows, cols, x, sae.b_dec, W_enc, b_enc, dtype, rows_sorted)
+    if by_latent is None:
+        by_latent = latent_order(cols, len(W_enc))
+    return _PreActsAt.apply(pre_acts.detach(), rows, cols, *by_latent, x, sae.b_dec, W_enc, b_enc, dtype, rows_sorted)
 
 
 class _PreActsAt(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, pre_acts, rows, cols, x, b_dec, W_enc, b_enc, dtype, rows_sorted):
-        ctx.save_for_backward(rows, cols, x, b_dec, W_enc)
+    def forward(ctx, pre_acts, rows, cols, order, starts, x, b_dec, W_enc, b_enc, dtype, rows_sorted):
+        ctx.save_for_backward(rows, cols, order, starts, x, b_dec, W_enc)
         ctx.dtype, ctx.b_enc_dtype, ctx.rows_sorted = dtype, b_enc.dtype, rows_sorted
         return pre_acts[rows, cols]
 
     @staticmethod
     def backward(ctx, grad):
-        rows, cols, x, b_dec, W_enc = ctx.saved_tensors
-        _, _, _, need_x, need_b_dec, need_W_enc, need_b_enc, _, _ = ctx.needs_input_grad
+        rows, cols, order, starts, x, b_dec, W_enc = ctx.saved_tensors
+        need_x, need_b_dec, need_W_enc, need_b_enc = ctx.needs_input_grad[5:9]
         d_sae = W_enc.shape[0]
         grad_x = grad_b_dec = grad_W_enc = grad_b_enc = None
         with torch.autocast(x.device.type, enabled=False):
@@ -78,9 +103,7 @@ class _PreActsAt(torch.autograd.Function):
             g = grad.to(ctx.dtype).float()
             if need_W_enc:
                 centred = (x - b_dec).to(ctx.dtype).float()
-                sorted_cols, order = cols.sort()
-                offsets = torch.searchsorted(sorted_cols, torch.arange(d_sae, device=cols.device))
-                grad_W_enc = F.embedding_bag(rows[order], centred, offsets, per_sample_weights=g[order], mode="sum")
+                grad_W_enc = F.embedding_bag(rows[order], centred, starts, per_sample_weights=g[order], mode="sum")
             if need_x or need_b_dec:
                 weight = W_enc.to(ctx.dtype).float()
             if need_b_dec:
@@ -88,11 +111,13 @@ class _PreActsAt(torch.autograd.Function):
                 grad_b_dec = -(s @ weight)
             if need_x:
                 # TopK's rows come in order (k entries per token): sorting them again cost ~3% of its step on CPU.
-                sorted_rows, order = (rows, None) if ctx.rows_sorted else rows.sort()
+                sorted_rows, row_order = (rows, None) if ctx.rows_sorted else rows.sort()
                 offsets = torch.searchsorted(sorted_rows, torch.arange(len(x), device=rows.device))
-                cols_by_row, g_by_row = (cols, g) if order is None else (cols[order], g[order])
+                cols_by_row, g_by_row = (cols, g) if row_order is None else (cols[row_order], g[row_order])
                 grad_x = F.embedding_bag(cols_by_row, weight, offsets, per_sample_weights=g_by_row, mode="sum")
         return (
+            None,
+            None,
             None,
             None,
             None,

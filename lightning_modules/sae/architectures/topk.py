@@ -8,7 +8,7 @@ from torch.nn import functional as F
 
 from neurolight.lightning_modules.sae.architectures.base import Architecture
 from neurolight.lightning_modules.sae.architectures.selection import topk
-from neurolight.lightning_modules.sae.architectures.sparse_encoder import gather_pre_acts
+from neurolight.lightning_modules.sae.architectures.sparse_encoder import gather_pre_acts, latent_order
 
 
 def row_topk(pre_acts: Tensor, k: int) -> Tensor:
@@ -108,10 +108,11 @@ class TopK(Architecture):
         # touching only theirs, costs k/d_sae of the dense products (Gao et al. 2024 use sparse kernels for the
         # same reason).
         _, indices = topk(pre_acts.detach(), self.k)
-        values = F.relu(gather_pre_acts(sae, x, pre_acts, indices))
+        by_latent = latent_order(indices.reshape(-1), sae.d_sae)  # sorted once for both backwards
+        values = F.relu(gather_pre_acts(sae, x, pre_acts, indices, by_latent))
         # In place into fresh zeros: the out-of-place scatter copies the (batch, d_sae) zeros once more.
         latents = torch.zeros_like(pre_acts).scatter_(-1, indices, values)
-        return latents, sae.decode_sparse(indices, values) + sae.b_dec
+        return latents, sae.decode_sparse(indices, values, by_latent=by_latent) + sae.b_dec
 
     def aux_loss(self, sae, x: Tensor, x_hat: Tensor, pre_acts: Tensor, dead: Tensor) -> Tensor:
         zero = pre_acts.new_zeros(())
@@ -122,9 +123,10 @@ class TopK(Architecture):
         # Gao et al. 2024, section A.2: the top k_aux dead latents model the main reconstruction's residual,
         # giving dead latents a gradient that points where live ones fall short.
         _, indices = topk(pre_acts.detach().masked_fill(~dead, float("-inf")), min(k_aux, n_dead))
-        values = F.relu(gather_pre_acts(sae, x, pre_acts, indices))
+        by_latent = latent_order(indices.reshape(-1), sae.d_sae)
+        values = F.relu(gather_pre_acts(sae, x, pre_acts, indices, by_latent))
         residual = x - x_hat.detach()
-        error = (residual - sae.decode_sparse(indices, values)).pow(2).sum(-1).mean()
+        error = (residual - sae.decode_sparse(indices, values, by_latent=by_latent)).pow(2).sum(-1).mean()
         # Normalised like OpenAI's normalized MSE, so auxk_coefficient does not depend on the residual's scale.
         # A residual with no variance (e.g. a batch of one) gives nothing to normalise by: the loss is 0 there,
         # with a safe denominator so that the unused branch's gradient is not NaN.
