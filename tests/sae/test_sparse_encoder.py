@@ -52,11 +52,14 @@ def rounded(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def reference_pre_acts(sae: SparseAutoencoder, x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     """The dense pre-activations by plain float32 autograd; with ``dtype``, the product's operands and the gradient
-    reaching it rounded to it as autocast rounds them (the product itself in float32: no output rounding)."""
+    reaching it rounded to it as autocast rounds them (the product itself in float32: no output rounding), except
+    W_enc in the gradient towards x and b_dec, which the sparse backward leaves unrounded."""
     centred, weight = x - sae.b_dec, sae.W_enc
     if dtype is None:
         return centred @ weight.T + sae.b_enc
-    product = rounded(centred, dtype) @ rounded(weight, dtype).T
+    operand = rounded(centred, dtype)
+    towards_input = operand @ weight.detach().T  # adds 0, and centred's gradient through W_enc unrounded
+    product = operand.detach() @ rounded(weight, dtype).T + (towards_input - towards_input.detach())
     product.register_hook(lambda grad: grad.to(dtype).float())
     return product + sae.b_enc
 
