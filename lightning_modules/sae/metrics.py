@@ -17,12 +17,13 @@ def explained_variance(x: Tensor, x_hat: Tensor) -> Tensor:
 def firing_counts(latents: Tensor) -> Tensor:
     """(d_sae,) int64: in how many rows (tokens) of ``latents`` (batch, d_sae) each latent fires (is > 0).
 
-    Counted as sign(relu(latents)) summed in float32, which is exact below 2**24 rows: ``(latents > 0).sum(0)``
-    widens the booleans to int64 first, and took 2.1 against 0.8 ms on a 512 x 2304 batch (one CPU thread), ~7% of
-    a TopK SAE's training step there."""
+    Counted as ``latents > 0`` written straight into float32 and summed, which is exact below 2**24 rows: ``(latents
+    > 0).sum(0)`` widens the booleans to int64 first, and took 1.6 against 0.6 ms on a 512 x 2304 batch (one CPU
+    thread), ~7% of a TopK SAE's training step there."""
     if len(latents) >= 2**24:
         return (latents > 0).sum(0)
-    return latents.detach().relu().sign_().sum(0, dtype=torch.float32).long()
+    fired = torch.empty(latents.shape, dtype=torch.float32, device=latents.device)
+    return torch.gt(latents.detach(), 0, out=fired).sum(0).long()
 
 
 class ExplainedVariance(Metric):
