@@ -192,7 +192,12 @@ class SparseAutoencoder(nn.Module):
 
     def _pre_acts(self, x: Tensor) -> Tensor:
         W_enc, b_enc = self.encoder_weights()
-        return (x - self.b_dec) @ W_enc.T + b_enc
+        product = (x - self.b_dec) @ W_enc.T
+        if product.dtype == b_enc.dtype:
+            return product + b_enc
+        # Under autocast the product is bf16 and b_enc float32: cast first and add in place, the same sum, because on
+        # CPU the out-of-place mixed add cast into a temporary of its own (1.7 against 0.9 ms at 512 x 2304).
+        return product.to(b_enc.dtype).add_(b_enc)
 
     def activate(self, pre_acts: Tensor, update: bool = False) -> Tensor:
         """Latents (batch, d_sae) of pre_acts: the architecture's training rule, or at inference its threshold
