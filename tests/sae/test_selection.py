@@ -61,3 +61,4 @@ def test_topk__flat_batch_and_leading_dimensions():
     values = torch.randn(64, 2304, generator=torch.Generator().manual_seed(3))
     assert_same_selection(values.flatten(), 32 * 64)
     assert_same_selection(values.view(4, 16, 2304), 32)
+    assert_same_selection(values[:0].flatten(), 0)  # BatchTopK on an empty batch

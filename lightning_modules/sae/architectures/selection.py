@@ -39,6 +39,8 @@ def topk(values: Tensor, k: int) -> tuple[Tensor, Tensor]:
 @functools.cache
 def _groups(n: int, k: int) -> int | None:
     """The number of groups m (n / m entries each, near sqrt(n / k)), or None where grouping does not pay."""
+    if k < 1:
+        return None
     target = math.sqrt(n / k)
     sizes = [c for c in range(2, n // k + 1) if n % c == 0]
     if not sizes:

@@ -29,8 +29,10 @@ def decode_entries(
     d_sae)``, where the caller has it already."""
     if not torch.is_grad_enabled() or not (weight.requires_grad or values.requires_grad):
         return F.embedding_bag(cols, weight, offsets, per_sample_weights=values, mode="sum")
-    counts = torch.diff(offsets, append=offsets.new_tensor([len(cols)]))
-    rows = torch.repeat_interleave(torch.arange(len(offsets), device=cols.device), counts, output_size=len(cols))
+    # The total as a tensor made on the device: new_tensor would copy it from the host, a CUDA synchronisation.
+    counts = torch.diff(offsets, append=torch.full((1,), len(cols), dtype=offsets.dtype, device=offsets.device))
+    bags = torch.arange(len(offsets), dtype=cols.dtype, device=cols.device)
+    rows = torch.repeat_interleave(bags, counts, output_size=len(cols))
     if by_latent is None:
         by_latent = latent_order(cols, len(weight))
     return _DecodeEntries.apply(weight, values, cols, offsets, rows, *by_latent)
