@@ -218,11 +218,12 @@ def test_remove_parallel_decoder_grad__leaves_grad_orthogonal_to_each_row():
     close(cosine, torch.ones(D_SAE), tol=1e-4)  # only the parallel part was taken away
 
 
-def test_in_place_decoder_constraint__equals_the_out_of_place_one_and_writes_its_argument():
+@pytest.mark.parametrize("rows", [D_SAE, 600], ids=["one-block", "blocks"])  # the dots go in blocks of 256 rows
+def test_in_place_decoder_constraint__equals_the_out_of_place_one_and_writes_its_argument(rows):
     generator = torch.Generator().manual_seed(3)
-    weight = torch.randn(D_SAE, D_IN, generator=generator) * torch.linspace(0.1, 3.0, D_SAE)[:, None]
+    weight = torch.randn(rows, D_IN, generator=generator) * torch.linspace(0.1, 3.0, rows)[:, None]
     weight[7] = 0  # a zero row stays zero (the norm's floor), in both forms
-    grad = torch.randn(D_SAE, D_IN, generator=generator)
+    grad = torch.randn(rows, D_IN, generator=generator)
     projected, normalised = grad.clone(), weight.clone()
     assert remove_parallel_component_(projected, weight) is projected and unit_norm_rows_(normalised) is normalised
     close(projected, remove_parallel_component(grad, weight))

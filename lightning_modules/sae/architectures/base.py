@@ -41,10 +41,16 @@ def unit_norm_rows_(weight: Tensor) -> Tensor:
     return weight.div_(weight.norm(dim=1, keepdim=True).clamp_min(UNIT_NORM_EPS))
 
 
+_DOT_ROWS = 256
+
+
 def remove_parallel_component_(grad: Tensor, weight: Tensor) -> Tensor:
     """``remove_parallel_component`` in place, returning ``grad``: (g . d) d with d = w / |w| is (g . w) w / |w|^2,
     so the unit directions need not be formed."""
-    scale = torch.linalg.vecdot(grad, weight) / weight.norm(dim=1).clamp_min(UNIT_NORM_EPS).square()
+    # The row dot products in blocks of rows: over the whole matrix, the (d_sae, d_in) product's temporary made the
+    # dots take 1.6 of the TopK step's 22 ms on one CPU thread; a block's stays in cache.
+    dots = torch.cat([torch.linalg.vecdot(g, w) for g, w in zip(grad.split(_DOT_ROWS), weight.split(_DOT_ROWS))])
+    scale = dots / weight.norm(dim=1).clamp_min(UNIT_NORM_EPS).square()
     return grad.addcmul_(weight, scale.unsqueeze(1), value=-1)
 
 
