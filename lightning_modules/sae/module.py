@@ -32,6 +32,7 @@ from neurolight.lightning_modules.sae.checkpoint_args import resume_decoder_lr_m
 from neurolight.lightning_modules.sae.metrics import ExplainedVariance, explained_variance, firing_counts
 from neurolight.lightning_modules.sae.optim import adam, linear_warmup, parameter_groups
 from neurolight.lightning_modules.sae.sparse_autoencoder import SaeOutput, SparseAutoencoder
+from neurolight.lightning_modules.sae.trainer_checks import warn_if_never_validated
 
 _DEFAULT_ARCHITECTURE = ReLU()
 # What ``training_metrics`` may return; the last two are logged with the metrics window's dead and dense fractions.
@@ -193,6 +194,7 @@ class SparseAutoencoderModule(pl.LightningModule):
             )
 
     def on_train_start(self) -> None:
+        warn_if_never_validated(self.trainer)
         if not torch.isnan(self.activation_scale):
             return  # estimated in an earlier run and restored from the checkpoint
         estimate = getattr(self._datamodule(), "mean_activation_norm", None)

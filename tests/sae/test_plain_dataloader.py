@@ -83,3 +83,17 @@ def test_batches__of_another_kind_are_refused_naming_what_is_accepted():
     with pytest.raises(TypeError, match=r"batches of activations .*TensorDataset.*got dict"):
         module.batch_activations({"x": torch.zeros(2, 32)})
     assert module.batch_activations([torch.zeros(2, 5, 32)]).shape == (10, 32)
+
+
+def test_fit__warns_when_max_steps_ends_before_the_first_validation():
+    module = SparseAutoencoderModule(32, 64, TopK(k=3), metrics_every_n_steps=1, max_l0_fraction=None)
+    trainer = pl.Trainer(
+        max_steps=3, val_check_interval=10, check_val_every_n_epoch=None, num_sanity_val_steps=0, accelerator="cpu",
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    data = DataLoader(TensorDataset(synthetic_sparse_data(4096, seed=0)), batch_size=256)
+    with pytest.warns(
+        UserWarning, match=r"val_check_interval=10 is more than trainer.max_steps=3: this fit will never validate"
+    ):
+        trainer.fit(module, data, DataLoader(TensorDataset(synthetic_sparse_data(256, seed=1)), batch_size=256))
+    assert "val/explained_variance" not in trainer.callback_metrics  # the warning was right
