@@ -41,6 +41,24 @@ HOOK_POINTS: dict[str, str] = {
 
 LAYER_TYPES = tuple(HOOK_POINTS)
 
+# Gemma-2 and Gemma-3 normalise each sublayer's output before adding it to the residual stream (their pre-MLP norm is
+# pre_feedforward_layernorm): what enters the residual there is the post-norm's output, which is also what
+# TransformerLens's hook_mlp_out reads on these models (docs/sae.md, Sites).
+_POST_NORM_SUBLAYERS = {
+    "attn_sublayer": "model.layers.{}.post_attention_layernorm",
+    "mlp_sublayer": "model.layers.{}.post_feedforward_layernorm",
+}
+
+
+def model_hook_points(model: nn.Module) -> dict[str, str]:
+    """The default module path templates of the sites in this model's layout: ``HOOK_POINTS``, with the sublayer
+    sites at their output norms where the layers normalise sublayer outputs (Gemma-2/3)."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is not None and len(layers) and hasattr(layers[0], "post_feedforward_layernorm"):
+        return {**HOOK_POINTS, **_POST_NORM_SUBLAYERS}
+    return HOOK_POINTS
+
+
 # For these layer types the hooked module's input is the activation; for the others its output.
 _READS_INPUT = frozenset({"mlp_activations", "resid_pre"})
 
@@ -66,15 +84,19 @@ def num_layers(model: nn.Module) -> int | None:
 def resolve_hook_point(
     model: nn.Module, layer_type: str, layer_id: int, hook_points: dict[str, str] | None = None
 ) -> HookPoint:
-    """Find the module to hook, with an error that names the fix for every way this can go wrong."""
-    templates = {**HOOK_POINTS, **(hook_points or {})}
+    """Find the module to hook, with an error that names the fix for every way this can go wrong. A template equal to
+    ``HOOK_POINTS``'s (the data modules pass the defaults along) means the site where this model's layout has it
+    (``model_hook_points``)."""
+    defaults = model_hook_points(model)
+    given = {site: template for site, template in (hook_points or {}).items() if template != HOOK_POINTS.get(site)}
+    templates = {**defaults, **given}
     if layer_type not in templates:
         raise ValueError(f"unknown layer_type '{layer_type}'; choose one of {', '.join(LAYER_TYPES)}")
     n = num_layers(model)
     if n is not None and not 0 <= layer_id < n:
         raise ValueError(f"layer_id {layer_id} is out of range: the model has {n} layers (0-{n - 1})")
     name = templates[layer_type].format(layer_id)
-    _refuse_mislabelled_site(layer_type, templates[layer_type], name, layer_id)
+    _refuse_mislabelled_site(layer_type, templates[layer_type], name, layer_id, defaults)
     modules = dict(model.named_modules())
     if name not in modules:
         close = difflib.get_close_matches(name, list(modules), n=3, cutoff=0.5)
@@ -86,13 +108,13 @@ def resolve_hook_point(
     return HookPoint(name, modules[name], layer_type in _READS_INPUT)
 
 
-def _refuse_mislabelled_site(layer_type: str, template: str, name: str, layer_id: int) -> None:
+def _refuse_mislabelled_site(layer_type: str, template: str, name: str, layer_id: int, defaults: dict) -> None:
     """A template override that names another site's default module would be labelled by the wrong site in runs,
     checkpoints and stores (an MLP-output template pointed at ``model.layers.{}`` reads the residual stream)."""
-    if template == HOOK_POINTS[layer_type]:
+    if template == defaults[layer_type]:
         return
     reads_input = layer_type in _READS_INPUT
-    for other, other_template in HOOK_POINTS.items():
+    for other, other_template in defaults.items():
         if other != layer_type and other_template.format(layer_id) == name and (other in _READS_INPUT) == reads_input:
             raise ValueError(
                 f"the {layer_type}_hookpoint template '{template}' names the {other} site's module '{name}'; set "
@@ -133,6 +155,8 @@ def _replace_input(args: tuple, kwargs: dict, replace: Callable[[Tensor], Tensor
 def truncation_blocker(model: nn.Module, layer_type: str, layer_id: int, hook_point: HookPoint) -> str | None:
     """Why the truncated forward (``truncated.forward_to_sites``) cannot stand in for the hooked forward of this
     model at this site (None: it can)."""
+    if model_hook_points(model) is not HOOK_POINTS:
+        return "sublayer outputs normalised before the residual add (Gemma-2/3 layout)"
     if hook_point.name != HOOK_POINTS[layer_type].format(layer_id):
         return f"custom hook point '{hook_point.name}'"
     inner = getattr(model, "model", None)
