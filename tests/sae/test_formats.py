@@ -289,6 +289,16 @@ def test_to_sparsify__an_export_with_the_record_in_cfg_json_still_loads_with_its
     assert loaded.metadata.activation_scale == sae.metadata.activation_scale
 
 
+def test_from_sparsify__an_option_it_does_not_know_is_named_in_a_warning(tmp_path):
+    coder = sparsify.SparseCoder(16, sparsify.SparseCoderConfig(k=5, num_latents=48))
+    coder.save_to_disk(tmp_path)
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    (tmp_path / "cfg.json").write_text(json.dumps({**cfg, "gram_lookup": True, "future_off": False}))
+    with pytest.warns(UserWarning, match=r"sets gram_lookup=True, which this neurolight does not know") as caught:
+        SparseAutoencoder.from_pretrained(tmp_path)
+    assert "future_off" not in str(caught[0].message)  # an option left off changes nothing
+
+
 # ------------------------------------------------------------------------------------------------- bad input
 def test_bad_sources__say_what_each_format_needs(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")

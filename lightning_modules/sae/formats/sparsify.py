@@ -7,6 +7,7 @@ A sparsify run writes one such folder per hookpoint, named by it (``layers.15.ml
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -26,6 +27,12 @@ CONFIG, WEIGHTS = "cfg.json", "sae.safetensors"
 # neurolight's own record (architecture, metadata) beside sparsify's files, not in cfg.json: sparsify's config loader
 # logs every key it does not know, the whole record included, at each load.
 EXTRA = "neurolight.json"
+# The cfg.json keys of sparsify's SparseCoderConfig (sparsify 1.x) whose meaning the loader knows, plus d_in and the
+# record that older neurolight exports kept in cfg.json.
+_KNOWN_KEYS = frozenset(
+    {"activation", "expansion_factor", "normalize_decoder", "num_latents", "k", "multi_topk", "skip_connection"}
+    | {"transcode", "d_in", "neurolight"}
+)
 
 
 class SparsifyFormat(SaeFormat):
@@ -48,6 +55,16 @@ class SparsifyFormat(SaeFormat):
                 f"{path} is a sparsify coder with activation={activation}, transcode={cfg.get('transcode')}, "
                 f"skip_connection={cfg.get('skip_connection')}; neurolight reads sparsify TopK autoencoders "
                 "(activation topk, no transcoding, no skip connection)"
+            )
+        unknown = {key: value for key, value in cfg.items() if key not in _KNOWN_KEYS and value}
+        if unknown:
+            # A newer sparsify's option may change the encoder or decoder (it adds them to cfg.json): say so rather
+            # than read the coder silently as a plain TopK autoencoder.
+            warnings.warn(
+                f"{path / CONFIG} sets {', '.join(f'{k}={v!r}' for k, v in unknown.items())}, which this neurolight "
+                "does not know; it is read as a plain TopK autoencoder (encoder, top k, decoder): check that these "
+                "options do not change its encoding or decoding before trusting its latents",
+                stacklevel=2,
             )
         tensors = {name: t.float() for name, t in read_tensors(path / WEIGHTS, "sparsify weights").items()}
         require(tensors, ("encoder.weight", "encoder.bias", "W_dec", "b_dec"), path / WEIGHTS)
