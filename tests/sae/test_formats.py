@@ -194,6 +194,32 @@ def test_from_saelens__reproduces_its_encode_and_decode(tmp_path, architecture, 
     assert ours.metadata.model_name == "smollm2-135m"  # the published id maps back to the offline short name
 
 
+@pytest.mark.parametrize("where", ["cfg", "scaler-file"])
+def test_from_saelens__an_expected_average_factor_is_folded_in_from_the_config_or_the_scaler_file(tmp_path, where):
+    """SAELens's expected_average_only_in: its weights take x times a factor. The final SAE holds it folded in; a
+    checkpoint written during training holds it in cfg.json or, from SAELens's trainer, in activation_scaler.json."""
+    from sae_lens.training.activation_scaler import ActivationScaler
+
+    factor = 2.5
+    theirs = saelens_sae("topk", k=6, normalize_activations="expected_average_only_in")
+    theirs.save_model(tmp_path)
+    if where == "cfg":
+        cfg = json.loads((tmp_path / "cfg.json").read_text())
+        (tmp_path / "cfg.json").write_text(json.dumps({**cfg, "norm_scaling_factor": factor}))
+    else:
+        ActivationScaler(scaling_factor=factor).save(str(tmp_path / "activation_scaler.json"))
+    ours = SparseAutoencoder.from_pretrained(tmp_path)
+    x = raw_inputs(16)
+    with torch.no_grad():
+        codes = theirs.encode(x * factor)
+        assert_same_codes(ours.encode(x), codes)
+        torch.testing.assert_close(ours.decode(codes), theirs.decode(codes) / factor, atol=1e-5, rtol=1e-5)
+    if where == "scaler-file":
+        (tmp_path / "activation_scaler.json").unlink()
+        with pytest.raises(ValueError, match=r"no norm_scaling_factor, and no activation_scaler.json beside it"):
+            SparseAutoencoder.from_pretrained(tmp_path)
+
+
 def test_from_saelens__a_topk_sae_written_before_version_6_reads_as_topk_as_saelens_reads_it(tmp_path):
     theirs = saelens_sae("topk", k=4)
     theirs.save_model(tmp_path)

@@ -33,6 +33,8 @@ from neurolight.lightning_modules.sae.formats.foreign import (
 )
 
 CONFIG, WEIGHTS, SPARSITY = "cfg.json", "sae_weights.safetensors", "sparsity.safetensors"
+# The activation scaler that SAELens's trainer saves with each checkpoint (ACTIVATION_SCALER_CFG_FILENAME).
+SCALER = "activation_scaler.json"
 READS = ("standard", "topk", "batchtopk", "jumprelu")
 # The SAELens config version this writer follows; without one SAELens reads a config by its pre-6.0 rules.
 _WRITES_VERSION = "6.0.0"
@@ -241,11 +243,16 @@ def _normalisation_scale(cfg: dict, path: Path) -> float:
         return 1.0
     if mode == "expected_average_only_in":
         factor = cfg.get("norm_scaling_factor") or (cfg.get("metadata") or {}).get("norm_scaling_factor")
+        if factor is None and (path / SCALER).is_file():
+            # A checkpoint SAELens wrote during training: its trainer folds the factor into the weights only at the
+            # end, and keeps it meanwhile in the scaler's file beside the weights.
+            factor = read_json(path / SCALER, "SAELens activation scaler").get("scaling_factor")
         if factor is None or not math.isfinite(float(factor)):
             raise ValueError(
                 f"{path / CONFIG} says normalize_activations: expected_average_only_in but records no "
-                "norm_scaling_factor: the weights expect activations scaled by a factor the directory does not hold; "
-                "add norm_scaling_factor to cfg.json (SAELens's trainer logs it) or fold it with SAELens first"
+                f"norm_scaling_factor, and no {SCALER} beside it holds one: the weights expect activations scaled by "
+                "a factor the directory does not hold; add norm_scaling_factor to cfg.json (SAELens's trainer logs "
+                "it) or fold it with SAELens first"
             )
         return float(factor)
     raise ValueError(
