@@ -9,7 +9,8 @@ never measured (the sampler stored 0), so every record starts at position 1: no 
 or otherwise, and no score counts it (docs/interpret.md, Records and held-out split). Per latent it splits the
 records, deterministically given ``seed`` and the latent:
 
-- explanation records: the first ``num_interpretation_samples`` top records (highest max activation);
+- explanation records: ``num_interpretation_samples`` top records, every other one by rank
+  (``interleaved_explanation``);
 - simulation records (held out): ``num_simulation_samples`` drawn half from the remaining top and the quantile
   records, half from the random ones (the other side fills in when one runs short), never a context shown in the
   explanation prompt;
@@ -146,6 +147,14 @@ class _Tasks(Dataset):
         return self.module.task(self.padding[index - len(self.latents)])._replace(padding=True)
 
 
+def interleaved_explanation(top: list, n: int) -> list:
+    """The explanation's ``n`` records of a latent's ``top`` records (descending max activation): ranks 0, 2, 4, ...,
+    so that the held-out top records (ranks 1, 3, 5, ..., then the rest) are as strong as those the explainer saw, as
+    in Bills et al.'s interleaved splits; the first ``n`` where there are fewer than ``2 n`` (docs/interpret.md, Records
+    and held-out split)."""
+    return top[0 : 2 * n : 2] if len(top) >= 2 * n else top[:n]
+
+
 class InterpretationDataModule(pl.LightningDataModule):
     def __init__(
         self,
@@ -240,7 +249,7 @@ class InterpretationDataModule(pl.LightningDataModule):
     def task(self, latent: int) -> LatentTask:
         hp = self.hparams
         records = self.samples.all_records(latent)
-        explanation = records["top"][: hp.num_interpretation_samples]
+        explanation = interleaved_explanation(records["top"], hp.num_interpretation_samples)
         shown = {r.context_index for r in explanation}
 
         def fresh(candidates: list[Record], taken: set[int]) -> list[Record]:
@@ -251,7 +260,7 @@ class InterpretationDataModule(pl.LightningDataModule):
                     taken.add(record.context_index)
             return kept
 
-        activating = fresh(records["top"][hp.num_interpretation_samples :] + records["quantile"], set(shown))
+        activating = fresh(records["top"] + records["quantile"], set(shown))
         randoms = fresh(records["random"], shown | {r.context_index for r in activating})
         rng = random.Random(f"{hp.seed}:{latent}")  # string seeds hash with SHA-512: the same on every run
         n_activating = min(len(activating), math.ceil(hp.num_simulation_samples / 2))

@@ -235,12 +235,22 @@ def test_datamodule__held_out_records_never_overlap_the_explanation_and_are_dete
         assert not shown & {r.context_index for r in task.detection}
         assert [r.kind for r in task.detection[2:]] == ["negative", "negative"]
         top = [r.activations.max() for r in dm.samples.records(latent, "top")]
-        assert [float(r.activations.max()) for r in task.explanation] == [float(a) for a in top[:3]]
+        interleaved = top[0:6:2] if len(top) >= 6 else top[:3]  # ranks 0, 2, 4 (Bills et al.'s interleaved split)
+        assert [float(r.activations.max()) for r in task.explanation] == [float(a) for a in interleaved]
         again = _datamodule(samples_dir, seed=0).task(latent)
         assert [r.context_index for r in again.simulation] == held_out
         strongest = max((float(a), t) for r in dm.samples.records(latent, "top")
                         for a, t in zip(r.activations, token_strings(dm.tokenizer, r.token_ids.tolist())))  # fmt: skip
         assert task.top_tokens[0] == strongest[1] and len(task.top_tokens) == len(set(task.top_tokens)) <= 10
+
+
+def test_interleaved_explanation__takes_every_other_top_record_where_there_are_enough():
+    from neurolight.datamodules.interpret.tasks import interleaved_explanation
+
+    top = list(range(12))  # ranks, strongest first
+    assert interleaved_explanation(top, 5) == [0, 2, 4, 6, 8]  # the held-out 1, 3, 5, 7, 9 are as strong
+    assert interleaved_explanation(top[:9], 5) == [0, 1, 2, 3, 4]  # too few to interleave: the explainer comes first
+    assert interleaved_explanation([], 5) == []
 
 
 def test_datamodule__skip_latents_and_ranks_split_latents_exactly_once(samples_dir):
