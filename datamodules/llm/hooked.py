@@ -50,13 +50,16 @@ _POST_NORM_SUBLAYERS = {
 }
 
 
+def _normalises_sublayer_outputs(model: nn.Module) -> bool:
+    """Whether the model's layers normalise each sublayer's output before the residual add (Gemma-2/3)."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    return layers is not None and len(layers) > 0 and hasattr(layers[0], "post_feedforward_layernorm")
+
+
 def model_hook_points(model: nn.Module) -> dict[str, str]:
     """The default module path templates of the sites in this model's layout: ``HOOK_POINTS``, with the sublayer
     sites at their output norms where the layers normalise sublayer outputs (Gemma-2/3)."""
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if layers is not None and len(layers) and hasattr(layers[0], "post_feedforward_layernorm"):
-        return {**HOOK_POINTS, **_POST_NORM_SUBLAYERS}
-    return HOOK_POINTS
+    return {**HOOK_POINTS, **_POST_NORM_SUBLAYERS} if _normalises_sublayer_outputs(model) else HOOK_POINTS
 
 
 # For these layer types the hooked module's input is the activation; for the others its output.
@@ -155,7 +158,7 @@ def _replace_input(args: tuple, kwargs: dict, replace: Callable[[Tensor], Tensor
 def truncation_blocker(model: nn.Module, layer_type: str, layer_id: int, hook_point: HookPoint) -> str | None:
     """Why the truncated forward (``truncated.forward_to_sites``) cannot stand in for the hooked forward of this
     model at this site (None: it can)."""
-    if model_hook_points(model) is not HOOK_POINTS:
+    if _normalises_sublayer_outputs(model):
         return "sublayer outputs normalised before the residual add (Gemma-2/3 layout)"
     if hook_point.name != HOOK_POINTS[layer_type].format(layer_id):
         return f"custom hook point '{hook_point.name}'"
